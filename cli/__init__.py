@@ -1,0 +1,1 @@
+"""The ``normscope`` command line (installed as the ``normscope_cli`` package)."""

@@ -1,0 +1,91 @@
+"""Per parameter tensor: ‖w‖, ‖∇w‖ and ‖Δw‖ across an optimizer step, reduced on device."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class ParamTracker:
+    """Computes parameter norms with fused ``_foreach`` kernels; no host sync until the step pack.
+
+    ``before_step`` (optimizer pre-hook) takes ‖∇w‖ and, when updates are tracked, copies w into
+    persistent buffers (allocated once: memory is one copy of the trainable weights);
+    ``after_step`` (post-hook) takes ‖w‖ and ‖w_before − w_after‖.
+    """
+
+    def __init__(self, model: nn.Module, track_updates: bool = True):
+        self.entries = []  # (name, param, layer)
+        for name, p in model.named_parameters():
+            layer = name.rsplit(".", 1)[0] if "." in name else ""
+            self.entries.append((name, p, layer))
+        self.track_updates = track_updates
+        self._snap: list[torch.Tensor] | None = None
+        self._grad_norms: torch.Tensor | None = None
+        self._pending: torch.Tensor | None = None  # 3 x P: norm, grad_norm, update_norm
+
+    def _nan(self, p: torch.Tensor) -> torch.Tensor:
+        return torch.full((), math.nan, dtype=torch.float32, device=p.device)
+
+    def _norms(self, tensors: list[torch.Tensor | None], like: list[torch.Tensor]) -> torch.Tensor:
+        present = [t for t in tensors if t is not None]
+        norms = iter(torch._foreach_norm([t.detach() for t in present])) if present else iter(())
+        dev = like[0].device if like else torch.device("cpu")
+        out = [next(norms).float().to(dev) if t is not None else self._nan(like[0]) for t in tensors]
+        return torch.stack(out) if out else torch.empty(0, device=dev)
+
+    def before_step(self) -> None:
+        params = [p for _, p, _ in self.entries]
+        if not params:
+            return
+        self._grad_norms = self._norms([p.grad for p in params], params)
+        if self.track_updates:
+            trainable = [p.detach() for p in params if p.requires_grad]
+            if self._snap is None:
+                self._snap = [torch.empty_like(p) for p in trainable]
+            if trainable:
+                torch._foreach_copy_(self._snap, trainable)
+
+    def after_step(self, updated: bool) -> None:
+        """Record the step's norms; ``updated`` says whether an optimizer step ran in between."""
+        params = [p for _, p, _ in self.entries]
+        if not params:
+            return
+        if self._grad_norms is None:
+            self._grad_norms = self._norms([p.grad for p in params], params)
+        w = self._norms([p.detach() for p in params], params)
+        if updated and self.track_updates and self._snap is not None:
+            trainable = [p.detach() for p in params if p.requires_grad]
+            torch._foreach_sub_(self._snap, trainable)  # snap := w_before - w_after
+            upd = iter(torch._foreach_norm(self._snap))
+            du = torch.stack([next(upd).float() if p.requires_grad else w.new_zeros(()) for p in params])
+        else:
+            du = torch.full_like(w, math.nan)
+        self._pending = torch.stack([w, self._grad_norms, du]).double().view(-1)
+        self._grad_norms = None
+
+    def take(self) -> torch.Tensor | None:
+        p, self._pending = self._pending, None
+        self._grad_norms = None
+        return p
+
+    def release(self) -> None:
+        self._snap = None
+        self._pending = None
+        self._grad_norms = None
+
+
+def group_hparams(optimizer) -> dict[int, tuple[float, float]]:
+    """id(param) → (lr, weight_decay) from an optimizer's param groups (host values only)."""
+    out: dict[int, tuple[float, float]] = {}
+    if optimizer is None:
+        return out
+    for g in optimizer.param_groups:
+        lr, wd = g.get("lr", math.nan), g.get("weight_decay", 0.0)
+        lr = float(lr) if not isinstance(lr, torch.Tensor) or lr.device.type == "cpu" else math.nan
+        wd = float(wd) if not isinstance(wd, torch.Tensor) or wd.device.type == "cpu" else math.nan
+        for p in g["params"]:
+            out[id(p)] = (lr, wd)
+    return out

@@ -1,0 +1,469 @@
+"""On-device reducers: one tensor in, one small packed float64 tensor out.
+
+Everything here runs inside a hook, on the tensor's device, and never synchronises with the
+host on accelerators. Each reducer returns a 1-D float64 "pack" whose layout is fully known on
+the host from shapes alone (:class:`ActLayout`, :class:`GradLayout`), so a whole sampled step is
+concatenated and copied to the host once, then decoded with :func:`decode_act` /
+:func:`decode_grad` (numpy, float64).
+
+Speed (CPU): a comparison followed by a sum (``(x <= 0).sum()``) costs ~10x a plain sum, and a
+fresh large allocation page-faults, so the fast path derives every count from ``sign(x)`` written
+into a reused scratch buffer, global moments from per-channel ones, and the histogram from a
+bounded, deterministic subsample. On the CPU the host *is* the device, so a cheap finiteness test
+(``aminmax``) picks the fast path; on accelerators the masked path (correct for NaN/Inf) always
+runs, branch-free.
+
+Semantics (also the contract the tests check against numpy):
+- moments, min/max, mean |x|, zero / non-positive / saturated counts, per-channel statistics,
+  activity and the histogram cover the finite elements; NaN and Inf are counted apart;
+- per-channel variance and the global std are population (ddof=0) values;
+- ``active[c]`` counts samples in which unit c is > 0 at least once (a sample is a row of the
+  leading axes for channel-last layouts, one item of the batch for channel-first ones);
+- the histogram is over ``x.flatten()[::stride]`` where ``stride`` is the smallest prime ≥
+  ``ceil(numel / hist_max)`` (1 when numel ≤ hist_max); primes avoid aliasing with the shape.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+# --- histogram bins ------------------------------------------------------------------------
+# "symlog": sign × quarter-decade bins of |x| from 1e-6 to 1e4, a central bin for |x| < 1e-6
+# and an overflow bin on each side (±Inf land there). Fixed for every layer and step, so
+# histograms compare across layers and over time.
+SYMLOG_LO_EXP = -6
+SYMLOG_HI_EXP = 4
+SYMLOG_PER_DECADE = 4
+_SYMLOG_K = (SYMLOG_HI_EXP - SYMLOG_LO_EXP) * SYMLOG_PER_DECADE  # 40 bins per side
+SYMLOG_BINS = 2 * (_SYMLOG_K + 1) + 1  # 83
+LINEAR_BINS = 64
+
+# Saturation kinds (CHECKS.md): sigmoid y < 0.01 or y > 0.99; tanh |y| > 0.97; hardtanh-family
+# at its bounds (y <= lo or y >= hi).
+SIGMOID_LO, SIGMOID_HI = 0.01, 0.99
+TANH_T = 0.97
+
+N_ACT_SCALARS = 10  # n_finite, min, max, abs_sum, n_zero, n_nonpos, n_sat, n_nan, n_inf, hist_n
+N_GRAD_SCALARS = 5  # n_finite, sumsq, max_abs, n_nan, n_inf
+
+
+def symlog_edges() -> np.ndarray:
+    """Edges of the symlog histogram: len == SYMLOG_BINS + 1 (outer edges are ±inf)."""
+    mags = 10.0 ** (SYMLOG_LO_EXP + np.arange(_SYMLOG_K + 1) / SYMLOG_PER_DECADE)
+    return np.concatenate([[-np.inf], -mags[::-1], mags, [np.inf]])
+
+
+def linear_edges(lo: float, hi: float) -> np.ndarray:
+    return np.linspace(lo, hi, LINEAR_BINS + 1)
+
+
+@dataclass(frozen=True)
+class HistSpec:
+    kind: str  # "symlog" or "linear"
+    lo: float = 0.0
+    hi: float = 0.0
+
+    @property
+    def bins(self) -> int:
+        return SYMLOG_BINS if self.kind == "symlog" else LINEAR_BINS
+
+    def edges(self) -> np.ndarray:
+        return symlog_edges() if self.kind == "symlog" else linear_edges(self.lo, self.hi)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "lo": self.lo, "hi": self.hi, "edges": _json_edges(self.edges())}
+
+
+def _json_edges(e: np.ndarray) -> list:
+    return [None if not math.isfinite(v) else float(v) for v in e]
+
+
+@dataclass(frozen=True)
+class SatSpec:
+    kind: str  # "sigmoid", "tanh", "bounds"
+    lo: float = 0.0
+    hi: float = 0.0
+
+
+@dataclass(frozen=True)
+class ActLayout:
+    numel: int
+    channels: int
+    samples: int
+    axis: int
+    hist_bins: int
+
+    @property
+    def size(self) -> int:
+        return N_ACT_SCALARS + 4 * self.channels + self.hist_bins
+
+
+@dataclass(frozen=True)
+class GradLayout:
+    numel: int
+
+    @property
+    def size(self) -> int:
+        return N_GRAD_SCALARS
+
+
+@lru_cache(maxsize=256)
+def hist_stride(numel: int, hist_max: int) -> int:
+    if hist_max <= 0 or numel <= hist_max:
+        return 1
+    s = max(2, -(-numel // hist_max))
+    while not _is_prime(s):
+        s += 1
+    return s
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    i = 3
+    while i * i <= n:
+        if n % i == 0:
+            return False
+        i += 2
+    return True
+
+
+def channel_view_shape(shape: torch.Size, axis: int) -> tuple[int, int, int]:
+    """(A, C, S): leading product, channels, trailing product for a channel axis."""
+    nd = len(shape)
+    if nd == 0:
+        return 1, 1, 1
+    a = axis % nd
+    lead = math.prod(shape[:a])
+    trail = math.prod(shape[a + 1 :])
+    return lead, shape[a], trail
+
+
+class Scratch:
+    """Reusable float32 work buffers, one per device, grown to the largest tensor seen.
+
+    Avoids a fresh (page-faulting) allocation per statistic; memory is one activation's size.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[torch.device, torch.Tensor] = {}
+
+    def get(self, numel: int, device: torch.device) -> torch.Tensor:
+        buf = self._bufs.get(device)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=torch.float32, device=device)
+            self._bufs[device] = buf
+        return buf[:numel]
+
+    def clear(self) -> None:
+        self._bufs.clear()
+
+
+def _as_f32(x: torch.Tensor) -> torch.Tensor:
+    x = x.detach()
+    if x.dtype != torch.float32:
+        x = x.float()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return x
+
+
+def _hist_index(y: torch.Tensor, spec: HistSpec) -> torch.Tensor:
+    """Bin index (int64) of every element of the 1-D finite-or-inf float32 tensor y."""
+    if spec.kind == "symlog":
+        a = y.abs()
+        k = a.clamp_min(10.0**SYMLOG_LO_EXP).log10_().sub_(SYMLOG_LO_EXP).mul_(SYMLOG_PER_DECADE)
+        k = k.floor_().clamp_(max=_SYMLOG_K).add_(1)
+        k = torch.where(a < 10.0**SYMLOG_LO_EXP, torch.zeros_like(k), k)
+        idx = k.mul_(torch.sign(y)).add_(_SYMLOG_K + 1)
+    else:
+        idx = (y - spec.lo).mul_(LINEAR_BINS / (spec.hi - spec.lo)).floor_().clamp_(0, LINEAR_BINS - 1)
+    return idx.long()
+
+
+def _hist(x: torch.Tensor, spec: HistSpec, hist_max: int, finite: torch.Tensor | None):
+    flat = x.view(-1)
+    stride = hist_stride(flat.numel(), hist_max)
+    y = flat[::stride] if stride > 1 else flat
+    if finite is None:
+        h = torch.bincount(_hist_index(y, spec), minlength=spec.bins)
+        return h, y.new_tensor(float(y.numel()))
+    fs = finite.view(-1)[::stride] if stride > 1 else finite.view(-1)
+    w = fs.to(torch.float32)
+    yz = torch.where(fs, y, torch.zeros_like(y))
+    h = torch.bincount(_hist_index(yz, spec), weights=w, minlength=spec.bins)
+    return h, w.sum()
+
+
+def _sat_count(x: torch.Tensor, sat: SatSpec | None, buf: torch.Tensor | None) -> torch.Tensor:
+    if sat is None:
+        return x.new_zeros(())
+    if sat.kind == "sigmoid":
+        lo_op, hi_op, lo, hi = torch.lt, torch.gt, SIGMOID_LO, SIGMOID_HI
+    elif sat.kind == "tanh":
+        lo_op, hi_op, lo, hi = torch.lt, torch.gt, -TANH_T, TANH_T
+    else:
+        lo_op, hi_op, lo, hi = torch.le, torch.ge, sat.lo, sat.hi
+    if buf is None:  # masked path: x has non-finite entries already replaced, mask applied by caller
+        return lo_op(x, lo).sum() + hi_op(x, hi).sum()
+    buf = buf.view(x.shape)
+    c = lo_op(x, lo, out=buf).sum()
+    return c + hi_op(x, hi, out=buf).sum()
+
+
+def act_layout(x: torch.Tensor, axis: int, spec: HistSpec) -> ActLayout:
+    a, c, s = channel_view_shape(x.shape, axis)
+    return ActLayout(numel=x.numel(), channels=c, samples=a, axis=axis, hist_bins=spec.bins)
+
+
+def reduce_act(
+    x: torch.Tensor,
+    layout: ActLayout,
+    hist: HistSpec,
+    sat: SatSpec | None,
+    hist_max: int,
+    scratch: Scratch,
+    force_masked: bool = False,
+) -> torch.Tensor:
+    """All forward statistics of one output tensor, as a float64 pack of ``layout.size``."""
+    xf = _as_f32(x)
+    if xf.device.type == "cpu" and not force_masked:
+        mn, mx = torch.aminmax(xf)
+        if math.isfinite(mn.item()) and math.isfinite(mx.item()):  # CPU: no device sync
+            return _reduce_act_fast(xf, layout, hist, sat, hist_max, scratch, mn, mx)
+    return _reduce_act_masked(xf, layout, hist, sat, hist_max)
+
+
+def _reduce_act_fast(xf, layout, hist, sat, hist_max, scratch, mn, mx):
+    a, c, s = channel_view_shape(xf.shape, layout.axis)
+    n = xf.numel()
+    flat = xf.view(-1)
+    buf = scratch.get(n, xf.device)
+    wide = torch.float64 if n >= (1 << 23) else None  # exact integer counts past 2**24
+    nonneg = mn.item() >= 0  # ReLU-family outputs: |x| = x and sign(x) is 0/1
+    if s == 1:  # channel-last: (A, C)
+        v = xf.view(a, c)
+        s1 = v.sum(0, dtype=wide)
+        d = torch.sub(v, (s1 / a).to(v.dtype), out=buf.view(a, c))
+        m2 = d.mul_(d).sum(0, dtype=wide)
+        sg = torch.sign(v, out=buf.view(a, c))
+        if nonneg:
+            active = sg.sum(0, dtype=wide)
+            abs_sum = s1.sum()
+            n_nz = n_pos = active.sum()
+        else:
+            abs_sum = torch.dot(flat, sg.view(-1))
+            pmn = sg.sum(0, dtype=wide)  # positives - negatives, per column
+            ppn = sg.abs_().sum(0, dtype=wide)  # positives + negatives, per column
+            active = (pmn + ppn) * 0.5
+            n_pos = active.sum()
+            n_nz = ppn.sum()
+    else:  # channel-first: (A, C, S)
+        v = xf.view(a, c, s)
+        s1 = v.sum((0, 2), dtype=wide)
+        d = torch.sub(v, (s1 / (a * s)).to(v.dtype).view(1, c, 1), out=buf.view(a, c, s))
+        m2 = d.mul_(d).sum((0, 2), dtype=wide)
+        active = (v.amax(2) > 0).sum(0)
+        sg = torch.sign(flat, out=buf)
+        if nonneg:
+            abs_sum = s1.sum()
+            n_nz = n_pos = sg.sum(dtype=wide)
+        else:
+            abs_sum = torch.dot(flat, sg)
+            pmn = sg.sum(dtype=wide)
+            n_nz = sg.abs_().sum(dtype=wide)
+            n_pos = (pmn + n_nz) * 0.5
+    n_sat = _sat_count(xf, sat, buf)
+    h, hn = _hist(xf, hist, hist_max, None)
+    zero = xf.new_zeros(())
+    scal = torch.stack(
+        [
+            t.to(torch.float64)
+            for t in (torch.tensor(float(n), dtype=torch.float64, device=xf.device), mn, mx, abs_sum, n - n_nz, n - n_pos, n_sat, zero, zero, hn)
+        ]
+    )
+    cnt = torch.full((c,), float(a * s), dtype=torch.float64, device=xf.device)
+    return torch.cat([scal, cnt, s1.double(), m2.double(), active.double(), h.double()])
+
+
+def _reduce_act_masked(xf, layout, hist, sat, hist_max):
+    a, c, s = channel_view_shape(xf.shape, layout.axis)
+    fin = torch.isfinite(xf)
+    zero = torch.zeros((), dtype=xf.dtype, device=xf.device)
+    xz = torch.where(fin, xf, zero)
+    v = xz.view(a, c, s)
+    fv = fin.view(a, c, s)
+    cnt = fv.sum((0, 2), dtype=torch.float64)
+    s1 = v.sum((0, 2), dtype=torch.float64)
+    mean = torch.where(cnt > 0, s1 / cnt.clamp_min(1), torch.zeros_like(s1))
+    d = torch.where(fv, v.double() - mean.view(1, c, 1), torch.zeros((), dtype=torch.float64, device=xf.device))
+    m2 = (d * d).sum((0, 2))
+    inf = torch.tensor(math.inf, dtype=xf.dtype, device=xf.device)
+    mn = torch.where(fin, xf, inf).amin()
+    mx = torch.where(fin, xf, -inf).amax()
+    abs_sum = xz.abs().sum(dtype=torch.float64)
+    n_fin = fin.sum(dtype=torch.float64)
+    n_zero = ((xf == 0) & fin).sum(dtype=torch.float64)
+    n_nonpos = ((xf <= 0) & fin).sum(dtype=torch.float64)
+    n_nan = torch.isnan(xf).sum(dtype=torch.float64)
+    n_inf = torch.isinf(xf).sum(dtype=torch.float64)
+    active = (v > 0).any(2).sum(0, dtype=torch.float64)
+    n_sat = (
+        ((_sat_mask(xf, sat)) & fin).sum(dtype=torch.float64)
+        if sat is not None
+        else torch.zeros((), dtype=torch.float64, device=xf.device)
+    )
+    h, hn = _hist(xf, hist, hist_max, fin)
+    scal = torch.stack(
+        [t.to(torch.float64) for t in (n_fin, mn, mx, abs_sum, n_zero, n_nonpos, n_sat, n_nan, n_inf, hn)]
+    )
+    return torch.cat([scal, cnt, s1, m2, active, h.double()])
+
+
+def _sat_mask(x: torch.Tensor, sat: SatSpec) -> torch.Tensor:
+    if sat.kind == "sigmoid":
+        return (x < SIGMOID_LO) | (x > SIGMOID_HI)
+    if sat.kind == "tanh":
+        return (x < -TANH_T) | (x > TANH_T)
+    return (x <= sat.lo) | (x >= sat.hi)
+
+
+def reduce_grad(g: torch.Tensor, force_masked: bool = False) -> torch.Tensor:
+    """Gradient statistics: [n_finite, sum of squares, max |g|, n_nan, n_inf] (float64)."""
+    gf = _as_f32(g)
+    n = gf.numel()
+    if gf.device.type == "cpu" and not force_masked:
+        nrm = torch.linalg.vector_norm(gf)
+        if math.isfinite(nrm.item()):
+            mn, mx = torch.aminmax(gf)
+            zero = gf.new_zeros(())
+            return torch.stack([t.double() for t in (torch.tensor(float(n), dtype=torch.float64), nrm * nrm, torch.maximum(-mn, mx), zero, zero)])
+    fin = torch.isfinite(gf)
+    gz = torch.where(fin, gf, torch.zeros((), dtype=gf.dtype, device=gf.device)).double()
+    return torch.stack(
+        [
+            fin.sum(dtype=torch.float64),
+            (gz * gz).sum(),
+            gz.abs().amax() if n else gz.new_zeros(()),
+            torch.isnan(gf).sum(dtype=torch.float64),
+            torch.isinf(gf).sum(dtype=torch.float64),
+        ]
+    )
+
+
+# --- host side -----------------------------------------------------------------------------
+
+
+def split_act(pack: np.ndarray, layout: ActLayout) -> dict:
+    """Raw (combinable) fields of one activation pack."""
+    c = layout.channels
+    o = N_ACT_SCALARS
+    sc = pack[:o]
+    return {
+        "n": sc[0],
+        "min": sc[1],
+        "max": sc[2],
+        "abs_sum": sc[3],
+        "n_zero": sc[4],
+        "n_nonpos": sc[5],
+        "n_sat": sc[6],
+        "n_nan": sc[7],
+        "n_inf": sc[8],
+        "hist_n": sc[9],
+        "cnt": pack[o : o + c],
+        "s1": pack[o + c : o + 2 * c],
+        "m2": pack[o + 2 * c : o + 3 * c],
+        "active": pack[o + 3 * c : o + 4 * c],
+        "hist": pack[o + 4 * c : o + 4 * c + layout.hist_bins],
+        "samples": float(layout.samples),
+    }
+
+
+def combine_act(a: dict, b: dict) -> dict:
+    """Merge raw fields of two packs of the same layer call (e.g. two micro-batches)."""
+    if a["cnt"].shape != b["cnt"].shape:
+        raise ValueError("channel count changed between forwards")
+    out = {k: a[k] + b[k] for k in ("n", "abs_sum", "n_zero", "n_nonpos", "n_sat", "n_nan", "n_inf", "hist_n")}
+    out["min"] = min(a["min"], b["min"])
+    out["max"] = max(a["max"], b["max"])
+    na, nb = a["cnt"], b["cnt"]
+    n = na + nb
+    with np.errstate(invalid="ignore", divide="ignore"):
+        delta = np.where(nb > 0, b["s1"] / np.maximum(nb, 1), 0) - np.where(na > 0, a["s1"] / np.maximum(na, 1), 0)
+        extra = np.where(n > 0, delta * delta * na * nb / np.maximum(n, 1), 0)
+    out["cnt"] = n
+    out["s1"] = a["s1"] + b["s1"]
+    out["m2"] = a["m2"] + b["m2"] + extra
+    out["active"] = a["active"] + b["active"]
+    out["hist"] = a["hist"] + b["hist"]
+    out["samples"] = a["samples"] + b["samples"]
+    return out
+
+
+def finish_act(r: dict) -> dict:
+    """Derived statistics (what the run directory stores) from raw fields."""
+    n = r["n"]
+    cnt, s1, m2 = r["cnt"], r["s1"], r["m2"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ch_mean = np.where(cnt > 0, s1 / np.maximum(cnt, 1), np.nan)
+        ch_var = np.where(cnt > 0, m2 / np.maximum(cnt, 1), np.nan)
+    if n > 0:
+        mean = s1.sum() / n
+        m2_all = m2.sum() + (cnt * (np.nan_to_num(ch_mean) - mean) ** 2).sum()
+        std = math.sqrt(max(m2_all / n, 0.0))
+        mn, mx = float(r["min"]), float(r["max"])
+    else:
+        mean = std = mn = mx = math.nan
+    frac = (lambda k: float(r[k] / n)) if n > 0 else (lambda k: math.nan)
+    return {
+        "count": int(n + r["n_nan"] + r["n_inf"]),
+        "samples": int(r["samples"]),
+        "mean": float(mean),
+        "std": float(std),
+        "min": mn,
+        "max": mx,
+        "mean_abs": frac("abs_sum"),
+        "frac_zero": frac("n_zero"),
+        "frac_nonpos": frac("n_nonpos"),
+        "frac_sat": frac("n_sat"),
+        "nan_count": int(r["n_nan"]),
+        "inf_count": int(r["n_inf"]),
+        "ch_mean": ch_mean.astype(np.float32),
+        "ch_var": ch_var.astype(np.float32),
+        "active": r["active"].astype(np.int64),
+        "hist": r["hist"].astype(np.int64),
+        "hist_count": int(r["hist_n"]),
+    }
+
+
+def split_grad(pack: np.ndarray) -> dict:
+    return {"n": pack[0], "sumsq": pack[1], "max_abs": pack[2], "n_nan": pack[3], "n_inf": pack[4]}
+
+
+def combine_grad(a: dict, b: dict) -> dict:
+    return {
+        "n": a["n"] + b["n"],
+        "sumsq": a["sumsq"] + b["sumsq"],
+        "max_abs": max(a["max_abs"], b["max_abs"]),
+        "n_nan": a["n_nan"] + b["n_nan"],
+        "n_inf": a["n_inf"] + b["n_inf"],
+    }
+
+
+def finish_grad(r: dict) -> dict:
+    n = r["n"]
+    return {
+        "count": int(n + r["n_nan"] + r["n_inf"]),
+        "norm": float(math.sqrt(r["sumsq"])),
+        "rms": float(math.sqrt(r["sumsq"] / n)) if n > 0 else math.nan,
+        "max_abs": float(r["max_abs"]) if n > 0 else math.nan,
+        "nan_count": int(r["n_nan"]),
+        "inf_count": int(r["n_inf"]),
+    }

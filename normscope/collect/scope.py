@@ -1,0 +1,521 @@
+"""``normscope.watch(model)`` → :class:`Scope`: hooks that record per-layer statistics.
+
+Per sampled step, each hooked module call reduces its output(s) on device into a small packed
+tensor (normscope.collect.reducers); gradients w.r.t. those outputs are reduced by a tensor hook
+registered in the forward hook (never ``register_full_backward_hook``). When the step ends
+(optimizer step post-hook or ``scope.step()``) the packs are concatenated and copied to the host
+once, decoded, and buffered as rows; every ``flush_every`` sampled steps (or ``flush_seconds``)
+they are written as Parquet parts. Memory is O(layers): no activation is kept.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import platform
+import time
+import warnings
+import weakref
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from normscope.collect import reducers as R
+from normscope.collect.outputs import iter_float_tensors
+from normscope.collect.params import ParamTracker, group_hparams
+from normscope.collect.select import HookPlan, Selector, plan_hooks, resolve_axis
+from normscope.errors import NormscopeError
+from normscope.store.writer import FORMAT, RunWriter, write_json
+
+DEFAULT_EVERY = 10
+_RECENT = 8  # outputs remembered per forward, to reuse a producer's reduction for a norm's input
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs (a checkpointed forward being recomputed)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class Scope:
+    """Collects statistics while ``model`` trains. Use as a context manager (see :func:`watch`)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        run_dir: str | os.PathLike | None = None,
+        every: int = DEFAULT_EVERY,
+        include: Iterable[Selector] | Selector | None = None,
+        exclude: Iterable[Selector] | Selector | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        flush_every: int = 50,
+        flush_seconds: float = 30.0,
+        hist_max: int = 65536,
+        channel_axis: dict[str, int] | None = None,
+        track_updates: bool = True,
+        grads: bool = True,
+        name: str | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise NormscopeError(f"watch() needs a torch.nn.Module, got {type(model).__name__}.")
+        for label, v in (("every", every), ("flush_every", flush_every)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise NormscopeError(f"{label} must be a whole number ≥ 1, got {v!r}.")
+        if isinstance(hist_max, bool) or not isinstance(hist_max, int) or hist_max < 0:
+            raise NormscopeError(f"hist_max must be a whole number ≥ 0 (0 = every element), got {hist_max!r}.")
+        self.model = model
+        self.every = every
+        self.flush_every = flush_every
+        self.flush_seconds = float(flush_seconds)
+        self.hist_max = hist_max
+        self.track_updates = track_updates
+        self.record_grads = grads
+        self.name = name or type(model).__name__
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"{self.name}-{stamp}"
+        self._plans: list[HookPlan] = plan_hooks(model, include, exclude, channel_axis)
+        self._options = {
+            "every": every, "include": _sel_json(include), "exclude": _sel_json(exclude),
+            "flush_every": flush_every, "flush_seconds": flush_seconds, "hist_max": hist_max,
+            "channel_axis": dict(channel_axis or {}), "track_updates": track_updates, "grads": grads,
+        }  # fmt: skip
+        self._explicit_opt = optimizer
+        self._opt = optimizer
+        self._handles: list[Any] = []
+        self._active = False
+        self.step_index = 0
+        self._sampling = True
+        self._pending: list[tuple[str, tuple, Any, torch.Tensor]] = []
+        self._scalars: list[tuple[str, str, Any]] = []
+        self._calls: dict[str, int] = defaultdict(int)
+        self._recent: dict[int, tuple] = {}
+        self._exec_order: list[dict] | None = []
+        self._order_seen: set = set()
+        self._disabled: set[str] = set()
+        self._hook_errors: list[str] = []
+        self._optimizer_steps = 0
+        self._forward_since_advance = False
+        self._warned_manual = False
+        self._scratch = R.Scratch()
+        self._params = ParamTracker(model, track_updates=track_updates)
+        self._param_pre_done = False
+        self._steps_recorded = 0
+        self._last_flush = time.monotonic()
+        self._since_flush = 0
+        self._writer: RunWriter | None = None
+        self._meta: dict = {}
+        self.force_masked = False  # tests: exercise the NaN-safe reducer on CPU
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def __enter__(self) -> "Scope":
+        self.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        status = "complete" if exc_type is None else f"failed: {exc_type.__name__}: {exc}"
+        self.close(status=status)
+
+    def start(self) -> "Scope":
+        if self._active:
+            return self
+        if (self.run_dir / "meta.json").exists():
+            raise NormscopeError(
+                f"{self.run_dir} already holds a normscope run: pass a new run_dir (runs are never overwritten)."
+            )
+        self._writer = RunWriter(self.run_dir)
+        self._meta = self._initial_meta()
+        write_json(self.run_dir / "meta.json", self._meta)
+        root = self.model
+        self._handles.append(root.register_forward_pre_hook(self._on_root_pre))
+        self._handles.append(root.register_forward_hook(self._on_root_post))
+        for plan in self._plans:
+            self._handles.append(plan.module.register_forward_hook(self._make_hook(plan)))
+        if self._explicit_opt is not None:
+            self._handles.append(self._explicit_opt.register_step_pre_hook(self._on_opt_pre))
+            self._handles.append(self._explicit_opt.register_step_post_hook(self._on_opt_post))
+        else:
+            from torch.optim.optimizer import (
+                register_optimizer_step_post_hook,
+                register_optimizer_step_pre_hook,
+            )
+
+            self._model_param_ids = {id(p) for p in self.model.parameters()}
+            self._handles.append(register_optimizer_step_pre_hook(self._on_opt_pre))
+            self._handles.append(register_optimizer_step_post_hook(self._on_opt_post))
+        self._active = True
+        return self
+
+    def close(self, status: str = "complete") -> None:
+        if not self._active:
+            return
+        self._active = False
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        try:
+            if self._pending or self._scalars:
+                self._finish_step(updated=False, params=False)
+            self._flush()
+        finally:
+            self._meta.update(
+                status=status,
+                ended=_now(),
+                steps_seen=self.step_index,
+                optimizer_steps=self._optimizer_steps,
+                hook_errors=self._hook_errors,
+            )
+            write_json(self.run_dir / "meta.json", self._meta)
+            self._scratch.clear()
+            self._params.release()
+            self._recent.clear()
+
+    @property
+    def hook_count(self) -> int:
+        return len(self._handles)
+
+    # --- stepping ----------------------------------------------------------------------------
+    def step(self) -> None:
+        """Advance one training step (only needed when no optimizer step drives the scope)."""
+        if not self._active:
+            raise NormscopeError("scope.step() called outside the watch() block: call it inside `with`.")
+        if self._optimizer_steps:
+            if not self._warned_manual:
+                warnings.warn(
+                    "normscope: steps already advance with the optimizer; scope.step() is ignored.",
+                    stacklevel=2,
+                )
+                self._warned_manual = True
+            return
+        if self._sampling:
+            self._guard(self._params.after_step, False)
+            self._finish_step(updated=False, params=True)
+        self._advance()
+
+    def log(self, phase: str = "train", **values: float | torch.Tensor) -> None:
+        """Record scalars (loss, accuracy, ...) for sampled steps.
+
+        Called before the step ends they join the step's single host transfer. Called after
+        ``optimizer.step()`` and before the next forward (the usual place for ``loss.item()``),
+        they belong to the step that just ended.
+        """
+        if not self._active:
+            raise NormscopeError("scope.log() called outside the watch() block: call it inside `with`.")
+        if self._forward_since_advance or self.step_index == 0:
+            if not self._sampling:
+                return
+            for k, v in values.items():
+                if isinstance(v, torch.Tensor):
+                    v = v.detach().reshape(-1)[:1].double()
+                self._scalars.append((phase, k, v))
+            return
+        prev = self.step_index - 1
+        if prev % self.every != 0:
+            return
+        for k, v in values.items():
+            v = float(v.detach().reshape(-1)[0]) if isinstance(v, torch.Tensor) else float(v)
+            self._writer.append("scalars", {"step": prev, "phase": phase, "name": k, "value": v})
+
+    def _owns(self, opt) -> bool:
+        if self._explicit_opt is not None:
+            return opt is self._explicit_opt
+        if self._opt is not None:
+            return opt is self._opt
+        ids = self._model_param_ids
+        if any(id(p) in ids for g in opt.param_groups for p in g["params"]):
+            self._opt = opt
+            return True
+        return False
+
+    def _on_opt_pre(self, opt, args, kwargs) -> None:
+        if not self._owns(opt) or not self._sampling:
+            return
+        self._guard(self._params.before_step)
+
+    def _on_opt_post(self, opt, args, kwargs) -> None:
+        if not self._owns(opt):
+            return
+        self._optimizer_steps += 1
+        if self._sampling:
+            self._guard(self._params.after_step, True)
+            self._finish_step(updated=True, params=True)
+        self._advance()
+
+    def _advance(self) -> None:
+        self.step_index += 1
+        self._sampling = self.step_index % self.every == 0
+        self._calls.clear()
+        self._recent.clear()
+        self._forward_since_advance = False
+
+    def _guard(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as e:  # never break the user's training
+            self._note_error("parameters", e)
+
+    # --- hooks -------------------------------------------------------------------------------
+    def _on_root_pre(self, module, args) -> None:
+        self._forward_since_advance = True
+        self._calls.clear()
+        self._recent.clear()
+
+    def _on_root_post(self, module, args, output) -> None:
+        if self._exec_order is not None and self._exec_order:
+            self._meta["execution_order"] = self._exec_order
+            self._exec_order = None
+            try:
+                write_json(self.run_dir / "meta.json", self._meta)
+            except OSError as e:
+                self._note_error("meta.json", e)
+
+    def _make_hook(self, plan: HookPlan):
+        scope_ref = weakref.ref(self)
+
+        def hook(module, args, output):
+            scope = scope_ref()
+            if scope is None or not scope._sampling or plan.name in scope._disabled:
+                return None
+            if _in_backward():  # gradient checkpointing recomputes the forward: not a new call
+                return None
+            try:
+                scope._record(plan, args, output)
+            except Exception as e:  # never break the user's training
+                scope._disabled.add(plan.name)
+                scope._note_error(plan.name, e)
+            return None
+
+        return hook
+
+    def _record(self, plan: HookPlan, args, output) -> None:
+        self._forward_since_advance = True
+        phase = "train" if (self.model.training and torch.is_grad_enabled()) else "eval"
+        call = self._calls[plan.name]
+        self._calls[plan.name] = call + 1
+        if self._exec_order is not None:
+            k = (plan.name, call)
+            if k not in self._order_seen:
+                self._order_seen.add(k)
+                self._exec_order.append({"layer": plan.name, "call": call, "type": plan.type_name})
+        inherited = None
+        if plan.record_input and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+            x = args[0]
+            self._reduce_output(plan, phase, call, "input", x, None, grad=False)
+        if args and isinstance(args[0], torch.Tensor):
+            hit = self._recent.get(id(args[0]))
+            if hit is not None and hit[0]() is args[0]:
+                inherited = hit[2]
+        for path, t in iter_float_tensors(output):
+            self._reduce_output(plan, phase, call, path, t, inherited, grad=True)
+
+    def _reduce_output(self, plan, phase, call, path, t, inherited, grad: bool) -> None:
+        key = (phase, plan.name, call, path)
+        hit = self._recent.get(id(t))
+        if hit is not None and hit[0]() is t and hit[1] == t._version and hit[3] is not None:
+            axis, layout, pack = hit[2], hit[3], hit[4]
+        else:
+            axis = resolve_axis(plan, t, inherited if hit is None else hit[2])
+            layout = R.act_layout(t, axis, plan.hist)
+            pack = R.reduce_act(t, layout, plan.hist, plan.sat, self.hist_max, self._scratch, self.force_masked)
+            if len(self._recent) >= _RECENT:
+                self._recent.pop(next(iter(self._recent)))
+            self._recent[id(t)] = (weakref.ref(t), t._version, axis, layout, pack)
+        self._pending.append(("act", key, (layout, plan.type_name), pack))
+        if grad and self.record_grads and phase == "train" and t.requires_grad:
+            t.register_hook(self._make_grad_hook(key, self.step_index))
+
+    def _make_grad_hook(self, key: tuple, step: int):
+        scope_ref = weakref.ref(self)
+
+        def grad_hook(g):
+            scope = scope_ref()
+            if scope is None or not scope._active or scope.step_index != step or key[1] in scope._disabled:
+                return None
+            try:
+                scope._pending.append(("grad", key, R.GradLayout(g.numel()), R.reduce_grad(g, scope.force_masked)))
+            except Exception as e:
+                scope._disabled.add(key[1])
+                scope._note_error(key[1], e)
+            return None
+
+        return grad_hook
+
+    def _note_error(self, where: str, e: BaseException) -> None:
+        msg = f"{where}: {type(e).__name__}: {e}"
+        if msg not in self._hook_errors:
+            self._hook_errors.append(msg)
+            warnings.warn(f"normscope stopped recording {where} after an error ({msg}); training goes on.")
+
+    # --- step end: one transfer, decode, buffer, flush -------------------------------------------
+    def _finish_step(self, updated: bool, params: bool) -> None:
+        try:
+            self._finish_step_inner(params)
+        except Exception as e:
+            self._note_error("step", e)
+        finally:
+            self._pending = []
+            self._scalars = []
+
+    def _finish_step_inner(self, params: bool) -> None:
+        pending = self._pending
+        ppack = self._params.take() if params else None
+        tensors = [p[3] for p in pending]
+        scal_t = [v for _, _, v in self._scalars if isinstance(v, torch.Tensor)]
+        if ppack is not None:
+            tensors.append(ppack)
+        tensors.extend(scal_t)
+        if not tensors and not self._scalars:
+            return
+        host = _to_host(tensors)
+        off = 0
+        acts: dict[tuple, list] = {}
+        grads: dict[tuple, list] = {}
+        order: list[tuple] = []
+        for kind, key, lay, _ in pending:
+            if kind == "act":
+                layout, mtype = lay
+                raw = R.split_act(host[off : off + layout.size], layout)
+                off += layout.size
+                if key not in acts:
+                    acts[key] = [raw, 1, mtype, layout.axis]
+                    order.append(key)
+                else:
+                    ent = acts[key]
+                    ent[0] = R.combine_act(ent[0], raw)
+                    ent[1] += 1
+            else:
+                raw = R.split_grad(host[off : off + lay.size])
+                off += lay.size
+                grads[key] = R.combine_grad(grads[key], raw) if key in grads else raw
+        step = self.step_index
+        w = self._writer
+        for key in order:
+            raw, nfwd, mtype, axis = acts[key]
+            row = R.finish_act(raw)
+            phase, layer, call, path = key
+            row.update(step=step, phase=phase, layer=layer, call=call, output=path, module_type=mtype,
+                       channel_axis=axis, forwards=nfwd)  # fmt: skip
+            w.append("layers", row)
+        for key, raw in grads.items():
+            row = R.finish_grad(raw)
+            phase, layer, call, path = key
+            row.update(step=step, phase=phase, layer=layer, call=call, output=path)
+            w.append("grads", row)
+        if ppack is not None:
+            n = len(self._params.entries)
+            vals = host[off : off + 3 * n].reshape(3, n)
+            off += 3 * n
+            hp = group_hparams(self._opt)
+            for i, (pname, p, layer) in enumerate(self._params.entries):
+                lr, wd = hp.get(id(p), (math.nan, math.nan))
+                w.append("params", {
+                    "step": step, "param": pname, "layer": layer, "numel": p.numel(),
+                    "requires_grad": p.requires_grad, "norm": vals[0, i], "grad_norm": vals[1, i],
+                    "update_norm": vals[2, i], "lr": lr, "weight_decay": wd,
+                })  # fmt: skip
+        for phase, name, v in self._scalars:
+            if isinstance(v, torch.Tensor):
+                v = float(host[off])
+                off += 1
+            w.append("scalars", {"step": step, "phase": phase, "name": name, "value": float(v)})
+        self._steps_recorded += 1
+        self._since_flush += 1
+        if self._exec_order:  # no root forward seen (submodules called directly)
+            self._on_root_post(None, None, None)
+        if self._since_flush >= self.flush_every or time.monotonic() - self._last_flush > self.flush_seconds:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._writer is None:
+            return
+        if self._writer.pending_rows:
+            self._writer.flush()
+        self._since_flush = 0
+        self._last_flush = time.monotonic()
+        self._meta["steps_recorded"] = self._steps_recorded
+        self._meta["last_step"] = self.step_index
+        write_json(self.run_dir / "meta.json", self._meta)
+
+    # --- metadata ----------------------------------------------------------------------------
+    def _initial_meta(self) -> dict:
+        import normscope
+
+        hooked = {p.name for p in self._plans}
+        modules = []
+        for name, m in self.model.named_modules():
+            modules.append({
+                "name": name or "<root>", "type": type(m).__name__,
+                "params": sum(p.numel() for p in m.parameters(recurse=False)),
+                "trainable": sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad),
+                "hooked": (name or "<root>") in hooked,
+            })  # fmt: skip
+        total = sum(p.numel() for p in self.model.parameters())
+        return {
+            "format": FORMAT,
+            "name": self.name,
+            "status": "running",
+            "created": _now(),
+            "versions": {
+                "normscope": normscope.__version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+            "model": {
+                "class": type(self.model).__name__,
+                "params": total,
+                "trainable": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+                "hooked_layers": len(self._plans),
+            },
+            "modules": modules,
+            "execution_order": [],
+            "options": self._options,
+            "histograms": {p.name: p.hist.to_json() for p in self._plans},
+            "saturation": {p.name: p.sat.kind for p in self._plans if p.sat is not None},
+            "threads": torch.get_num_threads(),
+            "steps_recorded": 0,
+        }
+
+
+def _to_host(tensors: list[torch.Tensor]) -> np.ndarray:
+    """Concatenate per device and copy to the host: one transfer per device per step."""
+    by_dev: dict[torch.device, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        by_dev[t.device].append(i)
+    if len(by_dev) == 1:
+        return torch.cat([t.reshape(-1) for t in tensors]).cpu().numpy()
+    pieces: list[np.ndarray | None] = [None] * len(tensors)
+    for dev, idx in by_dev.items():
+        flat = torch.cat([tensors[i].reshape(-1) for i in idx]).cpu().numpy()
+        o = 0
+        for i in idx:
+            n = tensors[i].numel()
+            pieces[i] = flat[o : o + n]
+            o += n
+    return np.concatenate(pieces)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _sel_json(sel) -> list[str] | None:
+    if sel is None:
+        return None
+    if isinstance(sel, (str, type)):
+        sel = [sel]
+    return [s if isinstance(s, str) else f"type:{s.__module__}.{s.__qualname__}" for s in sel]
+
+
+def watch(model: nn.Module, run_dir: str | os.PathLike | None = None, every: int = DEFAULT_EVERY, **options) -> Scope:
+    """Watch ``model`` while it trains; use as ``with normscope.watch(model) as scope: ...``.
+
+    Steps advance with the optimizer (any optimizer over the model's parameters, detected by a
+    global step hook, or the one passed as ``optimizer=``) or with ``scope.step()``. Every
+    ``every``-th step is sampled. Options: ``include``/``exclude`` (name globs or module types),
+    ``optimizer``, ``flush_every``, ``flush_seconds``, ``hist_max``, ``channel_axis``
+    ({name glob: axis}), ``track_updates``, ``grads``, ``name``.
+    """
+    return Scope(model, run_dir=run_dir, every=every, **options)

@@ -1,0 +1,107 @@
+"""``export_onnx``: fold, export with torch.onnx (dynamo exporter, TorchScript fallback) and
+verify the file with onnxruntime (optimisations disabled) against the unfolded model."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from normscope.errors import NormscopeError
+from normscope.fold.api import _check_model, _run, _to_double, as_inputs, fold_bn
+from normscope.fold.graph import one_line
+from normscope.fold.onnx_util import compare_arrays, count_ops, quiet_export, require, session
+from normscope.fold.results import ExportResult, FoldResult
+
+_EXPORTERS = ("auto", "dynamo", "torchscript")
+
+
+def _param_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def _export(model: nn.Module, inputs: tuple, path: Path, exporter: str, opset: Optional[int]) -> tuple[str, Optional[str]]:
+    """Export with the requested exporter; "auto" falls back to TorchScript when dynamo fails.
+    Returns (exporter used, dynamo error that caused a fallback)."""
+    dynamo_error = None
+    if exporter in ("auto", "dynamo"):
+        try:
+            with quiet_export():
+                torch.onnx.export(model, inputs, str(path), dynamo=True, verbose=False, opset_version=opset,
+                                  external_data=_param_bytes(model) > 1_800_000_000)
+            return "dynamo", None
+        except Exception as exc:  # noqa: BLE001 - the exporter raises many types
+            dynamo_error = one_line(exc)
+            if exporter == "dynamo":
+                raise NormscopeError(f"the dynamo ONNX exporter failed: {dynamo_error}; "
+                                     "try exporter='torchscript'") from None
+    try:
+        with quiet_export():
+            torch.onnx.export(model, inputs, str(path), dynamo=False, opset_version=opset or 17,
+                              do_constant_folding=True)
+    except Exception as exc:  # noqa: BLE001
+        extra = f" (dynamo exporter: {dynamo_error})" if dynamo_error else ""
+        raise NormscopeError(f"ONNX export failed: {one_line(exc)}{extra}") from None
+    return "torchscript", dynamo_error
+
+
+def run_onnx(path: str, inputs: tuple) -> list[np.ndarray]:
+    """Run the file with onnxruntime (no graph optimisation) on the tensor example inputs."""
+    sess = session(path)
+    arrays = [x.detach().cpu().numpy() for x in inputs if isinstance(x, Tensor)]
+    names = [i.name for i in sess.get_inputs()]
+    if len(names) != len(arrays):
+        raise NormscopeError(f"{path} takes {len(names)} inputs but {len(arrays)} example tensors were given")
+    return sess.run(None, dict(zip(names, arrays)))
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | Path,
+    fold: bool = True,
+    verify: bool = True,
+    *,
+    exporter: str = "auto",
+    opset: Optional[int] = None,
+    tolerance: float = 1e-4,
+    zero_padding: str = "add",
+) -> ExportResult:
+    """Fold (optional), export to ``path``, count BatchNormalization nodes left, and (optional)
+    run the file with onnxruntime, graph optimisations disabled, against the *unfolded*
+    PyTorch model evaluated in float64. ``verified`` is max relative error ≤ ``tolerance``."""
+    _check_model(model)
+    inputs = as_inputs(example_inputs)
+    if exporter not in _EXPORTERS:
+        raise NormscopeError(f"exporter must be one of {', '.join(_EXPORTERS)}, got {exporter!r}")
+    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    if training:
+        raise NormscopeError(f"the model is in training mode ({training[0]}): call model.eval() before exporting")
+    path = Path(path)
+    if not path.parent.exists():
+        raise NormscopeError(f"the folder {path.parent} does not exist: create it or choose another output path")
+    onnx = require("onnx")
+    fold_result: Optional[FoldResult] = None
+    to_export = model
+    if fold:
+        fold_result = fold_bn(model, inputs, zero_padding=zero_padding, verify=verify)
+        to_export = fold_result.model
+    start = time.perf_counter()
+    used, dynamo_error = _export(to_export, inputs, path, exporter, opset)
+    seconds = time.perf_counter() - start
+    proto = onnx.load(str(path), load_external_data=False)
+    result = ExportResult(str(path), used, count_ops(proto), tolerance=tolerance, fold=fold_result,
+                          export_seconds=seconds, exporter_error=dynamo_error)
+    if verify:
+        reference = _run(copy.deepcopy(model).double(), _to_double(inputs))
+        got = [g for g in run_onnx(str(path), inputs) if np.issubdtype(np.asarray(g).dtype, np.floating)]
+        if len(got) != len(reference):
+            raise NormscopeError(f"the ONNX file returns {len(got)} outputs, the model {len(reference)}")
+        result.max_abs_err, result.max_rel_err = compare_arrays([r.cpu().numpy() for r in reference], got)
+        result.verified = result.max_rel_err <= tolerance
+    return result

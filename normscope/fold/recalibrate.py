@@ -1,0 +1,1 @@
+def recalibrate_bn(*a, **k): raise NotImplementedError

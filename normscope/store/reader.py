@@ -1,0 +1,122 @@
+"""Reading a run directory back: :func:`load` → :class:`Run` with pandas DataFrames."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+import pandas as pd
+
+from normscope.errors import NormscopeError
+from normscope.store.writer import FORMAT, SCHEMA, TABLES, _arrow_type
+
+
+class Run:
+    """A recorded run. Tables are read lazily and cached; :meth:`reload` re-reads a live run.
+
+    - ``meta``: the run's ``meta.json`` (model summary, execution order, options, versions).
+    - ``stats``: activation statistics, one row per step × phase × layer call × output.
+    - ``grads``: gradient statistics w.r.t. hooked outputs (same keys as ``stats``).
+    - ``params``: per parameter tensor norms (‖w‖, ‖∇w‖, ‖Δw‖), lr and weight decay.
+    - ``scalars``: values logged with ``Scope.log`` (loss, ...).
+    - ``layers``: hooked layers in execution order of the first forward (DataFrame).
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.meta = _read_meta(self.run_dir)
+
+    def reload(self) -> "Run":
+        return Run(self.run_dir)
+
+    def _table(self, name: str) -> pd.DataFrame:
+        return read_table(self.run_dir, name)
+
+    @cached_property
+    def stats(self) -> pd.DataFrame:
+        return self._table("layers")
+
+    @cached_property
+    def grads(self) -> pd.DataFrame:
+        return self._table("grads")
+
+    @cached_property
+    def params(self) -> pd.DataFrame:
+        return self._table("params")
+
+    @cached_property
+    def scalars(self) -> pd.DataFrame:
+        return self._table("scalars")
+
+    @cached_property
+    def layers(self) -> pd.DataFrame:
+        rows = self.meta.get("execution_order") or []
+        types = {m["name"]: m for m in self.meta.get("modules", [])}
+        out = []
+        for i, r in enumerate(rows):
+            m = types.get(r["layer"], {})
+            out.append(
+                {
+                    "order": i,
+                    "layer": r["layer"],
+                    "call": r["call"],
+                    "module_type": m.get("type"),
+                    "params": m.get("params"),
+                }
+            )
+        return pd.DataFrame(out, columns=["order", "layer", "call", "module_type", "params"])
+
+    @property
+    def steps(self) -> list[int]:
+        s = self.stats
+        return sorted(s["step"].unique().tolist()) if len(s) else []
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.run_dir)!r}, status={self.meta.get('status')!r})"
+
+
+def _read_meta(run_dir: Path) -> dict:
+    if not run_dir.exists():
+        raise NormscopeError(f"run directory {run_dir} does not exist: pass a folder written by normscope.watch.")
+    if not run_dir.is_dir():
+        raise NormscopeError(f"{run_dir} is not a directory: pass a run folder written by normscope.watch.")
+    path = run_dir / "meta.json"
+    if not path.exists():
+        raise NormscopeError(f"{path} is missing: {run_dir} is not a normscope run directory.")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NormscopeError(f"{path} is corrupt ({type(e).__name__}: {e}); the run cannot be read.") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise NormscopeError(f"{path} is not a normscope run ({FORMAT}) metadata file.")
+    return meta
+
+
+def _empty(name: str) -> pd.DataFrame:
+    import pyarrow as pa
+
+    schema = pa.schema([(c, _arrow_type(t)) for c, t in SCHEMA[name].items()])
+    return schema.empty_table().to_pandas()
+
+
+def read_table(run_dir: Path, name: str) -> pd.DataFrame:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if name not in TABLES:
+        raise NormscopeError(f"unknown table {name!r}: one of {', '.join(TABLES)}.")
+    folder = Path(run_dir) / "stats" / name
+    parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+    if not parts:
+        return _empty(name)
+    tables = []
+    for p in parts:
+        try:
+            tables.append(pq.read_table(p))
+        except FileNotFoundError:
+            continue  # removed between listing and reading: nothing to read
+        except (OSError, pa.ArrowException) as e:
+            raise NormscopeError(f"{p} is corrupt ({e}); delete it to read the rest of the run.") from None
+    df = pa.concat_tables(tables, promote_options="default").to_pandas() if tables else _empty(name)
+    return df.reset_index(drop=True)

@@ -1,0 +1,1 @@
+"""The HTML report layer (installed as the ``normscope_reports`` package)."""

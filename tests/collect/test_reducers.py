@@ -1,0 +1,163 @@
+"""Every recorded statistic equals a brute-force numpy computation (random shapes and dtypes)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import reference as ref
+from normscope.collect import reducers as R
+
+SPECS = {
+    "plain": (R.HistSpec("symlog"), None),
+    "sigmoid": (R.HistSpec("linear", 0.0, 1.0), R.SatSpec("sigmoid")),
+    "tanh": (R.HistSpec("linear", -1.0, 1.0), R.SatSpec("tanh")),
+    "hardtanh": (R.HistSpec("linear", -1.0, 1.0), R.SatSpec("bounds", -1.0, 1.0)),
+    "relu6": (R.HistSpec("linear", 0.0, 6.0), R.SatSpec("bounds", 0.0, 6.0)),
+}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def run_reducer(x, axis, kind, hist_max=65536, masked=False):
+    hist, sat = SPECS[kind]
+    layout = R.act_layout(x, axis, hist)
+    pack = R.reduce_act(x, layout, hist, sat, hist_max, R.Scratch(), force_masked=masked)
+    assert pack.dtype == torch.float64 and pack.numel() == layout.size
+    return R.finish_act(R.split_act(pack.numpy(), layout))
+
+
+def assert_matches(got, want, scale):
+    tol = 1e-5 * scale + 1e-30
+    assert got["count"] == want["count"]
+    assert got["samples"] == want["samples"]
+    for k in ("nan_count", "inf_count", "hist_count"):
+        assert got[k] == want[k], k
+    for k in ("mean", "min", "max", "mean_abs"):
+        if math.isnan(want[k]):
+            assert math.isnan(got[k]), k
+        else:
+            assert got[k] == pytest.approx(want[k], rel=1e-5, abs=tol), k
+    if not math.isnan(want["std"]):
+        assert got["std"] == pytest.approx(want["std"], rel=1e-4, abs=1e-3 * scale + 1e-30)
+    for k in ("frac_zero", "frac_nonpos", "frac_sat"):
+        if math.isnan(want[k]):
+            assert math.isnan(got[k]), k
+        else:
+            assert got[k] == pytest.approx(want[k], abs=1e-12), k
+    np.testing.assert_allclose(got["ch_mean"], want["ch_mean"], rtol=1e-4, atol=tol + 1e-6 * scale)
+    np.testing.assert_allclose(got["ch_var"], want["ch_var"], rtol=1e-3, atol=1e-5 * scale * scale + 1e-30)
+    np.testing.assert_array_equal(got["active"], want["active"])
+    diff = np.abs(got["hist"] - want["hist"]).sum()
+    assert diff <= 2 * want["_hist_slack"], (got["hist"], want["hist"])
+
+
+@st.composite
+def tensors(draw):
+    nd = draw(st.integers(1, 4))
+    shape = tuple(draw(st.lists(st.integers(1, 6), min_size=nd, max_size=nd)))
+    dtype = draw(st.sampled_from(DTYPES))
+    scale = draw(st.sampled_from([1e-4, 1.0, 30.0]))
+    offset = draw(st.sampled_from([0.0, 0.5, -3.0]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * scale + offset
+    if draw(st.booleans()):
+        x = torch.relu(x)  # exercises the non-negative fast path and exact zeros
+    if draw(st.booleans()):
+        x = torch.where(torch.rand(shape, generator=g) < 0.2, torch.zeros_like(x), x)
+    return x.to(dtype)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=tensors(), axis=st.sampled_from([1, -1]), kind=st.sampled_from(sorted(SPECS)), masked=st.booleans())
+def test_act_stats_match_numpy(x, axis, kind, masked):
+    if x.dim() < 2:
+        axis = -1
+    got = run_reducer(x, axis, kind, masked=masked)
+    want = ref.act_stats(x.float().numpy(), axis, *SPECS[kind], 65536)
+    scale = float(x.float().abs().max()) or 1.0
+    assert_matches(got, want, scale)
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=tensors(), frac=st.sampled_from([0.01, 0.3]), kind=st.sampled_from(["plain", "tanh"]), seed=st.integers(0, 999))
+def test_non_finite_counted_and_excluded(x, frac, kind, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = x.float()
+    r = torch.rand(x.shape, generator=g)
+    x = torch.where(r < frac / 2, torch.full_like(x, math.nan), x)
+    x = torch.where((r >= frac / 2) & (r < frac), torch.full_like(x, math.inf) * torch.sign(torch.randn(x.shape, generator=g)), x)
+    axis = 1 if x.dim() >= 2 else -1
+    got = run_reducer(x, axis, kind)  # CPU: aminmax sees the NaN/Inf and takes the masked path
+    want = ref.act_stats(x.numpy(), axis, *SPECS[kind], 65536)
+    assert_matches(got, want, float(torch.nan_to_num(x, 0, 0, 0).abs().max()) or 1.0)
+
+
+def test_histogram_subsample_is_strided_with_prime_stride():
+    x = torch.randn(8, 16, 40, 40)  # 204800 elements, hist_max 4096 -> stride 53 (prime >= 50)
+    got = run_reducer(x, 1, "plain", hist_max=4096)
+    assert R.hist_stride(x.numel(), 4096) == 53
+    want = ref.act_stats(x.numpy(), 1, *SPECS["plain"], 4096)
+    assert got["hist_count"] == want["hist_count"] == len(range(0, x.numel(), 53))
+    assert_matches(got, want, float(x.abs().max()))
+
+
+def test_large_tensor_counts_exact_beyond_float32_integers():
+    x = torch.zeros(1, 1, 2**24 + 3)
+    x[0, 0, :5] = 1.0  # 2**24 - 2 zeros: a float32 count would round
+    got = run_reducer(x, 1, "plain")
+    assert got["frac_zero"] * x.numel() == pytest.approx(2**24 - 2, abs=0.5)
+    assert got["frac_nonpos"] * x.numel() == pytest.approx(2**24 - 2, abs=0.5)
+
+
+def test_known_values_small():
+    x = torch.tensor([[0.0, -1.0, 2.0], [0.5, 0.0, -0.25]])  # (2 samples, 3 channels) channel-last
+    got = run_reducer(x, -1, "plain")
+    assert got["frac_zero"] == pytest.approx(2 / 6)
+    assert got["frac_nonpos"] == pytest.approx(4 / 6)
+    assert got["mean_abs"] == pytest.approx(3.75 / 6)
+    np.testing.assert_array_equal(got["active"], [1, 0, 1])
+    np.testing.assert_allclose(got["ch_mean"], [0.25, -0.5, 0.875])
+    np.testing.assert_allclose(got["ch_var"], [0.0625, 0.25, 1.265625])
+    assert got["hist"][41] == 2  # the two exact zeros in the central bin
+
+
+def test_saturation_counts_sigmoid_tanh():
+    y = torch.tensor([0.005, 0.01, 0.5, 0.99, 0.995])
+    assert run_reducer(y, -1, "sigmoid")["frac_sat"] == pytest.approx(2 / 5)
+    t = torch.tensor([-0.99, -0.97, 0.0, 0.97, 0.98])
+    assert run_reducer(t, -1, "tanh")["frac_sat"] == pytest.approx(2 / 5)
+    h = torch.tensor([-1.0, -0.5, 0.0, 1.0])
+    assert run_reducer(h, -1, "hardtanh")["frac_sat"] == pytest.approx(2 / 4)
+
+
+@settings(max_examples=80, deadline=None)
+@given(x=tensors(), masked=st.booleans(), poison=st.sampled_from([None, math.nan, math.inf]))
+def test_grad_stats_match_numpy(x, masked, poison):
+    x = x.float()
+    if poison is not None:
+        x.view(-1)[0] = poison
+    p = R.reduce_grad(x, force_masked=masked)
+    got = R.finish_grad(R.split_grad(p.numpy()))
+    want = ref.grad_stats(x.numpy())
+    for k in ("count", "nan_count", "inf_count"):
+        assert got[k] == want[k]
+    for k in ("norm", "rms", "max_abs"):
+        if math.isnan(want[k]):
+            assert math.isnan(got[k])
+        else:
+            assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-30)
+
+
+def test_combine_micro_batches_equals_one_batch():
+    a, b = torch.randn(5, 3, 4) * 2 + 1, torch.randn(7, 3, 4) - 2
+    hist, sat = SPECS["plain"]
+    raws = []
+    for t in (a, b):
+        lay = R.act_layout(t, 1, hist)
+        raws.append(R.split_act(R.reduce_act(t, lay, hist, sat, 65536, R.Scratch()).numpy(), lay))
+    got = R.finish_act(R.combine_act(*raws))
+    want = ref.act_stats(torch.cat([a, b]).numpy(), 1, hist, sat, 10**9)
+    assert_matches(got, want, 10.0)
