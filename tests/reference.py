@@ -28,22 +28,22 @@ def sat_mask(x: np.ndarray, sat) -> np.ndarray:
 
 
 def hist_bins_ref(y: np.ndarray, spec) -> np.ndarray:
-    """Bin index per value from explicit float64 edges (searchsorted), independent of log10."""
+    """Bin index per value from explicit float64 edges (searchsorted), independent of bit tricks."""
     y = y.astype(np.float64)
     if spec.kind == "symlog":
-        mags = 10.0 ** (R.SYMLOG_LO_EXP + np.arange(41) / R.SYMLOG_PER_DECADE)
+        mags = 2.0 ** np.arange(R.SYMLOG_LO_EXP, R.SYMLOG_HI_EXP + 1)
         j = np.searchsorted(mags, np.abs(y), side="right")
-        return (41 + np.sign(y) * j).astype(np.int64)
+        return (R._SYMLOG_K + 1 + np.sign(y) * j).astype(np.int64)
     inner = np.linspace(spec.lo, spec.hi, R.LINEAR_BINS + 1)[1:-1]
     return np.searchsorted(inner, y, side="right").astype(np.int64)
 
 
 def near_edge(y: np.ndarray, spec, rel: float = 1e-5) -> int:
-    y = np.abs(y.astype(np.float64)) if spec.kind == "symlog" else y.astype(np.float64)
+    """Values within float rounding of a linear bin edge (symlog edges are exact: none)."""
     if spec.kind == "symlog":
-        edges = 10.0 ** (R.SYMLOG_LO_EXP + np.arange(41) / R.SYMLOG_PER_DECADE)
-    else:
-        edges = np.linspace(spec.lo, spec.hi, R.LINEAR_BINS + 1)
+        return 0
+    y = y.astype(np.float64)
+    edges = np.linspace(spec.lo, spec.hi, R.LINEAR_BINS + 1)
     scale = np.maximum(np.abs(edges), 1e-30)
     d = np.abs(y[:, None] - edges[None, :]) <= rel * scale[None, :] + 1e-12
     return int(d.any(1).sum())

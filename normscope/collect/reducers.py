@@ -33,14 +33,14 @@ import numpy as np
 import torch
 
 # --- histogram bins ------------------------------------------------------------------------
-# "symlog": sign × quarter-decade bins of |x| from 1e-6 to 1e4, a central bin for |x| < 1e-6
-# and an overflow bin on each side (±Inf land there). Fixed for every layer and step, so
-# histograms compare across layers and over time.
-SYMLOG_LO_EXP = -6
-SYMLOG_HI_EXP = 4
-SYMLOG_PER_DECADE = 4
-_SYMLOG_K = (SYMLOG_HI_EXP - SYMLOG_LO_EXP) * SYMLOG_PER_DECADE  # 40 bins per side
-SYMLOG_BINS = 2 * (_SYMLOG_K + 1) + 1  # 83
+# "symlog": one bin per octave of |x| from 2**-20 (~1e-6) to 2**14 (16384) on each sign, a
+# central bin for |x| < 2**-20 (zeros, subnormals) and an overflow bin on each side (±Inf land
+# there). Power-of-two edges are read straight from the float's exponent bits: exact and cheap.
+# Fixed for every layer and step, so histograms compare across layers and over time.
+SYMLOG_LO_EXP = -20
+SYMLOG_HI_EXP = 14
+_SYMLOG_K = SYMLOG_HI_EXP - SYMLOG_LO_EXP  # 34 octave bins per side
+SYMLOG_BINS = 2 * (_SYMLOG_K + 1) + 1  # 71
 LINEAR_BINS = 64
 
 # Saturation kinds (CHECKS.md): sigmoid y < 0.01 or y > 0.99; tanh |y| > 0.97; hardtanh-family
@@ -49,12 +49,18 @@ SIGMOID_LO, SIGMOID_HI = 0.01, 0.99
 TANH_T = 0.97
 
 N_ACT_SCALARS = 10  # n_finite, min, max, abs_sum, n_zero, n_nonpos, n_sat, n_nan, n_inf, hist_n
+# The CPU fast path (all finite) omits what the host already knows: n_finite = numel,
+# n_nan = n_inf = 0, per-channel counts = numel / C, hist_n = the subsample's length.
+N_FAST_SCALARS = 6  # min, max, abs_sum, n_zero, n_nonpos, n_sat
 N_GRAD_SCALARS = 5  # n_finite, sumsq, max_abs, n_nan, n_inf
 
 
 def symlog_edges() -> np.ndarray:
-    """Edges of the symlog histogram: len == SYMLOG_BINS + 1 (outer edges are ±inf)."""
-    mags = 10.0 ** (SYMLOG_LO_EXP + np.arange(_SYMLOG_K + 1) / SYMLOG_PER_DECADE)
+    """Edges of the symlog histogram: len == SYMLOG_BINS + 1 (outer edges are ±inf).
+
+    Bins are [2**k, 2**(k+1)) on the positive side and (-2**(k+1), -2**k] on the negative side.
+    """
+    mags = 2.0 ** np.arange(SYMLOG_LO_EXP, SYMLOG_HI_EXP + 1)
     return np.concatenate([[-np.inf], -mags[::-1], mags, [np.inf]])
 
 
@@ -101,6 +107,13 @@ class ActLayout:
     @property
     def size(self) -> int:
         return N_ACT_SCALARS + 4 * self.channels + self.hist_bins
+
+    @property
+    def fast_size(self) -> int:
+        return N_FAST_SCALARS + 3 * self.channels + self.hist_bins
+
+    def pack_size(self, fast: bool) -> int:
+        return self.fast_size if fast else self.size
 
 
 @dataclass(frozen=True)
@@ -176,29 +189,27 @@ def _as_f32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _hist_index(y: torch.Tensor, spec: HistSpec) -> torch.Tensor:
-    """Bin index (int64) of every element of the 1-D finite-or-inf float32 tensor y."""
+    """Bin index (int32) of every element of the 1-D float32 tensor y (±Inf: outer bins)."""
     if spec.kind == "symlog":
-        a = y.abs()
-        k = a.clamp_min(10.0**SYMLOG_LO_EXP).log10_().sub_(SYMLOG_LO_EXP).mul_(SYMLOG_PER_DECADE)
-        k = k.floor_().clamp_(max=_SYMLOG_K).add_(1)
-        k = torch.where(a < 10.0**SYMLOG_LO_EXP, torch.zeros_like(k), k)
-        idx = k.mul_(torch.sign(y)).add_(_SYMLOG_K + 1)
-    else:
-        idx = (y - spec.lo).mul_(LINEAR_BINS / (spec.hi - spec.lo)).floor_().clamp_(0, LINEAR_BINS - 1)
-    return idx.long()
+        bits = y.view(torch.int32)
+        k = (bits >> 23).bitwise_and_(0xFF).sub_(127 + SYMLOG_LO_EXP - 1).clamp_(0, _SYMLOG_K + 1)
+        neg = bits >> 31  # -1 for a set sign bit, else 0: (k ^ neg) - neg == ±k without a branch
+        return k.bitwise_xor_(neg).sub_(neg).add_(_SYMLOG_K + 1)
+    idx = (y - spec.lo).mul_(LINEAR_BINS / (spec.hi - spec.lo)).floor_().clamp_(0, LINEAR_BINS - 1)
+    return idx.to(torch.int32)
 
 
 def _hist(x: torch.Tensor, spec: HistSpec, hist_max: int, finite: torch.Tensor | None):
     flat = x.view(-1)
     stride = hist_stride(flat.numel(), hist_max)
-    y = flat[::stride] if stride > 1 else flat
+    y = flat[::stride].contiguous() if stride > 1 else flat
     if finite is None:
         h = torch.bincount(_hist_index(y, spec), minlength=spec.bins)
         return h, y.new_tensor(float(y.numel()))
     fs = finite.view(-1)[::stride] if stride > 1 else finite.view(-1)
     w = fs.to(torch.float32)
     yz = torch.where(fs, y, torch.zeros_like(y))
-    h = torch.bincount(_hist_index(yz, spec), weights=w, minlength=spec.bins)
+    h = torch.bincount(_hist_index(yz, spec), weights=w, minlength=spec.bins).to(torch.float32)
     return h, w.sum()
 
 
@@ -231,14 +242,18 @@ def reduce_act(
     hist_max: int,
     scratch: Scratch,
     force_masked: bool = False,
-) -> torch.Tensor:
-    """All forward statistics of one output tensor, as a float64 pack of ``layout.size``."""
+) -> tuple[torch.Tensor, bool]:
+    """All forward statistics of one output tensor: ``(pack, fast)``.
+
+    The pack is 1-D of ``layout.pack_size(fast)`` elements; ``fast`` is a host bool (the CPU
+    path for all-finite tensors), so decoding never waits on the device.
+    """
     xf = _as_f32(x)
     if xf.device.type == "cpu" and not force_masked:
         mn, mx = torch.aminmax(xf)
         if math.isfinite(mn.item()) and math.isfinite(mx.item()):  # CPU: no device sync
-            return _reduce_act_fast(xf, layout, hist, sat, hist_max, scratch, mn, mx)
-    return _reduce_act_masked(xf, layout, hist, sat, hist_max)
+            return _reduce_act_fast(xf, layout, hist, sat, hist_max, scratch, mn, mx), True
+    return _reduce_act_masked(xf, layout, hist, sat, hist_max), False
 
 
 def _reduce_act_fast(xf, layout, hist, sat, hist_max, scratch, mn, mx):
@@ -281,16 +296,9 @@ def _reduce_act_fast(xf, layout, hist, sat, hist_max, scratch, mn, mx):
             n_nz = sg.abs_().sum(dtype=wide)
             n_pos = (pmn + n_nz) * 0.5
     n_sat = _sat_count(xf, sat, buf)
-    h, hn = _hist(xf, hist, hist_max, None)
-    zero = xf.new_zeros(())
-    scal = torch.stack(
-        [
-            t.to(torch.float64)
-            for t in (torch.tensor(float(n), dtype=torch.float64, device=xf.device), mn, mx, abs_sum, n - n_nz, n - n_pos, n_sat, zero, zero, hn)
-        ]
-    )
-    cnt = torch.full((c,), float(a * s), dtype=torch.float64, device=xf.device)
-    return torch.cat([scal, cnt, s1.double(), m2.double(), active.double(), h.double()])
+    h, _ = _hist(xf, hist, hist_max, None)
+    scal = torch.stack([t.to(s1.dtype) for t in (mn, mx, abs_sum, n - n_nz, n - n_pos, n_sat)])
+    return torch.cat([scal, s1, m2, active.to(s1.dtype), h]).to(torch.float64)
 
 
 def _reduce_act_masked(xf, layout, hist, sat, hist_max):
@@ -361,9 +369,21 @@ def reduce_grad(g: torch.Tensor, force_masked: bool = False) -> torch.Tensor:
 # --- host side -----------------------------------------------------------------------------
 
 
-def split_act(pack: np.ndarray, layout: ActLayout) -> dict:
+def split_act(pack: np.ndarray, layout: ActLayout, fast: bool = False) -> dict:
     """Raw (combinable) fields of one activation pack."""
     c = layout.channels
+    if fast:
+        o = N_FAST_SCALARS
+        mn, mx, abs_sum, n_zero, n_nonpos, n_sat = pack[:o]
+        n = float(layout.numel)
+        return {
+            "n": n, "min": mn, "max": mx, "abs_sum": abs_sum, "n_zero": n_zero, "n_nonpos": n_nonpos,
+            "n_sat": n_sat, "n_nan": 0.0, "n_inf": 0.0,
+            "hist_n": float(pack[o + 3 * c : o + 3 * c + layout.hist_bins].sum()),
+            "cnt": np.full(c, n / c), "s1": pack[o : o + c], "m2": pack[o + c : o + 2 * c],
+            "active": pack[o + 2 * c : o + 3 * c], "hist": pack[o + 3 * c : o + 3 * c + layout.hist_bins],
+            "samples": float(layout.samples),
+        }  # fmt: skip
     o = N_ACT_SCALARS
     sc = pack[:o]
     return {

@@ -54,7 +54,7 @@ class Scope:
         optimizer: torch.optim.Optimizer | None = None,
         flush_every: int = 50,
         flush_seconds: float = 30.0,
-        hist_max: int = 65536,
+        hist_max: int = 16384,
         channel_axis: dict[str, int] | None = None,
         track_updates: bool = True,
         grads: bool = True,
@@ -323,7 +323,7 @@ class Scope:
             if len(self._recent) >= _RECENT:
                 self._recent.pop(next(iter(self._recent)))
             self._recent[id(t)] = (weakref.ref(t), t._version, axis, layout, pack)
-        self._pending.append(("act", key, (layout, plan.type_name), pack))
+        self._pending.append(("act", key, (layout, plan.type_name, pack[1]), pack[0]))
         if grad and self.record_grads and phase == "train" and t.requires_grad:
             t.register_hook(self._make_grad_hook(key, self.step_index))
 
@@ -376,9 +376,10 @@ class Scope:
         order: list[tuple] = []
         for kind, key, lay, _ in pending:
             if kind == "act":
-                layout, mtype = lay
-                raw = R.split_act(host[off : off + layout.size], layout)
-                off += layout.size
+                layout, mtype, fast = lay
+                size = layout.pack_size(fast)
+                raw = R.split_act(host[off : off + size], layout, fast)
+                off += size
                 if key not in acts:
                     acts[key] = [raw, 1, mtype, layout.axis]
                     order.append(key)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from normscope.errors import NormscopeError
 from normscope.store.writer import FORMAT, SCHEMA, TABLES, _arrow_type
+
+if TYPE_CHECKING:  # pandas is imported on first read, keeping `import normscope` (and training) light
+    import pandas as pd
 
 
 class Run:
@@ -51,6 +53,8 @@ class Run:
 
     @cached_property
     def layers(self) -> pd.DataFrame:
+        import pandas as pd
+
         rows = self.meta.get("execution_order") or []
         types = {m["name"]: m for m in self.meta.get("modules", [])}
         out = []
@@ -111,9 +115,10 @@ def read_table(run_dir: Path, name: str) -> pd.DataFrame:
     if not parts:
         return _empty(name)
     tables = []
+    schema = pa.schema([(c, _arrow_type(t)) for c, t in SCHEMA[name].items()])
     for p in parts:
         try:
-            tables.append(pq.read_table(p))
+            tables.append(pq.read_table(p).cast(schema))
         except FileNotFoundError:
             continue  # removed between listing and reading: nothing to read
         except (OSError, pa.ArrowException) as e:

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from normscope.store.parquet import encode_parquet
+
 FORMAT = "normscope-run/1"
 TABLES = ("layers", "grads", "params", "scalars")
 
@@ -122,23 +124,12 @@ class RunWriter:
         return sum(self._rows.values())
 
     def flush(self) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         for t in TABLES:
             if not self._rows[t]:
                 continue
-            arrays = {}
-            for c, typ in SCHEMA[t].items():
-                vals = self._cols[t][c]
-                if typ.startswith("list<"):
-                    vals = [None if v is None else np.asarray(v).tolist() for v in vals]
-                arrays[c] = pa.array(vals, type=_arrow_type(typ))
-            table = pa.table(arrays)
-            sink = pa.BufferOutputStream()
-            pq.write_table(table, sink, compression="zstd")
+            data = encode_parquet(SCHEMA[t], self._cols[t])
             path = self.stats_dir / t / f"part-{self._seq:06d}.parquet"
-            atomic_write_bytes(path, sink.getvalue().to_pybytes())
+            atomic_write_bytes(path, data)
             self.parts_written += 1
             self._cols[t] = {c: [] for c in SCHEMA[t]}
             self._rows[t] = 0

@@ -24,9 +24,10 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 def run_reducer(x, axis, kind, hist_max=65536, masked=False):
     hist, sat = SPECS[kind]
     layout = R.act_layout(x, axis, hist)
-    pack = R.reduce_act(x, layout, hist, sat, hist_max, R.Scratch(), force_masked=masked)
-    assert pack.dtype == torch.float64 and pack.numel() == layout.size
-    return R.finish_act(R.split_act(pack.numpy(), layout))
+    pack, fast = R.reduce_act(x, layout, hist, sat, hist_max, R.Scratch(), force_masked=masked)
+    assert pack.dtype == torch.float64 and pack.numel() == layout.pack_size(fast)
+    assert fast == (not masked and bool(torch.isfinite(x).all()))
+    return R.finish_act(R.split_act(pack.numpy(), layout, fast))
 
 
 def assert_matches(got, want, scale):
@@ -121,7 +122,10 @@ def test_known_values_small():
     np.testing.assert_array_equal(got["active"], [1, 0, 1])
     np.testing.assert_allclose(got["ch_mean"], [0.25, -0.5, 0.875])
     np.testing.assert_allclose(got["ch_var"], [0.0625, 0.25, 1.265625])
-    assert got["hist"][41] == 2  # the two exact zeros in the central bin
+    assert got["hist"][35] == 2  # the two exact zeros in the central bin
+    assert got["hist"][36 + 20 - 1] == 1  # 0.5 = 2**-1 opens the octave [0.5, 1)
+    assert got["hist"][35 - 21] == 1  # -1.0 closes the negative octave (-2, -1]
+    assert got["hist"].sum() == 6
 
 
 def test_saturation_counts_sigmoid_tanh():
@@ -157,7 +161,8 @@ def test_combine_micro_batches_equals_one_batch():
     raws = []
     for t in (a, b):
         lay = R.act_layout(t, 1, hist)
-        raws.append(R.split_act(R.reduce_act(t, lay, hist, sat, 65536, R.Scratch()).numpy(), lay))
+        pack, fast = R.reduce_act(t, lay, hist, sat, 65536, R.Scratch())
+        raws.append(R.split_act(pack.numpy(), lay, fast))
     got = R.finish_act(R.combine_act(*raws))
     want = ref.act_stats(torch.cat([a, b]).numpy(), 1, hist, sat, 10**9)
     assert_matches(got, want, 10.0)

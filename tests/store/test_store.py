@@ -36,7 +36,7 @@ def test_meta_and_tables(tmp_path):
     assert len(run.stats) == 9 and len(run.grads) == 9 and len(run.params) == 12
     assert list(run.layers.layer) == ["0", "1", "2"]
     row = run.stats.iloc[0]
-    assert len(row["ch_mean"]) == 4 and len(row["hist"]) == 83
+    assert len(row["ch_mean"]) == 4 and len(row["hist"]) == 71
 
 
 def test_read_while_written(tmp_path):

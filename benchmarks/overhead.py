@@ -1,0 +1,230 @@
+"""Collector overhead, measured side by side: seconds per training step and peak RSS.
+
+    .venv/bin/python benchmarks/overhead.py [--quick] [--json] [--threads 1] [--workloads resnet18,mlp]
+
+Variants, each on its own copy of the same model and optimizer (SGD, momentum 0.9), run
+interleaved in one process (rotating order every repeat) so that machine noise hits them alike:
+
+- bare          no hooks
+- floor         the one-read floor: a forward hook that sums each output once and a tensor hook
+                that sums each gradient once (the least any collector can cost)
+- handwritten   hooks computing mean, std and zero fraction of each output (what people write)
+- tensorboard   SummaryWriter.add_histogram on every layer output and gradient, every step
+- watch-every1  normscope.watch(every=1), the full statistic set
+- watch-default normscope.watch() at its default cadence
+
+A repeat runs ``chunk`` steps of every variant; the ratio is the median over repeats of
+(variant time / bare time) within the repeat. Peak RSS is measured in a fresh subprocess per
+variant (ru_maxrss is a high-water mark).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workloads import WORKLOADS  # noqa: E402
+
+import normscope  # noqa: E402
+from normscope.collect import DEFAULT_EVERY  # noqa: E402
+from normscope.collect.outputs import iter_float_tensors  # noqa: E402
+from normscope.collect.select import plan_hooks  # noqa: E402
+
+VARIANTS = ["bare", "floor", "handwritten", "tensorboard", "watch-every1", "watch-default"]
+
+
+class Instrumented:
+    """One variant: a model copy, its optimizer, and whatever hooks the variant installs."""
+
+    def __init__(self, variant: str, base: nn.Module, tmp: Path):
+        self.variant = variant
+        self.model = copy.deepcopy(base)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.handles = []
+        self.scope = None
+        self.writer = None
+        self.sink = []
+        self.step_no = 0
+        targets = [(p.name, p.module) for p in plan_hooks(self.model)]
+        if variant in ("watch-every1", "watch-default"):
+            every = 1 if variant == "watch-every1" else DEFAULT_EVERY
+            self.scope = normscope.watch(self.model, tmp / variant, every=every, optimizer=self.opt).start()
+        elif variant == "floor":
+            for _, m in targets:
+                self.handles.append(m.register_forward_hook(self._floor))
+        elif variant == "handwritten":
+            for _, m in targets:
+                self.handles.append(m.register_forward_hook(self._handwritten))
+        elif variant == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(tmp / "tb"))
+            for name, m in targets:
+                self.handles.append(m.register_forward_hook(self._tb(name)))
+
+    def _floor(self, mod, args, out):
+        for _, t in iter_float_tensors(out):
+            self.sink.append(t.detach().sum())
+            if t.requires_grad:
+                t.register_hook(lambda g: self.sink.append(g.sum()))
+
+    def _handwritten(self, mod, args, out):
+        for _, t in iter_float_tensors(out):
+            x = t.detach()
+            self.sink.append(torch.stack([x.mean(), x.std(), (x == 0).float().mean()]))
+
+    def _tb(self, name):
+        def hook(mod, args, out):
+            for path, t in iter_float_tensors(out):
+                tag = f"{name}{'.' + path if path else ''}"
+                self.writer.add_histogram(f"act/{tag}", t.detach(), self.step_no)
+                if t.requires_grad:
+                    t.register_hook(lambda g, tag=tag: self.writer.add_histogram(f"grad/{tag}", g, self.step_no))
+
+        return hook
+
+    def train_step(self, x, y) -> None:
+        loss = nn.functional.cross_entropy(self.model(x), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sink.clear()
+        self.step_no += 1
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        if self.scope is not None:
+            self.scope.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def time_workload(name: str, repeats: int, chunk: int, variants: list[str]) -> dict[str, dict]:
+    factory, batch = WORKLOADS[name]
+    torch.manual_seed(0)
+    base = factory()
+    g = torch.Generator().manual_seed(0)
+    batches = [batch(g) for _ in range(4)]
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {v: Instrumented(v, base, Path(tmp)) for v in variants}
+        for inst in runs.values():  # warm-up: allocator, lazy init, first-step meta writes
+            inst.train_step(*batches[0])
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        for r in range(repeats):
+            order = variants[r % len(variants) :] + variants[: r % len(variants)]
+            for v in order:
+                inst = runs[v]
+                t0 = time.perf_counter()
+                for i in range(chunk):
+                    inst.train_step(*batches[i % len(batches)])
+                times[v].append((time.perf_counter() - t0) / chunk)
+        for inst in runs.values():
+            inst.close()
+    out = {}
+    for v in variants:
+        ratios = [t / b for t, b in zip(times[v], times["bare"])]
+        out[v] = {
+            "median_s": statistics.median(times[v]),
+            "ratio_to_bare": statistics.median(ratios),
+            "ratio_total": sum(times[v]) / sum(times["bare"]),
+        }
+    return out
+
+
+def rss_child(name: str, variant: str, steps: int) -> None:
+    factory, batch = WORKLOADS[name]
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        inst = Instrumented(variant, factory(), Path(tmp))
+        for _ in range(steps):
+            inst.train_step(*batch(g))
+        inst.close()
+    print(_vm_hwm_mib())
+
+
+def _vm_hwm_mib() -> float:
+    """Peak RSS of this process image (VmHWM; ru_maxrss would carry the parent's over exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def peak_rss(name: str, variant: str, steps: int, threads: int) -> float:
+    cmd = [sys.executable, __file__, "--rss-child", name, variant, str(steps), "--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer steps and repeats (a few minutes)")
+    ap.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--repeats", type=int)
+    ap.add_argument("--chunk", type=int)
+    ap.add_argument("--no-rss", action="store_true")
+    ap.add_argument("--rss-child", nargs=3, metavar=("WORKLOAD", "VARIANT", "STEPS"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.rss_child:
+        rss_child(a.rss_child[0], a.rss_child[1], int(a.rss_child[2]))
+        return
+    repeats = a.repeats or (3 if a.quick else 7)
+    chunk = a.chunk or (DEFAULT_EVERY // 2 if a.quick else DEFAULT_EVERY)
+    variants = [v for v in a.variants.split(",") if v]
+    if "bare" not in variants:
+        variants.insert(0, "bare")
+    rows = []
+    log = sys.stderr if a.json else sys.stdout
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} thread(s), {repeats} repeats x {chunk} steps "
+          f"per variant, interleaved; default cadence every={DEFAULT_EVERY}", file=log)  # fmt: skip
+    for name in [w for w in a.workloads.split(",") if w]:
+        res = time_workload(name, repeats, chunk, variants)
+        for v in variants:
+            rss = math_nan() if a.no_rss else peak_rss(name, v, 2 if a.quick else 4, a.threads)
+            rows.append({"workload": name, "variant": v, **res[v], "peak_rss_mib": rss})
+        if not a.json:
+            print_table([r for r in rows if r["workload"] == name])
+    if a.json:
+        keep = ("workload", "variant", "median_s", "ratio_to_bare", "peak_rss_mib")
+        print(json.dumps([{k: r[k] for k in keep} for r in rows], indent=1))
+
+
+def math_nan() -> float:
+    return float("nan")
+
+
+def print_table(rows: list[dict]) -> None:
+    bare_rss = next(r["peak_rss_mib"] for r in rows if r["variant"] == "bare")
+    print(f"\n{rows[0]['workload']}")
+    print(f"  {'variant':<14} {'s/step':>8} {'x bare':>7} {'(total)':>8} {'peak RSS MiB':>13} {'x bare':>7}")
+    for r in rows:
+        print(f"  {r['variant']:<14} {r['median_s']:8.4f} {r['ratio_to_bare']:7.3f} {r['ratio_total']:8.3f} "
+              f"{r['peak_rss_mib']:13.0f} {r['peak_rss_mib'] / bare_rss:7.3f}")  # fmt: skip
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    main()
