@@ -124,6 +124,9 @@ class GradLayout:
     def size(self) -> int:
         return N_GRAD_SCALARS
 
+    def pack_size(self, fast: bool) -> int:
+        return 2 if fast else N_GRAD_SCALARS  # fast: [sum of squares, max |g|]
+
 
 @lru_cache(maxsize=256)
 def hist_stride(numel: int, hist_max: int) -> int:
@@ -251,18 +254,19 @@ def reduce_act(
     xf = _as_f32(x)
     if xf.device.type == "cpu" and not force_masked:
         mn, mx = torch.aminmax(xf)
-        if math.isfinite(mn.item()) and math.isfinite(mx.item()):  # CPU: no device sync
-            return _reduce_act_fast(xf, layout, hist, sat, hist_max, scratch, mn, mx), True
+        lo = mn.item()  # CPU: reading a value is not a device sync
+        if math.isfinite(lo) and math.isfinite(mx.item()):
+            return _reduce_act_fast(xf, layout, hist, sat, hist_max, scratch, mn, mx, lo >= 0), True
     return _reduce_act_masked(xf, layout, hist, sat, hist_max), False
 
 
-def _reduce_act_fast(xf, layout, hist, sat, hist_max, scratch, mn, mx):
+def _reduce_act_fast(xf, layout, hist, sat, hist_max, scratch, mn, mx, nonneg: bool):
     a, c, s = channel_view_shape(xf.shape, layout.axis)
     n = xf.numel()
     flat = xf.view(-1)
     buf = scratch.get(n, xf.device)
     wide = torch.float64 if n >= (1 << 23) else None  # exact integer counts past 2**24
-    nonneg = mn.item() >= 0  # ReLU-family outputs: |x| = x and sign(x) is 0/1
+    # nonneg (ReLU-family outputs): |x| = x and sign(x) is 0/1, which saves three passes
     if s == 1:  # channel-last: (A, C)
         v = xf.view(a, c)
         s1 = v.sum(0, dtype=wide)
@@ -343,16 +347,19 @@ def _sat_mask(x: torch.Tensor, sat: SatSpec) -> torch.Tensor:
     return (x <= sat.lo) | (x >= sat.hi)
 
 
-def reduce_grad(g: torch.Tensor, force_masked: bool = False) -> torch.Tensor:
-    """Gradient statistics: [n_finite, sum of squares, max |g|, n_nan, n_inf] (float64)."""
+def reduce_grad(g: torch.Tensor, force_masked: bool = False) -> tuple[torch.Tensor, bool]:
+    """Gradient statistics ``(pack, fast)``.
+
+    Fast (CPU, finite): [sum of squares, max |g|]; else [n_finite, sum of squares, max |g|,
+    n_nan, n_inf]. Always float64.
+    """
     gf = _as_f32(g)
     n = gf.numel()
     if gf.device.type == "cpu" and not force_masked:
         nrm = torch.linalg.vector_norm(gf)
         if math.isfinite(nrm.item()):
             mn, mx = torch.aminmax(gf)
-            zero = gf.new_zeros(())
-            return torch.stack([t.double() for t in (torch.tensor(float(n), dtype=torch.float64), nrm * nrm, torch.maximum(-mn, mx), zero, zero)])
+            return torch.stack([nrm * nrm, torch.maximum(-mn, mx)]).double(), True
     fin = torch.isfinite(gf)
     gz = torch.where(fin, gf, torch.zeros((), dtype=gf.dtype, device=gf.device)).double()
     return torch.stack(
@@ -363,7 +370,7 @@ def reduce_grad(g: torch.Tensor, force_masked: bool = False) -> torch.Tensor:
             torch.isnan(gf).sum(dtype=torch.float64),
             torch.isinf(gf).sum(dtype=torch.float64),
         ]
-    )
+    ), False
 
 
 # --- host side -----------------------------------------------------------------------------
@@ -463,7 +470,9 @@ def finish_act(r: dict) -> dict:
     }
 
 
-def split_grad(pack: np.ndarray) -> dict:
+def split_grad(pack: np.ndarray, layout: GradLayout, fast: bool = False) -> dict:
+    if fast:
+        return {"n": float(layout.numel), "sumsq": pack[0], "max_abs": pack[1], "n_nan": 0.0, "n_inf": 0.0}
     return {"n": pack[0], "sumsq": pack[1], "max_abs": pack[2], "n_nan": pack[3], "n_inf": pack[4]}
 
 

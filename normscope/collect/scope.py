@@ -32,7 +32,7 @@ from normscope.collect.select import HookPlan, Selector, plan_hooks, resolve_axi
 from normscope.errors import NormscopeError
 from normscope.store.writer import FORMAT, RunWriter, write_json
 
-DEFAULT_EVERY = 10
+DEFAULT_EVERY = 20
 _RECENT = 8  # outputs remembered per forward, to reuse a producer's reduction for a norm's input
 
 
@@ -335,7 +335,8 @@ class Scope:
             if scope is None or not scope._active or scope.step_index != step or key[1] in scope._disabled:
                 return None
             try:
-                scope._pending.append(("grad", key, R.GradLayout(g.numel()), R.reduce_grad(g, scope.force_masked)))
+                pack, fast = R.reduce_grad(g, scope.force_masked)
+                scope._pending.append(("grad", key, (R.GradLayout(g.numel()), fast), pack))
             except Exception as e:
                 scope._disabled.add(key[1])
                 scope._note_error(key[1], e)
@@ -388,8 +389,10 @@ class Scope:
                     ent[0] = R.combine_act(ent[0], raw)
                     ent[1] += 1
             else:
-                raw = R.split_grad(host[off : off + lay.size])
-                off += lay.size
+                glayout, fast = lay
+                size = glayout.pack_size(fast)
+                raw = R.split_grad(host[off : off + size], glayout, fast)
+                off += size
                 grads[key] = R.combine_grad(grads[key], raw) if key in grads else raw
         step = self.step_index
         w = self._writer

@@ -284,3 +284,35 @@ def test_bad_options_one_line_errors():
         watch("model")
     with pytest.raises(NormscopeError, match="name globs"):
         watch(nn.Linear(2, 2), include=[3])
+
+
+class NanMiddle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.c = nn.Linear(4, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = self.b(h)
+        m = torch.ones_like(h)
+        m[0, 0] = float("nan")
+        return self.c(h * m)  # a NaN appears between b and c, and flows back into b and a
+
+
+def test_non_finite_recorded_without_crashing(tmp_path):
+    model = NanMiddle()
+    with watch(model, tmp_path / "nan", every=1) as scope:
+        model(torch.randn(3, 4)).sum().backward()
+        scope.step()
+    run = load(tmp_path / "nan")
+    s = run.stats.set_index("layer")
+    assert s.loc["a", "nan_count"] == 0 and s.loc["b", "nan_count"] == 0
+    assert s.loc["c", "nan_count"] == 1  # row 0 of c's output is NaN
+    assert math.isfinite(s.loc["c", "mean"])  # statistics of the finite part
+    g = run.grads.set_index("layer")
+    assert g.loc["c", "nan_count"] == 0  # d(sum)/d(c's output) is all ones
+    assert g.loc["b", "nan_count"] == 1  # ones · c.weight · NaN-mask: one NaN entry
+    assert g.loc["a", "nan_count"] == 4  # row 0 of b.weightᵀ · grad: all four entries
+    assert math.isfinite(g.loc["a", "norm"])
