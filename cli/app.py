@@ -32,5 +32,10 @@ def _root(
     """normscope: model analysis and diagnostics for PyTorch training."""
 
 
+from normscope_cli.fold_cmd import register as _register_fold  # noqa: E402
+
+_register_fold(app)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     app(args=argv if argv is not None else sys.argv[1:], prog_name="normscope")

@@ -12,11 +12,17 @@ Importing normscope stays light: no matplotlib, jinja2, typer or rich.
 from normscope.errors import NormscopeError
 from normscope.collect import Scope, watch
 from normscope.store import Run, load
+from normscope.fold import FoldResult, export_onnx, fold_bn, fold_onnx, recalibrate_bn
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FoldResult",
     "NormscopeError",
+    "export_onnx",
+    "fold_bn",
+    "fold_onnx",
+    "recalibrate_bn",
     "Run",
     "Scope",
     "load",

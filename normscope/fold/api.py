@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree
 
 from normscope.errors import NormscopeError
-from normscope.fold.graph import Scope, Tracing, is_bn, module_kind, trace, trace_model, propagate_shapes
+from normscope.fold.graph import Scope, Tracing, is_bn, module_kind, one_line, propagate_shapes, trace, trace_model
 from normscope.fold.match import Options, analyze
 from normscope.fold.results import FP16_MAX, TINY_VAR, FoldResult, Fp16Risk, OutputError, SkippedBN
 from normscope.fold.rewrite import Applied, Rewriter
@@ -72,7 +72,12 @@ def output_error(reference: nn.Module, folded: nn.Module, inputs: tuple) -> Outp
     ref = copy.deepcopy(reference).double()
     new = copy.deepcopy(folded).double()
     x = _to_double(inputs)
-    return compare(_run(ref, x), _run(new, x))
+    try:
+        expected = _run(ref, x)
+    except Exception as exc:  # noqa: BLE001 - the user's model on the user's inputs
+        raise NormscopeError(f"the model fails on the example inputs ({type(exc).__name__}: {one_line(exc)}): "
+                             "check their shapes and dtypes") from None
+    return compare(expected, _run(new, x))
 
 
 def _fp16(applied: Applied, tiny_var: float) -> Fp16Risk:
@@ -181,7 +186,7 @@ def fold_bn(
             continue
         if module_kind(mod) != "bn":
             why = f"{type(mod).__name__} overrides BatchNorm's forward: not a stock BN, not folded"
-        elif tracing.path == "torch.fx" or (tracing.called is not None and id(mod) not in tracing.called):
+        elif tracing.path == "torch.fx" or (tracing.called is not None and name not in tracing.called):
             why = "not called as a module in the forward (on the example inputs)"
         else:
             owner = max((p for p in tracing.untraced if name.startswith(p + ".") or p == ""), key=len, default="")

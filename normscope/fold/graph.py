@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -69,12 +71,13 @@ class FoldTracer(torch.fx.Tracer):
 
 def trace(module: nn.Module) -> GraphModule:
     graph = FoldTracer().trace(module)
-    name = type(module).__name__
-    return GraphModule(module, graph, name)
+    gm = GraphModule(module, graph, type(module).__name__)
+    gm.training = module.training
+    return gm
 
 
 def one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).split()) or type(exc).__name__
     return text if len(text) <= 160 else text[:157] + "..."
 
 
@@ -96,9 +99,11 @@ def propagate_shapes(gm: GraphModule, inputs: tuple) -> Optional[str]:
     """Annotate node.meta['tensor_meta']; returns an error message or None."""
     from torch.fx.passes.shape_prop import ShapeProp
 
-    try:
-        with eval_mode(gm):
-            ShapeProp(gm).propagate(*inputs)
+    prop = ShapeProp(gm)
+    prop.extra_traceback = False
+    try:  # ShapeProp prints a traceback on failure: keep stderr clean, return one line
+        with eval_mode(gm), contextlib.redirect_stderr(io.StringIO()):
+            prop.propagate(*inputs)
     except Exception as exc:  # noqa: BLE001 - any failure just disables shape proofs
         return one_line(exc)
     return None
@@ -131,7 +136,7 @@ class Tracing:
     path: str  # "torch.fx" | "torch.fx-partial" | "none"
     scopes: list[Scope]
     untraced: dict[str, str] = field(default_factory=dict)  # module path -> why not traced
-    called: Optional[set[int]] = None  # ids of modules called in the eager run (partial only)
+    called: Optional[set[str]] = None  # names of modules called in the eager run (partial only)
 
 
 def _capture_calls(model: nn.Module, inputs: tuple) -> tuple[dict[int, tuple], dict[int, str]]:
@@ -212,4 +217,5 @@ def trace_model(model: nn.Module, inputs: tuple) -> Tracing:
             scopes.append(scope)
 
     visit(model, "")
-    return Tracing("torch.fx-partial" if scopes else "none", scopes, untraced, set(calls))
+    called = {n for n, m in model.named_modules(remove_duplicate=False) if id(m) in calls}
+    return Tracing("torch.fx-partial" if scopes else "none", scopes, untraced, called)

@@ -56,6 +56,22 @@ def label(node: Node, gm: GraphModule) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
+_META_METHODS = {"size", "dim", "numel", "ndimension"}
+_META_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda"}
+
+
+def _metadata_only(user: Node) -> bool:
+    """A use that reads only shape/dtype metadata, which folding never changes."""
+    if user.op == "call_method" and user.target in _META_METHODS:
+        return True
+    return (user.op == "call_function" and user.target is getattr and len(user.args) == 2
+            and user.args[1] in _META_ATTRS) or (user.op == "call_function" and user.target is len)
+
+
+def data_users(node: Node) -> list[Node]:
+    return [u for u in node.users if not _metadata_only(u)]
+
+
 def _norm(axis: int, ndim: int) -> int:
     return axis + ndim if axis < 0 else axis
 
@@ -120,7 +136,7 @@ def find_producer(bn_node: Node, gm: GraphModule) -> tuple[Optional[Candidate], 
     while True:
         if not isinstance(x, Node):
             return None, "input is not a traced tensor"
-        users = len(x.users)
+        users = len(data_users(x))
         if users != 1:
             return None, (f"input {describe(x, gm)} has {users} consumers; folding into its "
                           "producer would change the others")
@@ -153,17 +169,15 @@ def find_producer(bn_node: Node, gm: GraphModule) -> tuple[Optional[Candidate], 
 
 
 def _zero_padded(conv: nn.Module) -> bool:
-    pads = getattr(conv, "_reversed_padding_repeated_twice", None)
-    if pads is None:  # ConvTranspose: implicit zeros outside the input
-        return True
-    return conv.padding_mode == "zeros" and any(p != 0 for p in pads)
+    """True when some output position of this (non-transposed) conv reads padding zeros."""
+    return conv.padding_mode == "zeros" and any(p != 0 for p in conv._reversed_padding_repeated_twice)
 
 
 def find_consumer(bn_node: Node, gm: GraphModule, opts: Options) -> tuple[Optional[Candidate], str]:
     bn = gm.get_submodule(bn_node.target)
     y, axis, repeat, via = bn_node, 1, 1, []
     while True:
-        users = list(y.users)
+        users = data_users(y)
         if len(users) != 1:
             return None, f"output has {len(users)} consumers"
         u = users[0]
@@ -205,7 +219,7 @@ def find_consumer(bn_node: Node, gm: GraphModule, opts: Options) -> tuple[Option
         return None, f"{describe(u, gm)} does not read BN's channel axis as its input channels"
     if mod.in_channels != bn.num_features:
         return None, f"{describe(u, gm)} has {mod.in_channels} input channels, BN has {bn.num_features}"
-    pre_add = kind == "convT" or _zero_padded(mod)
+    pre_add = kind == "convT" or _zero_padded(mod)  # ConvTranspose: border outputs get fewer taps
     if pre_add and opts.zero_padding != "add":
         why = "ConvTranspose" if kind == "convT" else "zero padding"
         return None, (f"{describe(u, gm)} uses {why}: the BN shift is not exact at the borders "

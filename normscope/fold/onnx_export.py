@@ -25,29 +25,32 @@ def _param_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def _export(model: nn.Module, inputs: tuple, path: Path, exporter: str, opset: Optional[int]) -> tuple[str, Optional[str]]:
+def _export(model: nn.Module, inputs: tuple, path: Path, exporter: str, opset: Optional[int]) -> tuple[str, Optional[str], list[str]]:
     """Export with the requested exporter; "auto" falls back to TorchScript when dynamo fails.
-    Returns (exporter used, dynamo error that caused a fallback)."""
-    dynamo_error = None
+    Returns (exporter used, dynamo error that caused a fallback, notes)."""
+    dynamo_error, notes = None, []
     if exporter in ("auto", "dynamo"):
         try:
             with quiet_export():
                 torch.onnx.export(model, inputs, str(path), dynamo=True, verbose=False, opset_version=opset,
                                   external_data=_param_bytes(model) > 1_800_000_000)
-            return "dynamo", None
+            return "dynamo", None, notes
         except Exception as exc:  # noqa: BLE001 - the exporter raises many types
             dynamo_error = one_line(exc)
             if exporter == "dynamo":
                 raise NormscopeError(f"the dynamo ONNX exporter failed: {dynamo_error}; "
                                      "try exporter='torchscript'") from None
     try:
-        with quiet_export():
+        with quiet_export() as caught:
             torch.onnx.export(model, inputs, str(path), dynamo=False, opset_version=opset or 17,
                               do_constant_folding=True)
+        if any(issubclass(w.category, torch.jit.TracerWarning) for w in caught):
+            notes.append("TorchScript tracing turned Python values into constants (TracerWarning): the file is "
+                         "only valid for inputs that take the same branches and shapes as the example")
     except Exception as exc:  # noqa: BLE001
         extra = f" (dynamo exporter: {dynamo_error})" if dynamo_error else ""
         raise NormscopeError(f"ONNX export failed: {one_line(exc)}{extra}") from None
-    return "torchscript", dynamo_error
+    return "torchscript", dynamo_error, notes
 
 
 def run_onnx(path: str, inputs: tuple) -> list[np.ndarray]:
@@ -92,11 +95,11 @@ def export_onnx(
         fold_result = fold_bn(model, inputs, zero_padding=zero_padding, verify=verify)
         to_export = fold_result.model
     start = time.perf_counter()
-    used, dynamo_error = _export(to_export, inputs, path, exporter, opset)
+    used, dynamo_error, notes = _export(to_export, inputs, path, exporter, opset)
     seconds = time.perf_counter() - start
     proto = onnx.load(str(path), load_external_data=False)
     result = ExportResult(str(path), used, count_ops(proto), tolerance=tolerance, fold=fold_result,
-                          export_seconds=seconds, exporter_error=dynamo_error)
+                          export_seconds=seconds, exporter_error=dynamo_error, notes=notes)
     if verify:
         reference = _run(copy.deepcopy(model).double(), _to_double(inputs))
         got = [g for g in run_onnx(str(path), inputs) if np.issubdtype(np.asarray(g).dtype, np.floating)]

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import numpy as np
 
 from normscope.errors import NormscopeError
-from normscope.fold.onnx_util import compare_arrays, count_ops, random_feeds, require, session
+from normscope.fold.onnx_util import compare_arrays, count_ops, random_feeds, require, session, subgraphs
 from normscope.fold.results import FoldedPair, OnnxFoldResult, SkippedBN
 
 
@@ -49,15 +49,9 @@ class _Graph:
         for n in self.g.node:
             if n.op_type == "Constant" and _attr(n, "value", None) is not None:
                 self.consts[n.output[0]] = numpy_helper.to_array(_attr(n, "value", None))
-        self.producer = {o: n for n in self.g.node for o in n.output}
-        self.consumers: dict[str, list] = {}
-        for n in self.g.node:
-            for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
+        self.reindex()
         self.outputs = {o.name for o in self.g.output}
         self.nested: set[str] = set()  # names read inside If/Loop bodies count as consumers
-        from normscope.fold.onnx_util import subgraphs
-
         for n in self.g.node:
             for a in n.attribute:
                 if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
@@ -74,6 +68,14 @@ class _Graph:
         self.counter = 0
         self.replaced: set[str] = set()
 
+    def reindex(self) -> None:
+        """Producers and consumers of every tensor name (call again after a rewrite)."""
+        self.producer = {o: n for n in self.g.node for o in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in self.g.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+
     def only_consumer(self, name: str, node: Any) -> bool:
         users = self.consumers.get(name, [])
         return len(users) == 1 and users[0] is node and name not in self.outputs and name not in self.nested
@@ -89,6 +91,7 @@ class _Graph:
         self.counter += 1
         name = f"{like}_bnfold{self.counter}"
         self.g.initializer.append(numpy_helper.from_array(value, name))
+        self.consts[name] = value
         self.replaced.add(like)
         return name
 
@@ -247,6 +250,29 @@ def _bn_params(G: _Graph, bn: Any) -> tuple[np.ndarray, np.ndarray]:
     return s, t
 
 
+def _fold_one(G: _Graph, bn: Any) -> tuple[Optional[FoldedPair], str]:
+    name = bn.name or bn.output[0]
+    try:
+        s, t = _bn_params(G, bn)
+    except ValueError as exc:
+        return None, str(exc)
+    role, layer = "producer", G.producer.get(bn.input[0])
+    try:
+        pattern = _fold_producer(G, bn, s, t)
+        if bn.op_type == "BatchNormalization":  # (MatMul alone turns it into an Add)
+            G.g.node.remove(bn)
+    except ValueError as why_in:
+        users = G.consumers.get(bn.output[0], [])
+        role, layer = "consumer", users[0] if users else None
+        try:
+            pattern = _fold_consumer(G, bn, s, t)
+        except ValueError as why_out:
+            return None, f"input: {why_in}; output: {why_out}"
+        G.g.node.remove(bn)
+    layer_name = (layer.name or layer.output[0]) if layer is not None else "?"
+    return FoldedPair(layer=layer_name, bn=name, pattern=pattern, role=role), ""
+
+
 def fold_onnx(path_in: str | Path, path_out: str | Path, verify: bool = True, *, tolerance: float = 1e-4,
               seed: int = 0) -> OnnxFoldResult:
     """Fold BatchNormalization nodes of ``path_in`` into neighbouring Conv/ConvTranspose/Gemm/
@@ -260,29 +286,21 @@ def fold_onnx(path_in: str | Path, path_out: str | Path, verify: bool = True, *,
     except Exception as exc:  # noqa: BLE001
         raise NormscopeError(f"{path_in} is not a readable ONNX file: {' '.join(str(exc).split())[:160]}") from None
     G = _Graph(model)
-    folded, skipped = [], []
-    for bn in [n for n in G.g.node if n.op_type == "BatchNormalization"]:
-        name = bn.name or bn.output[0]
-        try:
-            s, t = _bn_params(G, bn)
-        except ValueError as exc:
-            skipped.append(SkippedBN(name, str(exc)))
-            continue
-        role, layer = "producer", G.producer.get(bn.input[0])
-        try:
-            pattern = _fold_producer(G, bn, s, t)
-            if bn.op_type == "BatchNormalization":
-                G.g.node.remove(bn)
-        except ValueError as why_in:
-            try:
-                role, layer = "consumer", G.consumers[bn.output[0]][0] if G.consumers.get(bn.output[0]) else None
-                pattern = _fold_consumer(G, bn, s, t)
-                G.g.node.remove(bn)
-            except ValueError as why_out:
-                skipped.append(SkippedBN(name, f"input: {why_in}; output: {why_out}"))
-                continue
-        folded.append(FoldedPair(layer=(layer.name or layer.output[0]) if layer is not None else "?",
-                                 bn=name, pattern=pattern, role=role))
+    folded: list[FoldedPair] = []
+    skipped: list[SkippedBN] = []
+    for _ in range(4):  # later passes catch chains such as BN → BN → Conv
+        skipped = []
+        done = 0
+        for bn in [n for n in G.g.node if n.op_type == "BatchNormalization"]:
+            pair, reason = _fold_one(G, bn)
+            if pair is None:
+                skipped.append(SkippedBN(bn.name or bn.output[0], reason))
+            else:
+                folded.append(pair)
+                done += 1
+                G.reindex()
+        if not done or not skipped:
+            break
     G.prune()
     onnx.checker.check_model(model)
     onnx.save(model, str(path_out))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import warnings
 from typing import Any, Iterator, Sequence
@@ -98,16 +99,19 @@ def compare_arrays(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarr
 
 
 @contextlib.contextmanager
-def quiet_export() -> Iterator[None]:
-    """Silence the exporter's warnings and log lines (e.g. 'torchvision is not installed')."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+def quiet_export() -> Iterator[list]:
+    """Silence the exporter's warnings, prints and log lines (e.g. 'torchvision is not
+    installed'); yields the list of recorded warnings."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "torch._dynamo",
+                                              "torch.fx", "onnxscript")]
     levels = [lg.level for lg in loggers]
     try:
         for lg in loggers:
             lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("always")
+            yield caught
     finally:
         for lg, lvl in zip(loggers, levels):
             lg.setLevel(lvl)

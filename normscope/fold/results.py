@@ -132,7 +132,8 @@ class ExportResult(_Record):
     tolerance: float = 1e-4
     fold: Optional[FoldResult] = None
     export_seconds: float = 0.0
-    exporter_error: Optional[str] = None
+    exporter_error: Optional[str] = None  # why the dynamo exporter failed, when it fell back
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: _clean(getattr(self, f.name)) for f in fields(self) if f.name != "fold"}

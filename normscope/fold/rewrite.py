@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule
 
-from normscope.fold import math as fm
+from normscope.fold import formulas as fm
 from normscope.fold.match import Candidate
 from normscope.fold.results import FoldedPair
 
