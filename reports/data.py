@@ -1,0 +1,222 @@
+"""Figure data for the HTML report: pure functions of a Run (numpy/pandas, no matplotlib).
+
+Every plot in the report is drawn from one of these, and the tests check them against the
+run's statistics directly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+RELU_FAMILY = {"ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "ELU", "CELU", "SELU", "GELU", "SiLU", "Mish", "Hardswish"}
+
+
+@dataclass
+class Heatmap:
+    title: str
+    rows: list[str]  # layer labels in execution order
+    steps: np.ndarray  # step (or first step of a bin) per column
+    values: np.ndarray  # rows × columns
+    log: bool = False
+    unit: str = ""
+    empty_text: str = "no data recorded"
+
+
+def layer_rows(run) -> pd.DataFrame:
+    """Hooked layer calls in execution order with the output recorded for each (main output)."""
+    order = run.layers
+    s = run.stats
+    if not len(order):
+        keys = s[["layer", "call"]].drop_duplicates()
+        order = keys.assign(order=range(len(keys)), module_type=None)
+    main = s[s.output != "input"].groupby(["layer", "call"], sort=False)["output"].first()
+    rows = []
+    for r in order.itertuples(index=False):
+        out = main.get((r.layer, r.call))
+        if out is None:
+            continue
+        label = r.layer if r.call == 0 else f"{r.layer}#{r.call}"
+        rows.append({"layer": r.layer, "call": r.call, "output": out, "label": label, "module_type": r.module_type})
+    return pd.DataFrame(rows, columns=["layer", "call", "output", "label", "module_type"])
+
+
+def _pivot(df: pd.DataFrame, rows: pd.DataFrame, value: str) -> tuple[np.ndarray, np.ndarray]:
+    """rows × steps matrix of ``value`` (NaN where missing)."""
+    if not len(df) or not len(rows):
+        return np.zeros((len(rows), 0)), np.zeros(0, dtype=np.int64)
+    keyed = df.set_index(["layer", "call", "output", "step"])[value]
+    keyed = keyed[~keyed.index.duplicated(keep="last")]
+    wide = keyed.unstack("step")
+    steps = np.array(sorted(wide.columns), dtype=np.int64)
+    idx = pd.MultiIndex.from_frame(rows[["layer", "call", "output"]])
+    wide = wide.reindex(index=idx, columns=steps)
+    return wide.to_numpy(dtype=np.float64), steps
+
+
+def downsample_steps(values: np.ndarray, steps: np.ndarray, max_cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """Average consecutive columns into at most ``max_cols`` bins (NaN-aware)."""
+    n = values.shape[1]
+    if n <= max_cols:
+        return values, steps
+    edges = np.linspace(0, n, max_cols + 1).astype(int)
+    out = np.full((values.shape[0], max_cols), np.nan)
+    for j in range(max_cols):
+        block = values[:, edges[j] : edges[j + 1]]
+        with np.errstate(all="ignore"):
+            cnt = np.isfinite(block).sum(1)
+            tot = np.nansum(np.where(np.isfinite(block), block, 0), 1)
+            out[:, j] = np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan)
+    return out, steps[edges[:-1]]
+
+
+def downsample_rows(values: np.ndarray, labels: list[str], max_rows: int) -> tuple[np.ndarray, list[str]]:
+    """Keep at most ``max_rows`` evenly spaced rows (first and last always kept)."""
+    n = values.shape[0]
+    if n <= max_rows:
+        return values, labels
+    keep = np.unique(np.linspace(0, n - 1, max_rows).round().astype(int))
+    return values[keep], [labels[i] for i in keep]
+
+
+def dead_fraction(s: pd.DataFrame) -> pd.Series:
+    """Per row of a ReLU-family layer: fraction of units never > 0 in any sample of the batch.
+
+    NaN for other layers (a Linear output or BN output below zero is not a dead unit).
+    """
+    relu = s["module_type"].isin(RELU_FAMILY)
+    frac = s["active"].map(lambda a: float(np.mean(np.asarray(a) == 0)) if len(a) else math.nan)
+    return frac.where(relu, np.nan)
+
+
+def sym_kl(m1, v1, m2, v2) -> np.ndarray:
+    """Symmetric KL between per-channel Gaussians (CHECKS.md covariate-shift)."""
+    m1, v1, m2, v2 = (np.asarray(a, dtype=np.float64) for a in (m1, v1, m2, v2))
+    eps = 1e-12
+    v1, v2 = np.maximum(v1, eps), np.maximum(v2, eps)
+    kl12 = 0.5 * np.log(v2 / v1) + (v1 + (m1 - m2) ** 2) / (2 * v2) - 0.5
+    kl21 = 0.5 * np.log(v1 / v2) + (v2 + (m1 - m2) ** 2) / (2 * v1) - 0.5
+    return kl12 + kl21
+
+
+def drift_table(run, phase: str = "train") -> pd.DataFrame:
+    """Per layer output and sampled step: mean over channels of the symmetric KL to the previous step."""
+    s = run.stats[(run.stats.phase == phase)].sort_values("step")
+    rows = []
+    for (layer, call, output), g in s.groupby(["layer", "call", "output"], sort=False):
+        prev = None
+        for r in g.itertuples(index=False):
+            if prev is not None and len(r.ch_mean) == len(prev.ch_mean):
+                d = sym_kl(prev.ch_mean, prev.ch_var, r.ch_mean, r.ch_var)
+                val = float(np.nanmean(d)) if np.isfinite(d).any() else math.nan
+                rows.append({"layer": layer, "call": call, "output": output, "step": r.step, "drift": val})
+            prev = r
+    return pd.DataFrame(rows, columns=["layer", "call", "output", "step", "drift"])
+
+
+def heatmaps(run, phase: str = "train", max_cols: int = 200, max_rows: int = 120) -> list[Heatmap]:
+    rows = layer_rows(run)
+    s = run.stats[(run.stats.phase == phase) & (run.stats.output != "input")].copy()
+    g = run.grads[run.grads.phase == phase]
+    labels = rows["label"].tolist()
+    s["dead"] = dead_fraction(s) if len(s) else []
+    sat_layers = set(run.meta.get("saturation", {}))
+    s_sat = s.copy()
+    s_sat.loc[~s_sat.layer.isin(sat_layers), "frac_sat"] = np.nan
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s["log_std"] = np.log10(s["std"].where(s["std"] > 0))
+        g = g.assign(log_rms=np.log10(g["rms"].where(g["rms"] > 0)))
+    specs = [
+        ("Dead units (ReLU family: fraction never > 0 in the batch)", s, "dead", False, "fraction",
+         "no ReLU-family layer"),
+        ("Saturated fraction (sigmoid/tanh/hardtanh)", s_sat, "frac_sat", False, "fraction",
+         "no saturating layer (sigmoid, tanh, hardtanh)"),
+        ("Activation std", s, "log_std", True, "log10 std", "no data recorded"),
+        ("Gradient RMS w.r.t. layer output", g, "log_rms", True, "log10 RMS", "no gradient recorded"),
+        ("Drift: symmetric KL to the previous sampled step", drift_table(run, phase), "drift", False, "nats",
+         "needs two sampled steps"),
+    ]  # fmt: skip
+    out = []
+    for title, df, col, log, unit, empty in specs:
+        vals, steps = _pivot(df, rows, col)
+        vals, steps = downsample_steps(vals, steps, max_cols)
+        vals, lab = downsample_rows(vals, labels, max_rows)
+        out.append(Heatmap(title, lab, steps, vals, log=log, unit=unit, empty_text=empty))
+    return out
+
+
+def gradient_flow(run, n_steps: int = 4, phase: str = "train") -> tuple[list[str], dict[int, np.ndarray]]:
+    """Per-layer gradient RMS along depth for a few sampled steps (first ... last)."""
+    rows = layer_rows(run)
+    vals, steps = _pivot(run.grads[run.grads.phase == phase], rows, "rms")
+    if not len(steps):
+        return rows["label"].tolist(), {}
+    pick = np.unique(np.linspace(0, len(steps) - 1, min(n_steps, len(steps))).round().astype(int))
+    return rows["label"].tolist(), {int(steps[i]): vals[:, i] for i in pick}
+
+
+def signal_propagation(run, phase: str = "train") -> pd.DataFrame:
+    """Brock et al. 2021: per layer output, average channel squared mean and average channel variance."""
+    s = run.stats[(run.stats.phase == phase) & (run.stats.output != "input")]
+    if not len(s):
+        return pd.DataFrame(columns=["layer", "call", "step", "avg_sq_mean", "avg_var"])
+    out = s[["layer", "call", "step"]].copy()
+    out["avg_sq_mean"] = s["ch_mean"].map(lambda m: float(np.nanmean(np.square(np.asarray(m, dtype=np.float64)))))
+    out["avg_var"] = s["ch_var"].map(lambda v: float(np.nanmean(np.asarray(v, dtype=np.float64))))
+    return out.reset_index(drop=True)
+
+
+def layer_table(run, flagged: set[str] | None = None, phase: str = "train") -> pd.DataFrame:
+    """Every hooked layer call with its key numbers at its last recorded step."""
+    rows = layer_rows(run)
+    s = run.stats[(run.stats.phase == phase) & (run.stats.output != "input")]
+    if not len(s):
+        s = run.stats[run.stats.output != "input"]
+    last = s.sort_values("step").groupby(["layer", "call", "output"]).tail(1).set_index(["layer", "call", "output"])
+    g = run.grads[run.grads.phase == phase].sort_values("step").groupby(["layer", "call", "output"]).tail(1)
+    g = g.set_index(["layer", "call", "output"])
+    p = run.params.sort_values("step")
+    ratio = {}
+    if len(p):
+        lastp = p[p.step == p.step.max()]
+        for layer, grp in lastp.groupby("layer"):
+            w = float(np.sqrt((grp["norm"] ** 2).sum()))
+            du = float(np.sqrt((grp["update_norm"] ** 2).sum()))
+            ratio[layer] = du / w if w > 0 and math.isfinite(du) else math.nan
+    flagged = flagged or set()
+    out = []
+    for r in rows.itertuples(index=False):
+        key = (r.layer, r.call, r.output)
+        row = last.loc[key] if key in last.index else None
+        grow = g.loc[key] if key in g.index else None
+        dead = (
+            float(np.mean(np.asarray(row["active"]) == 0))
+            if row is not None and len(row["active"]) and r.module_type in RELU_FAMILY
+            else math.nan
+        )
+        out.append({
+            "label": r.label, "layer": r.layer, "call": r.call, "module_type": r.module_type,
+            "step": int(row["step"]) if row is not None else -1,
+            "mean": row["mean"] if row is not None else math.nan,
+            "std": row["std"] if row is not None else math.nan,
+            "frac_zero": row["frac_zero"] if row is not None else math.nan,
+            "dead": dead,
+            "frac_sat": row["frac_sat"] if row is not None else math.nan,
+            "nonfinite": int(row["nan_count"] + row["inf_count"]) if row is not None else 0,
+            "grad_rms": grow["rms"] if grow is not None else math.nan,
+            "update_ratio": ratio.get(r.layer, math.nan),
+            "flagged": r.layer in flagged,
+        })  # fmt: skip
+    return pd.DataFrame(out)
+
+
+def layer_series(run, layer: str, call: int = 0, phase: str = "train") -> pd.DataFrame:
+    """One layer call's rows over time (main output), sorted by step."""
+    s = run.stats
+    s = s[(s.layer == layer) & (s.call == call) & (s.phase == phase) & (s.output != "input")]
+    if len(s):
+        s = s[s.output == s.output.iloc[0]]
+    return s.sort_values("step").reset_index(drop=True)

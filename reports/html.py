@@ -1,0 +1,207 @@
+"""Build the one-file offline HTML report of a run (jinja2, autoescaped; images inline)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from normscope_reports import data as D
+
+SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
+MAX_DETAILS = 40  # flagged layers that get a detail section (the table stays complete)
+
+COLUMNS = [
+    ("label", "layer", True), ("module_type", "type", True), ("step", "step", False),
+    ("mean", "mean", False), ("std", "std", False), ("frac_zero", "zero frac.", False),
+    ("dead", "dead frac.", False), ("frac_sat", "saturated", False), ("nonfinite", "NaN/Inf", False),
+    ("grad_rms", "grad RMS", False), ("update_ratio", "‖Δw‖/‖w‖", False),
+]  # fmt: skip
+
+
+def _as_dict(f: Any) -> dict:
+    if isinstance(f, dict):
+        return dict(f)
+    if hasattr(f, "to_dict"):
+        return f.to_dict()
+    return {k: getattr(f, k, None) for k in ("check", "severity", "layer", "step", "message", "evidence", "recommendation")}
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (float, np.floating)):
+        if not math.isfinite(v):
+            return "—"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _step_text(step: Any) -> str:
+    if step is None:
+        return ""
+    if isinstance(step, (list, tuple)) and len(step) == 2:
+        return f"{step[0]}–{step[1]}"
+    return str(step)
+
+
+def _jinja_env():
+    import jinja2
+
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("normscope_reports", "templates"),
+        autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
+        undefined=jinja2.StrictUndefined,
+    )
+
+
+def _duration(meta: dict) -> str:
+    try:
+        t0 = _dt.datetime.fromisoformat(meta["created"])
+        t1 = _dt.datetime.fromisoformat(meta["ended"])
+        return f"{(t1 - t0).total_seconds():.0f} s"
+    except (KeyError, TypeError, ValueError):
+        return "unknown (run still being written)" if meta.get("status") == "running" else "unknown"
+
+
+def build_report(
+    run,
+    findings: Iterable[Any] | None = None,
+    skipped: Iterable[Any] | None = None,
+    out: str | os.PathLike | None = None,
+    fold: dict | None = None,
+    command: str | None = None,
+    analyzed: bool | None = None,
+) -> Path:
+    """Write the report for ``run`` (a :class:`normscope.Run`) and return its path.
+
+    ``findings``: Finding objects or dicts (check, severity, layer, step, message, evidence,
+    recommendation); ``skipped``: checks that could not run (check, reason); ``fold``: a BN
+    folding result dict (FoldResult.to_dict()). Default path: ``<run_dir>/report.html``.
+    """
+    from normscope_reports import figures as F
+
+    meta = run.meta
+    path = Path(out) if out is not None else Path(run.run_dir) / "report.html"
+    fl = sorted((_as_dict(f) for f in (findings or [])), key=lambda f: SEVERITY_ORDER.get(f.get("severity"), 3))
+    rows = D.layer_rows(run)
+    index = {(r.layer, r.call): i for i, r in enumerate(rows.itertuples(index=False))}
+    first_index = {}
+    for (layer, call), i in index.items():
+        first_index.setdefault(layer, i)
+    flagged = {f["layer"] for f in fl if f.get("layer")}
+    table = D.layer_table(run, flagged)
+
+    # details for flagged layers (severity order), capped; the table keeps every layer
+    detail_layers = []
+    for f in fl:
+        lay = f.get("layer")
+        if lay and lay in first_index and lay not in detail_layers:
+            detail_layers.append(lay)
+    detail_layers = detail_layers[:MAX_DETAILS]
+    anchors = {lay: f"layer-{first_index[lay]}" for lay in detail_layers}
+    for f in fl:
+        lay = f.get("layer")
+        f["anchor"] = anchors.get(lay) or (f"row-{first_index[lay]}" if lay in first_index else "layers")
+        f["step_text"] = _step_text(f.get("step"))
+        ev = f.get("evidence")
+        f["evidence"] = json.dumps(ev, indent=1, default=str, allow_nan=True) if ev else ""
+    counts = {s: sum(1 for f in fl if f.get("severity") == s) for s in ("error", "warning", "info")}
+
+    hms = [{"src": F.heatmap(h), "alt": h.title} for h in D.heatmaps(run)]
+    labels, gseries = D.gradient_flow(run)
+    gradflow = F.gradient_flow(labels, gseries) if gseries else None
+    sp = D.signal_propagation(run)
+    sigprop = None
+    if len(sp):
+        last = sp[sp.step == sp.step.max()].set_index(["layer", "call"])
+        keys = [(r.layer, r.call) for r in rows.itertuples(index=False) if (r.layer, r.call) in last.index]
+        if keys:
+            sub = last.loc[keys]
+            sigprop = F.signal_propagation(
+                [rows.label[index[k]] for k in keys], sub["avg_sq_mean"].to_numpy(), sub["avg_var"].to_numpy(),
+                int(sp.step.max()),
+            )  # fmt: skip
+
+    details = []
+    hist_meta = meta.get("histograms", {})
+    for lay in detail_layers:
+        i = first_index[lay]
+        r = rows.iloc[i]
+        ser = D.layer_series(run, lay, int(r.call))
+        images = []
+        if len(ser):
+            steps = ser.step.to_numpy()
+            hists = np.stack([np.asarray(h, dtype=np.float64) for h in ser["hist"]]) if len(ser) else np.zeros((0, 0))
+            edges = hist_meta.get(lay, {}).get("edges", [])
+            images.append({"src": F.hist_over_time(steps, hists, edges, f"{r.label}: histogram over time"), "alt": "histogram"})
+            images.append({"src": F.mean_std_band(steps, ser["mean"].to_numpy(), ser["std"].to_numpy(), ser["min"].to_numpy(),
+                                                  ser["max"].to_numpy(), f"{r.label}: mean ± std"), "alt": "mean and std"})  # fmt: skip
+        details.append({
+            "anchor": anchors[lay], "label": r.label, "module_type": r.module_type,
+            "findings": [f for f in fl if f.get("layer") == lay], "images": images, "extra": "",
+        })  # fmt: skip
+
+    trows = []
+    for i, t in enumerate(table.itertuples(index=False)):
+        d = t._asdict()
+        trows.append({
+            "idx": i, "flagged": bool(d["flagged"]),
+            "show": {k: _fmt(d[k]) for k, _, _ in COLUMNS},
+            "sort": {k: (d[k] if isinstance(d[k], str) else ("" if d[k] is None else _num(d[k]))) for k, _, _ in COLUMNS},
+        })  # fmt: skip
+
+    steps = run.steps
+    options = meta.get("options", {})
+    first = run.stats.iloc[0] if len(run.stats) else None
+    ctx = {
+        "model": {
+            "name": meta.get("name", "model"), "cls": meta.get("model", {}).get("class", "?"),
+            "params": int(meta.get("model", {}).get("params", 0)),
+            "trainable": int(meta.get("model", {}).get("trainable", 0)), "layers": len(rows),
+        },
+        "run": {
+            "steps_text": f"{len(steps)} sampled ({steps[0]}–{steps[-1]})" if steps else "none recorded yet",
+            "every": options.get("every", "?"), "batch": int(first["samples"]) if first is not None else "?",
+            "duration": _duration(meta), "status": meta.get("status", "?"),
+        },
+        "repro": json.dumps({"versions": meta.get("versions", {}), "options": options, "command": command or meta.get("command")},
+                            indent=1, default=str),  # fmt: skip
+        "findings": fl, "counts": counts, "skipped": [_as_dict(s) if not isinstance(s, dict) else s for s in (skipped or [])],
+        "analyzed": analyzed if analyzed is not None else findings is not None,
+        "heatmaps": hms, "gradflow": gradflow, "sigprop": sigprop,
+        "columns": [{"key": k, "title": t, "text": txt} for k, t, txt in COLUMNS], "table": trows,
+        "details": details, "fold": _fold_ctx(fold) if fold else None,
+    }  # fmt: skip
+    html = _jinja_env().get_template("report.html.j2").render(**ctx)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".html", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(html)
+    os.replace(tmp, path)
+    return path
+
+
+def _num(v: Any) -> str:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return ""
+    return repr(f) if math.isfinite(f) else ""
+
+
+def _fold_ctx(fold: dict) -> dict:
+    err = fold.get("error") or {}
+    return {
+        "trace": fold.get("trace_path") or fold.get("trace") or "?",
+        "max_abs": _fmt(err.get("max_abs")), "max_rel": _fmt(err.get("max_rel")),
+        "folded": [{"producer": p.get("producer"), "bn": p.get("bn"), "pattern": p.get("pattern")} for p in fold.get("folded", [])],
+        "skipped": [{"bn": s.get("bn"), "reason": s.get("reason")} for s in fold.get("skipped", [])],
+        "fp16": json.dumps(fold.get("fp16_risk"), indent=1, default=str) if fold.get("fp16_risk") else "",
+    }  # fmt: skip

@@ -1,0 +1,88 @@
+"""The report's figure data equals the run's statistics (no plotting involved)."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from normscope_reports import build_report
+from normscope_reports import data as D
+
+from conftest import FINDINGS
+
+
+def test_heatmap_matrices_equal_stats(small_run):
+    run = small_run
+    hms = {h.title.split(" ")[0]: h for h in D.heatmaps(run)}
+    rows = D.layer_rows(run)
+    s = run.stats[(run.stats.phase == "train") & (run.stats.output == "")]
+    std = hms["Activation"]
+    assert std.rows == rows.label.tolist()
+    for i, r in enumerate(rows.itertuples()):
+        for j, step in enumerate(std.steps):
+            want = s[(s.layer == r.layer) & (s.call == r.call) & (s.step == step)]["std"].iloc[0]
+            assert std.values[i, j] == pytest.approx(math.log10(want))
+    sat = hms["Saturated"]
+    gate = rows.label.tolist().index("gate")
+    np.testing.assert_allclose(sat.values[gate], s[s.layer == "gate"].sort_values("step").frac_sat)
+    assert np.isnan(sat.values[rows.label.tolist().index("conv")]).all()
+    dead = hms["Dead"]
+    relu = rows.label.tolist().index("<script>alert(1)</script>")
+    want = s[s.layer == "<script>alert(1)</script>"].sort_values("step")["active"].map(lambda a: np.mean(a == 0))
+    np.testing.assert_allclose(dead.values[relu], want)
+    g = run.grads[run.grads.layer == "fc"].sort_values("step")
+    np.testing.assert_allclose(hms["Gradient"].values[rows.label.tolist().index("fc")], np.log10(g.rms))
+
+
+def test_drift_is_symmetric_kl_by_hand():
+    # N(0,1) vs N(1,4): KL12 = ln2 + (1+1)/8 - 1/2, KL21 = -ln2 + (4+1)/2 - 1/2
+    d = D.sym_kl([0.0], [1.0], [1.0], [4.0])[0]
+    assert d == pytest.approx((math.log(2) + 0.25 - 0.5) + (-math.log(2) + 2.5 - 0.5))
+    assert D.sym_kl([3.0], [2.0], [3.0], [2.0])[0] == pytest.approx(0.0)
+
+
+def test_downsampling_keeps_means_and_bounds():
+    vals = np.arange(20, dtype=float).reshape(2, 10)
+    out, steps = D.downsample_steps(vals, np.arange(10) * 5, 5)
+    np.testing.assert_allclose(out, [[0.5, 2.5, 4.5, 6.5, 8.5], [10.5, 12.5, 14.5, 16.5, 18.5]])
+    np.testing.assert_array_equal(steps, [0, 10, 20, 30, 40])
+    big = np.zeros((300, 3))
+    small, labels = D.downsample_rows(big, [str(i) for i in range(300)], 120)
+    assert small.shape[0] <= 120 and labels[0] == "0" and labels[-1] == "299"
+
+
+def test_signal_propagation_from_channel_moments(small_run):
+    sp = D.signal_propagation(small_run)
+    s = small_run.stats
+    row = s[(s.layer == "bn") & (s.output == "") & (s.step == 3) & (s.phase == "train")].iloc[0]
+    got = sp[(sp.layer == "bn") & (sp.step == 3)].iloc[0]
+    assert got.avg_sq_mean == pytest.approx(np.mean(np.square(row.ch_mean.astype(float))))
+    assert got.avg_var == pytest.approx(np.mean(row.ch_var.astype(float)))
+
+
+def test_report_escapes_and_is_offline(small_run, tmp_path):
+    path = build_report(small_run, findings=FINDINGS, out=tmp_path / "r.html")
+    html = path.read_text()
+    assert "<script>alert(1)</script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    for bad in ("http://", "https://", "//cdn", "@import", "url("):
+        assert bad not in html.replace("http-equiv", "")
+    assert html.count("data:image/png;base64,") >= 6
+    assert 'class="finding sev-warning"' in html
+
+
+def test_report_of_run_still_being_written(tmp_path):
+    import torch
+    from torch import nn
+
+    from normscope import load, watch
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    with watch(model, tmp_path / "live", every=1, flush_every=1) as scope:
+        for _ in range(2):
+            model(torch.randn(8, 4)).sum().backward()
+            scope.step()
+        path = build_report(load(tmp_path / "live"), out=tmp_path / "live.html")
+        html = path.read_text()
+        assert "running" in html and "2 sampled" in html
