@@ -82,14 +82,39 @@ def downsample_rows(values: np.ndarray, labels: list[str], max_rows: int) -> tup
     return values[keep], [labels[i] for i in keep]
 
 
+def _stacked(col: pd.Series) -> np.ndarray | None:
+    """Rows of equal-length arrays as one 2-D float64 array (None when lengths differ)."""
+    if not len(col):
+        return np.zeros((0, 0))
+    lens = col.map(len).to_numpy()
+    if (lens != lens[0]).any():
+        return None
+    return np.stack(col.to_numpy()).astype(np.float64, copy=False).reshape(len(col), lens[0])
+
+
+def _per_row(col: pd.Series, fn) -> np.ndarray:
+    """fn(2-D array) → one value per row, vectorised per group of equal-length arrays."""
+    out = np.full(len(col), np.nan)
+    if not len(col):
+        return out
+    lens = col.map(len).to_numpy()
+    for n in np.unique(lens):
+        idx = np.flatnonzero(lens == n)
+        if n == 0:
+            continue
+        arr = np.stack(col.to_numpy()[idx]).astype(np.float64, copy=False).reshape(len(idx), n)
+        with np.errstate(all="ignore"):
+            out[idx] = fn(arr)
+    return out
+
+
 def dead_fraction(s: pd.DataFrame) -> pd.Series:
     """Per row of a ReLU-family layer: fraction of units never > 0 in any sample of the batch.
 
     NaN for other layers (a Linear output or BN output below zero is not a dead unit).
     """
-    relu = s["module_type"].isin(RELU_FAMILY)
-    frac = s["active"].map(lambda a: float(np.mean(np.asarray(a) == 0)) if len(a) else math.nan)
-    return frac.where(relu, np.nan)
+    frac = pd.Series(_per_row(s["active"], lambda a: (a == 0).mean(1)), index=s.index)
+    return frac.where(s["module_type"].isin(RELU_FAMILY), np.nan)
 
 
 def sym_kl(m1, v1, m2, v2) -> np.ndarray:
@@ -97,24 +122,27 @@ def sym_kl(m1, v1, m2, v2) -> np.ndarray:
     m1, v1, m2, v2 = (np.asarray(a, dtype=np.float64) for a in (m1, v1, m2, v2))
     eps = 1e-12
     v1, v2 = np.maximum(v1, eps), np.maximum(v2, eps)
-    kl12 = 0.5 * np.log(v2 / v1) + (v1 + (m1 - m2) ** 2) / (2 * v2) - 0.5
-    kl21 = 0.5 * np.log(v1 / v2) + (v2 + (m1 - m2) ** 2) / (2 * v1) - 0.5
-    return kl12 + kl21
+    d2 = (m1 - m2) ** 2
+    # the log terms cancel: KL12 + KL21 = (v1 + d2) / (2 v2) + (v2 + d2) / (2 v1) - 1
+    return (v1 + d2) / (2 * v2) + (v2 + d2) / (2 * v1) - 1.0
 
 
 def drift_table(run, phase: str = "train") -> pd.DataFrame:
     """Per layer output and sampled step: mean over channels of the symmetric KL to the previous step."""
-    s = run.stats[(run.stats.phase == phase)].sort_values("step")
-    rows = []
+    s = run.stats[(run.stats.phase == phase)].sort_values("step", kind="stable")
+    parts = []
     for (layer, call, output), g in s.groupby(["layer", "call", "output"], sort=False):
-        prev = None
-        for r in g.itertuples(index=False):
-            if prev is not None and len(r.ch_mean) == len(prev.ch_mean):
-                d = sym_kl(prev.ch_mean, prev.ch_var, r.ch_mean, r.ch_var)
-                val = float(np.nanmean(d)) if np.isfinite(d).any() else math.nan
-                rows.append({"layer": layer, "call": call, "output": output, "step": r.step, "drift": val})
-            prev = r
-    return pd.DataFrame(rows, columns=["layer", "call", "output", "step", "drift"])
+        if len(g) < 2:
+            continue
+        m, v = _stacked(g["ch_mean"]), _stacked(g["ch_var"])
+        if m is None or v is None:
+            continue
+        with np.errstate(all="ignore"):
+            d = np.nanmean(sym_kl(m[:-1], v[:-1], m[1:], v[1:]), axis=1)
+        parts.append(pd.DataFrame({"layer": layer, "call": call, "output": output, "step": g["step"].to_numpy()[1:], "drift": d}))
+    if not parts:
+        return pd.DataFrame(columns=["layer", "call", "output", "step", "drift"])
+    return pd.concat(parts, ignore_index=True)
 
 
 def heatmaps(run, phase: str = "train", max_cols: int = 200, max_rows: int = 120) -> list[Heatmap]:
@@ -158,14 +186,16 @@ def gradient_flow(run, n_steps: int = 4, phase: str = "train") -> tuple[list[str
     return rows["label"].tolist(), {int(steps[i]): vals[:, i] for i in pick}
 
 
-def signal_propagation(run, phase: str = "train") -> pd.DataFrame:
+def signal_propagation(run, phase: str = "train", last_only: bool = False) -> pd.DataFrame:
     """Brock et al. 2021: per layer output, average channel squared mean and average channel variance."""
     s = run.stats[(run.stats.phase == phase) & (run.stats.output != "input")]
+    if last_only and len(s):
+        s = s[s.step == s.step.max()]
     if not len(s):
         return pd.DataFrame(columns=["layer", "call", "step", "avg_sq_mean", "avg_var"])
     out = s[["layer", "call", "step"]].copy()
-    out["avg_sq_mean"] = s["ch_mean"].map(lambda m: float(np.nanmean(np.square(np.asarray(m, dtype=np.float64)))))
-    out["avg_var"] = s["ch_var"].map(lambda v: float(np.nanmean(np.asarray(v, dtype=np.float64))))
+    out["avg_sq_mean"] = _per_row(s["ch_mean"], lambda m: np.nanmean(m * m, axis=1))
+    out["avg_var"] = _per_row(s["ch_var"], lambda v: np.nanmean(v, axis=1))
     return out.reset_index(drop=True)
 
 
@@ -220,3 +250,11 @@ def layer_series(run, layer: str, call: int = 0, phase: str = "train") -> pd.Dat
     if len(s):
         s = s[s.output == s.output.iloc[0]]
     return s.sort_values("step").reset_index(drop=True)
+
+
+def thin(df: pd.DataFrame, max_rows: int) -> pd.DataFrame:
+    """Evenly spaced rows (first and last kept): line plots need no more than a few hundred points."""
+    if len(df) <= max_rows:
+        return df
+    keep = np.unique(np.linspace(0, len(df) - 1, max_rows).round().astype(int))
+    return df.iloc[keep].reset_index(drop=True)

@@ -17,12 +17,14 @@ import numpy as np  # noqa: E402
 
 from normscope_reports.data import Heatmap  # noqa: E402
 
-DPI = 80
+DPI = 72
 
 
-def _uri(fig) -> str:
+def _uri(fig, tight: bool = True) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    if tight:
+        fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=DPI)
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
@@ -44,11 +46,9 @@ def heatmap(hm: Heatmap) -> str:
         im = ax.imshow(vals, aspect="auto", interpolation="nearest", cmap=cmap)
         cb = fig.colorbar(im, ax=ax, pad=0.01)
         cb.set_label(hm.unit)
-        ax.set_yticks(range(rows))
-        ax.set_yticklabels(_short(hm.rows), fontsize=7 if rows > 30 else 8)
-        if rows > 60:
-            for i, lab in enumerate(ax.get_yticklabels()):
-                lab.set_visible(i % max(1, rows // 40) == 0)
+        yt = np.arange(0, rows, max(1, -(-rows // 40)))  # at most ~40 labels
+        ax.set_yticks(yt)
+        ax.set_yticklabels(_short([hm.rows[i] for i in yt]), fontsize=7 if rows > 30 else 8)
         ticks = np.unique(np.linspace(0, cols - 1, min(cols, 8)).round().astype(int))
         ax.set_xticks(ticks)
         ax.set_xticklabels([str(int(hm.steps[t])) for t in ticks])
@@ -96,49 +96,46 @@ def signal_propagation(labels: list[str], sq_mean: np.ndarray, var: np.ndarray, 
     return _uri(fig)
 
 
-def hist_over_time(steps: np.ndarray, hists: np.ndarray, edges: list, title: str) -> str:
-    """Bins (y) × steps (x), each column normalised to a distribution."""
-    fig, ax = plt.subplots(figsize=(4.6, 3.0))
-    if hists.size == 0:
+def layer_detail(steps, hists, edges: list, mean, std, vmin, vmax, label: str) -> str:
+    """One figure per flagged layer: histogram over time (left), mean ± std band (right)."""
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9.2, 3.0), gridspec_kw={"width_ratios": [1.15, 1]})
+    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.17, top=0.88, wspace=0.35)
+    if hists.size == 0 or not np.isfinite(hists).any():
         ax.text(0.5, 0.5, "no histogram", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
-        return _uri(fig)
-    tot = hists.sum(1, keepdims=True)
-    dens = np.where(tot > 0, hists / np.maximum(tot, 1), np.nan).T
-    nz = np.flatnonzero(np.nansum(dens, 1) > 0)
-    lo, hi = (nz.min(), nz.max() + 1) if len(nz) else (0, dens.shape[0])
-    im = ax.imshow(dens[lo:hi], aspect="auto", origin="lower", interpolation="nearest", cmap="viridis")
-    fig.colorbar(im, ax=ax, pad=0.01).set_label("fraction of values")
-    e = [(-np.inf if v is None and i == 0 else np.inf if v is None else v) for i, v in enumerate(edges)]
-    ticks = np.unique(np.linspace(0, hi - lo - 1, min(6, hi - lo)).round().astype(int))
-    ax.set_yticks(ticks)
-    ax.set_yticklabels([_fmt_edge(e[lo + t]) for t in ticks], fontsize=7)
-    xt = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 5)).round().astype(int))
-    ax.set_xticks(xt)
-    ax.set_xticklabels([str(int(steps[t])) for t in xt])
-    ax.set_xlabel("training step")
-    ax.set_ylabel("value (bin lower edge)")
-    ax.set_title(title, fontsize=9)
-    return _uri(fig)
+    else:
+        tot = hists.sum(1, keepdims=True)
+        dens = np.where(tot > 0, hists / np.maximum(tot, 1), np.nan).T
+        nz = np.flatnonzero(np.nansum(dens, 1) > 0)
+        lo, hi = (nz.min(), nz.max() + 1) if len(nz) else (0, dens.shape[0])
+        im = ax.imshow(dens[lo:hi], aspect="auto", origin="lower", interpolation="nearest", cmap="viridis")
+        fig.colorbar(im, ax=ax, pad=0.01).set_label("fraction of values")
+        e = [(-np.inf if v is None and i == 0 else np.inf if v is None else v) for i, v in enumerate(edges)]
+        ticks = np.unique(np.linspace(0, hi - lo - 1, min(6, hi - lo)).round().astype(int))
+        ax.set_yticks(ticks)
+        ax.set_yticklabels([_fmt_edge(e[lo + t]) if lo + t < len(e) else "" for t in ticks], fontsize=7)
+        xt = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 5)).round().astype(int))
+        ax.set_xticks(xt)
+        ax.set_xticklabels([str(int(steps[t])) for t in xt])
+        ax.set_xlabel("training step")
+        ax.set_ylabel("value (bin lower edge)")
+    ax.set_title("histogram over time", fontsize=9)
+    bx.fill_between(steps, vmin, vmax, color="#d9d9d9", label="min–max")
+    bx.fill_between(steps, mean - std, mean + std, color="#7a8fb8", alpha=0.8, label="mean ± std")
+    bx.plot(steps, mean, color="#1f3b73", lw=1.4, label="mean")
+    bx.set_xlabel("training step")
+    bx.set_ylabel("activation value")
+    bx.set_title("mean ± std", fontsize=9)
+    bx.legend(fontsize=7)
+    bx.grid(alpha=0.3)
+    fig.suptitle(label, fontsize=10)
+    return _uri(fig, tight=False)
 
 
 def _fmt_edge(v: float) -> str:
     if not np.isfinite(v):
         return "−∞" if v < 0 else "∞"
     return f"{v:.3g}"
-
-
-def mean_std_band(steps, mean, std, vmin, vmax, title: str) -> str:
-    fig, ax = plt.subplots(figsize=(4.6, 3.0))
-    ax.fill_between(steps, vmin, vmax, color="#d9d9d9", label="min–max")
-    ax.fill_between(steps, mean - std, mean + std, color="#7a8fb8", alpha=0.8, label="mean ± std")
-    ax.plot(steps, mean, color="#1f3b73", lw=1.4, label="mean")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("activation value")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    return _uri(fig)
 
 
 def bn_running_vs_batch(channels: np.ndarray, running_mean, batch_mean, running_var, batch_var, title: str) -> str:

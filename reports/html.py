@@ -15,7 +15,7 @@ import numpy as np
 from normscope_reports import data as D
 
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
-MAX_DETAILS = 40  # flagged layers that get a detail section (the table stays complete)
+MAX_DETAILS = 24  # flagged layers that get a detail section (the table stays complete)
 
 COLUMNS = [
     ("label", "layer", True), ("module_type", "type", True), ("step", "step", False),
@@ -104,6 +104,7 @@ def build_report(
         lay = f.get("layer")
         if lay and lay in first_index and lay not in detail_layers:
             detail_layers.append(lay)
+    more_flagged = max(0, len(detail_layers) - MAX_DETAILS)
     detail_layers = detail_layers[:MAX_DETAILS]
     anchors = {lay: f"layer-{first_index[lay]}" for lay in detail_layers}
     for f in fl:
@@ -117,7 +118,7 @@ def build_report(
     hms = [{"src": F.heatmap(h), "alt": h.title} for h in D.heatmaps(run)]
     labels, gseries = D.gradient_flow(run)
     gradflow = F.gradient_flow(labels, gseries) if gseries else None
-    sp = D.signal_propagation(run)
+    sp = D.signal_propagation(run, last_only=True)
     sigprop = None
     if len(sp):
         last = sp[sp.step == sp.step.max()].set_index(["layer", "call"])
@@ -134,15 +135,14 @@ def build_report(
     for lay in detail_layers:
         i = first_index[lay]
         r = rows.iloc[i]
-        ser = D.layer_series(run, lay, int(r.call))
+        ser = D.thin(D.layer_series(run, lay, int(r.call)), 300)
         images = []
         if len(ser):
-            steps = ser.step.to_numpy()
-            hists = np.stack([np.asarray(h, dtype=np.float64) for h in ser["hist"]]) if len(ser) else np.zeros((0, 0))
+            hists = np.stack([np.asarray(h, dtype=np.float64) for h in ser["hist"]])
             edges = hist_meta.get(lay, {}).get("edges", [])
-            images.append({"src": F.hist_over_time(steps, hists, edges, f"{r.label}: histogram over time"), "alt": "histogram"})
-            images.append({"src": F.mean_std_band(steps, ser["mean"].to_numpy(), ser["std"].to_numpy(), ser["min"].to_numpy(),
-                                                  ser["max"].to_numpy(), f"{r.label}: mean ± std"), "alt": "mean and std"})  # fmt: skip
+            img = F.layer_detail(ser.step.to_numpy(), hists, edges, ser["mean"].to_numpy(), ser["std"].to_numpy(),
+                                 ser["min"].to_numpy(), ser["max"].to_numpy(), f"{r.label} ({r.module_type})")  # fmt: skip
+            images.append({"src": img, "alt": f"{r.label}: histogram over time and mean ± std"})
         details.append({
             "anchor": anchors[lay], "label": r.label, "module_type": r.module_type,
             "findings": [f for f in fl if f.get("layer") == lay], "images": images, "extra": "",
@@ -177,7 +177,7 @@ def build_report(
         "analyzed": analyzed if analyzed is not None else findings is not None,
         "heatmaps": hms, "gradflow": gradflow, "sigprop": sigprop,
         "columns": [{"key": k, "title": t, "text": txt} for k, t, txt in COLUMNS], "table": trows,
-        "details": details, "fold": _fold_ctx(fold) if fold else None,
+        "details": details, "more_flagged": more_flagged, "fold": _fold_ctx(fold) if fold else None,
     }  # fmt: skip
     html = _jinja_env().get_template("report.html.j2").render(**ctx)
     path.parent.mkdir(parents=True, exist_ok=True)
