@@ -14,9 +14,39 @@ from normscope.collect import Scope, watch
 from normscope.store import Run, load
 from normscope.fold import FoldResult, export_onnx, fold_bn, fold_onnx, recalibrate_bn
 
+# normscope.analyze(run, ...) and normscope.probe(recipe, ...) are callable modules: the
+# packages keep their submodules (normscope.probe.Recipe) and calling them runs the function.
+import normscope.analyze  # noqa: E402
+import normscope.probe  # noqa: E402
+from normscope.analyze import (  # noqa: E402
+    Analysis,
+    Config,
+    Finding,
+    Skipped,
+    analyze_full,
+    covariate_shift,
+    list_checks,
+    signal_propagation,
+)
+from normscope.probe import Recipe, load_recipe, measure_ics, probe_model  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "Analysis",
+    "Config",
+    "Finding",
+    "Recipe",
+    "Skipped",
+    "analyze",
+    "analyze_full",
+    "covariate_shift",
+    "list_checks",
+    "load_recipe",
+    "measure_ics",
+    "probe",
+    "probe_model",
+    "signal_propagation",
     "FoldResult",
     "NormscopeError",
     "export_onnx",

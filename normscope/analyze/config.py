@@ -1,0 +1,87 @@
+"""Thresholds for every check (defaults from CHECKS.md), overridable from a plain dict.
+
+``Config.from_dict({"dead-units": {"warn": 0.2}, "disable": ["weight-sparsity"]})`` is what the
+CLI builds from a TOML file; unknown checks, unknown keys and wrongly typed values raise a
+one-line :class:`~normscope.errors.NormscopeError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from normscope.errors import NormscopeError
+
+
+class Config:
+    def __init__(self, thresholds: Mapping[str, Mapping[str, Any]] | None = None, disable: Iterable[str] = ()):
+        from normscope.analyze.registry import registry
+
+        reg = registry()
+        self._values: dict[str, dict[str, Any]] = {cid: dict(spec.params) for cid, spec in reg.items()}
+        if isinstance(disable, str):
+            disable = [disable]
+        self.disabled: set[str] = set()
+        for cid in disable:
+            if cid not in reg:
+                raise NormscopeError(f"cannot disable unknown check {cid!r}: known ids are {', '.join(sorted(reg))}.")
+            self.disabled.add(cid)
+        for cid, values in (thresholds or {}).items():
+            if cid not in reg:
+                raise NormscopeError(f"unknown check {cid!r} in the configuration: known ids are {', '.join(sorted(reg))}.")
+            if not isinstance(values, Mapping):
+                raise NormscopeError(f"configuration for {cid!r} must be a table of thresholds, got {type(values).__name__}.")
+            for key, v in values.items():
+                defaults = self._values[cid]
+                if key not in defaults:
+                    known = ", ".join(sorted(defaults)) or "none"
+                    raise NormscopeError(f"unknown setting {key!r} for check {cid!r}: known settings are {known}.")
+                self._values[cid][key] = _coerce(cid, key, defaults[key], v)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "Config":
+        """Build from ``{check_id: {setting: value}, "disable": [ids]}`` (e.g. a parsed TOML file)."""
+        if data is None:
+            return cls()
+        if not isinstance(data, Mapping):
+            raise NormscopeError(f"configuration must be a table (dict), got {type(data).__name__}.")
+        data = dict(data)
+        disable = data.pop("disable", ())
+        if not isinstance(disable, (list, tuple, set, str)):
+            raise NormscopeError("configuration key 'disable' must be a list of check ids.")
+        return cls(data, disable)
+
+    def params(self, check_id: str) -> dict[str, Any]:
+        return dict(self._values[check_id])
+
+    def get(self, check_id: str, key: str) -> Any:
+        return self._values[check_id][key]
+
+    def enabled(self, check_id: str) -> bool:
+        return check_id not in self.disabled
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {cid: dict(v) for cid, v in sorted(self._values.items()) if v}
+        if self.disabled:
+            out["disable"] = sorted(self.disabled)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Config(disabled={sorted(self.disabled)})"
+
+
+def _coerce(cid: str, key: str, default: Any, v: Any) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(v, bool):
+            raise NormscopeError(f"{cid}.{key} must be true or false, got {v!r}.")
+        return v
+    if isinstance(default, (int, float)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise NormscopeError(f"{cid}.{key} must be a number, got {v!r}.")
+        if isinstance(default, int) and not isinstance(default, bool) and float(v) != int(v):
+            raise NormscopeError(f"{cid}.{key} must be a whole number, got {v!r}.")
+        return type(default)(v)
+    if isinstance(default, str):
+        if not isinstance(v, str):
+            raise NormscopeError(f"{cid}.{key} must be a string, got {v!r}.")
+        return v
+    return v

@@ -1,0 +1,118 @@
+"""``analyze(run, model=None, config=None)``: run every registered check, collect findings.
+
+Checks are independent: one that cannot run becomes a :class:`Skipped` with its reason, one
+that fails unexpectedly too ("check failed: ..."), and never takes the others down.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Iterable, Mapping
+
+from normscope.analyze.config import Config
+from normscope.analyze.context import Context
+from normscope.analyze.finding import SEVERITY_RANK, Analysis, Finding, Skipped
+from normscope.analyze.registry import SkipCheck, get_check, registry
+from normscope.errors import NormscopeError
+
+
+def as_run(run: Any):
+    from normscope.store import Run, load
+
+    if isinstance(run, Run):
+        return run
+    if isinstance(run, (str, os.PathLike)):
+        return load(run)
+    raise NormscopeError(f"analyze() needs a Run (normscope.load(run_dir)) or a run directory path, got {type(run).__name__}.")
+
+
+def as_config(config: Config | Mapping | None) -> Config:
+    if config is None:
+        return Config()
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, Mapping):
+        return Config.from_dict(config)
+    raise NormscopeError(f"config must be a normscope Config or a dict of thresholds, got {type(config).__name__}.")
+
+
+def _missing(ctx: Context, need: str) -> str | None:
+    if need == "training" and ctx.model_only:
+        return "model-only probe (synthetic data, no training): nothing to judge here"
+    if need == "stats" and not len(ctx.train):
+        return "no train-phase activation statistics in the run"
+    if need == "grads" and not len(ctx.grads):
+        return "no gradient statistics in the run (watch(..., grads=False), or no backward pass)"
+    if need == "params" and not len(ctx.params):
+        return "no parameter statistics in the run (no optimizer step or scope.step())"
+    if need == "updates":
+        p = ctx.params
+        if not len(p) or not p.update_norm.notna().any():
+            return "no parameter updates recorded (no optimizer step, or watch(..., track_updates=False))"
+    if need == "eval-loss" and not len(ctx.loss_series("eval")):
+        return "no eval loss logged: give the recipe eval_data, or call scope.log(phase='eval', loss=...)"
+    if need == "train-loss" and not len(ctx.loss_series("train")):
+        return "no train loss logged: call scope.log(loss=...) after each step"
+    if need == "graph" and ctx.graph is None:
+        return "no module graph: pass model= to analyze(), or record the run with normscope.probe"
+    return None
+
+
+def _sort_key(ctx: Context, f: Finding):
+    step = f.step[0] if isinstance(f.step, tuple) else (f.step if f.step is not None else -1)
+    return (SEVERITY_RANK[f.severity], ctx.order(f.layer), f.check, step)
+
+
+def analyze_full(run, model=None, config: Config | Mapping | None = None, optimizer=None,
+                 checks: Iterable[str] | None = None) -> Analysis:  # fmt: skip
+    """Run the checks on ``run`` (a Run or a run directory); findings plus skipped checks.
+
+    ``model`` enables the structural checks from the live model (fx graph, biases, dropout
+    rates); ``optimizer`` lets norm-weight-decay read param groups directly; ``checks``
+    restricts to some ids.
+    """
+    run = as_run(run)
+    cfg = as_config(config)
+    ctx = Context(run, model=model, optimizer=optimizer)
+    specs = registry()
+    ids = sorted(specs) if checks is None else [get_check(c).id for c in checks]
+    findings: list[Finding] = []
+    skipped: list[Skipped] = []
+    ran: list[str] = []
+    for cid in ids:
+        spec = specs[cid]
+        if not cfg.enabled(cid):
+            skipped.append(Skipped(cid, "disabled in the configuration"))
+            continue
+        needs = sorted(spec.needs, key=lambda n: n != "training")  # "model-only" is the clearest reason
+        reason = next((r for r in (_missing(ctx, n) for n in needs) if r), None)
+        if reason:
+            skipped.append(Skipped(cid, reason))
+            continue
+        try:
+            out = list(spec.func(ctx, cfg.params(cid)) or [])
+        except SkipCheck as e:
+            skipped.append(Skipped(cid, str(e)))
+            continue
+        except NormscopeError:
+            raise
+        except Exception as e:  # a bug in one check must not hide the others
+            msg = f"check failed: {type(e).__name__}: {e}"
+            warnings.warn(f"normscope: {cid} {msg}", stacklevel=2)
+            skipped.append(Skipped(cid, msg))
+            continue
+        ran.append(cid)
+        findings.extend(out)
+    findings.sort(key=lambda f: _sort_key(ctx, f))
+    src = ctx.__dict__.get("graph")
+    return Analysis(findings, skipped, ran, str(run.run_dir), src.source if src is not None else None)
+
+
+def analyze(run, model=None, config: Config | Mapping | None = None, optimizer=None,
+            checks: Iterable[str] | None = None) -> list[Finding]:  # fmt: skip
+    """Findings for ``run``, sorted by severity (error, warning, info) then execution order.
+
+    Use :func:`analyze_full` to also see which checks were skipped and why.
+    """
+    return analyze_full(run, model=model, config=config, optimizer=optimizer, checks=checks).findings

@@ -1,0 +1,195 @@
+"""Recipes: model + data + loss + optimizer, and loading them from files or modules.
+
+A recipe file is a Python file with a function ``recipe()`` returning a :class:`Recipe`;
+``load_recipe`` accepts ``path.py``, ``path.py:function`` and ``package.module:function``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from normscope.errors import NormscopeError
+
+DEFAULT_LR = 0.01
+
+
+@dataclass
+class Recipe:
+    """What the probe needs to train a model for a few steps.
+
+    - ``train_data``: any re-iterable of ``(inputs, targets)`` batches (a DataLoader, a list),
+      cycled until ``steps``. ``inputs`` may be a tensor, a tuple (``model(*inputs)``) or a dict
+      (``model(**inputs)``).
+    - ``loss_fn(outputs, targets)`` → scalar tensor.
+    - ``optimizer``: an optimizer over the model's parameters, a factory ``params → optimizer``,
+      or None for ``torch.optim.SGD(lr=0.01)``.
+    - ``eval_data``: optional held-out batches (enables overfitting/underfitting and measures
+      BN statistics on the data you evaluate on).
+    """
+
+    model: Any
+    train_data: Iterable
+    loss_fn: Callable
+    optimizer: Any = None
+    eval_data: Iterable | None = None
+    steps: int = 100
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        from torch import nn
+
+        if not isinstance(self.model, nn.Module):
+            raise NormscopeError(f"Recipe.model must be a torch.nn.Module, got {type(self.model).__name__}.")
+        _check_reiterable("train_data", self.train_data)
+        if self.eval_data is not None:
+            _check_reiterable("eval_data", self.eval_data)
+        if not callable(self.loss_fn):
+            raise NormscopeError(f"Recipe.loss_fn must be callable as loss_fn(outputs, targets), got {type(self.loss_fn).__name__}.")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise NormscopeError(f"Recipe.steps must be a whole number ≥ 1, got {self.steps!r}.")
+        import torch
+
+        if self.optimizer is not None and not (isinstance(self.optimizer, torch.optim.Optimizer) or callable(self.optimizer)):
+            raise NormscopeError(
+                f"Recipe.optimizer must be a torch.optim.Optimizer, a factory params → optimizer, or None (SGD), "
+                f"got {type(self.optimizer).__name__}."
+            )
+
+    def make_optimizer(self):
+        import torch
+
+        if self.optimizer is None:
+            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=DEFAULT_LR)
+        elif not isinstance(self.optimizer, torch.optim.Optimizer):
+            opt = self.optimizer(self.model.parameters())
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise NormscopeError(f"Recipe.optimizer factory returned {type(opt).__name__}, expected a torch.optim.Optimizer.")
+            self.optimizer = opt
+        return self.optimizer
+
+
+def _check_reiterable(label: str, data: Any) -> None:
+    try:
+        it = iter(data)
+    except TypeError:
+        raise NormscopeError(f"Recipe.{label} must be an iterable of (inputs, targets) batches, got {type(data).__name__}.") from None
+    if it is data:
+        raise NormscopeError(
+            f"Recipe.{label} is a one-shot iterator ({type(data).__name__}): pass something that can be iterated "
+            f"again, such as a DataLoader or list(...) of batches."
+        )
+
+
+def _split_spec(spec: str) -> tuple[str, str | None]:
+    # "C:\x\y.py" has a drive colon; only a colon after the last path separator splits a function name
+    head, sep, tail = spec.rpartition(":")
+    if sep and tail and "/" not in tail and "\\" not in tail and head and not (len(head) == 1 and head.isalpha()):
+        return head, tail
+    return spec, None
+
+
+def _import_file(path: Path):
+    name = "normscope_recipe_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise NormscopeError(f"recipe file {path} cannot be loaded as Python: pass a .py file that defines recipe().")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        with _on_path(path):
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+    except NormscopeError:
+        sys.modules.pop(name, None)
+        raise
+    except BaseException as e:
+        sys.modules.pop(name, None)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise NormscopeError(f"recipe file {path} raised {type(e).__name__} on import: {_first_line(e)}") from e
+    return module
+
+
+@contextlib.contextmanager
+def _on_path(path: Path | None):
+    """Put a recipe file's folder first on sys.path while it is imported and called, so it can
+    import helpers that sit next to it."""
+    if path is None:
+        yield
+        return
+    folder = str(path.resolve().parent)
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if added:
+            try:
+                sys.path.remove(folder)
+            except ValueError:
+                pass
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else "(no message)"
+
+
+def load_recipe(spec: str | os.PathLike) -> Recipe:
+    """Load a recipe from ``path.py`` (function ``recipe``), ``path.py:func`` or ``module:function``."""
+    if isinstance(spec, Recipe):
+        return spec
+    if not isinstance(spec, (str, os.PathLike)):
+        raise NormscopeError(f"a recipe spec must be a path or 'module:function' string, got {type(spec).__name__}.")
+    target, func_name = _split_spec(os.fspath(spec))
+    is_file = target.endswith(".py") or os.sep in target or "/" in target or Path(target).exists()
+    if is_file:
+        path = Path(target)
+        if not path.is_file():
+            raise NormscopeError(f"recipe file {path} does not exist: pass a Python file that defines recipe() returning a normscope.Recipe.")
+        module = _import_file(path)
+        where = str(path)
+        func_name = func_name or "recipe"
+    else:
+        if func_name is None:
+            raise NormscopeError(f"recipe spec {target!r} is neither a .py file nor 'module:function': pass e.g. path/to/recipe.py or package.module:recipe.")
+        try:
+            module = importlib.import_module(target)
+        except NormscopeError:
+            raise
+        except Exception as e:
+            raise NormscopeError(f"recipe module {target} could not be imported ({type(e).__name__}: {_first_line(e)}).") from e
+        where = target
+    fn = getattr(module, func_name, None)
+    if fn is None:
+        raise NormscopeError(f"{where} has no function {func_name}(): define `def {func_name}() -> normscope.Recipe` in it.")
+    if not callable(fn):
+        raise NormscopeError(f"{where}: {func_name} is a {type(fn).__name__}, not a function returning a normscope.Recipe.")
+    try:
+        with _on_path(Path(target) if is_file else None):
+            out = fn()
+    except NormscopeError:
+        raise
+    except Exception as e:
+        raise NormscopeError(f"{where}: {func_name}() raised {type(e).__name__}: {_first_line(e)}") from e
+    if not isinstance(out, Recipe):
+        raise NormscopeError(f"{where}: {func_name}() returned {type(out).__name__}, expected a normscope.Recipe.")
+    if out.name is None:
+        out.name = Path(target).stem if is_file else f"{target}:{func_name}"
+    return out
+
+
+def as_recipe(recipe: Any) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, (str, os.PathLike)):
+        return load_recipe(recipe)
+    raise NormscopeError(f"probe() needs a normscope.Recipe or a recipe file/spec, got {type(recipe).__name__}.")

@@ -1,0 +1,115 @@
+"""dead-units and saturation against brute-force counts on captured activations."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from analyze_testlib import capture
+from normscope import load, watch
+from normscope.analyze import analyze_full
+from normscope.analyze.checks.dead_units import dead_profile
+from normscope.analyze.context import Context
+from normscope.analyze.registry import get_check
+
+
+def train_watched(model, run_dir, steps, make_batch, lr=0.05, every=1, on_step=None, names=()):
+    store: dict = {}
+    handles = capture(model, names, store)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    with watch(model, run_dir, every=every) as scope:
+        for i in range(steps):
+            if on_step:
+                on_step(i, model)
+            x, y = make_batch(i)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for h in handles:
+        h.remove()
+    return store
+
+
+def test_dead_fraction_equals_brute_force_mlp(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    with torch.no_grad():
+        model[0].bias[:10] = -6.0  # born dead
+        model[2].bias[:5] = -0.3  # partially active
+    g = torch.Generator().manual_seed(0)
+    batch = lambda i: (torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g))  # noqa: E731
+    store = train_watched(model, tmp_path / "r", 40, batch, names=["1", "3"])
+    ctx = Context(load(tmp_path / "r"))
+    p = get_check("dead-units").params | {"min_samples": 128}
+    for name in ("1", "3"):
+        prof = dead_profile(ctx, name, 0, p)
+        rows = prof["window_rows"]
+        outs = torch.cat(store[name][-rows:])  # the same sampled steps (every=1)
+        brute_dead = ~(outs > 0).any(0).numpy()
+        np.testing.assert_array_equal(prof["dead"], brute_dead)
+        ever = torch.cat(store[name]).gt(0).any(0).numpy()
+        np.testing.assert_array_equal(prof["born"], brute_dead & ~ever)
+    assert prof is not None
+    f = next(f for f in analyze_full(tmp_path / "r", config={"dead-units": {"min_samples": 128}}).findings
+             if f.check == "dead-units" and f.layer == "1")  # fmt: skip
+    assert f.evidence["dead_units"] == 10 and f.evidence["born_dead"] == 10
+    assert f.evidence["dead_fraction"] == pytest.approx(10 / 32) and f.severity == "warning"
+
+
+def test_dead_channels_equal_brute_force_conv_and_died_step(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 2))
+    g = torch.Generator().manual_seed(0)
+    batch = lambda i: (torch.randn(8, 2, 4, 4, generator=g), torch.randint(0, 2, (8,), generator=g))  # noqa: E731
+
+    def kill(i, m):
+        if i == 12:  # channels 0..2 die at step 12: their bias drops far below any pre-activation
+            with torch.no_grad():
+                m[0].bias[:3] = -50.0
+
+    store = train_watched(model, tmp_path / "c", 30, batch, lr=0.0, on_step=kill, names=["1"])
+    ctx = Context(load(tmp_path / "c"))
+    p = get_check("dead-units").params | {"min_samples": 64}
+    prof = dead_profile(ctx, "1", 0, p)
+    outs = torch.cat(store["1"][-prof["window_rows"]:])
+    brute = ~(outs > 0).flatten(2).any(2).any(0).numpy()
+    np.testing.assert_array_equal(prof["dead"], brute)
+    assert prof["dead"][:3].all() and not prof["dead"][3:].any()
+    assert prof["died_at"] == [12, 12, 12] and not prof["born"].any()
+
+
+def sat_run(tmp_path, act, scale_at, steps=24):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 40), act, nn.Linear(40, 2))
+    g = torch.Generator().manual_seed(0)
+    batch = lambda i: (torch.randn(32, 6, generator=g), torch.randint(0, 2, (32,), generator=g))  # noqa: E731
+
+    def rescale(i, m):
+        if i in scale_at:
+            with torch.no_grad():
+                m[0].weight.mul_(scale_at[i])
+
+    store = train_watched(model, tmp_path / type(act).__name__, steps, batch, lr=0.0, on_step=rescale, names=["1"])
+    return store, analyze_full(tmp_path / type(act).__name__)
+
+
+@pytest.mark.parametrize("act,mask", [
+    (nn.Sigmoid(), lambda y: (y < 0.01) | (y > 0.99)),
+    (nn.Tanh(), lambda y: y.abs() > 0.97),
+    (nn.Hardtanh(), lambda y: (y <= -1) | (y >= 1)),
+    (nn.ReLU6(), lambda y: y >= 6),  # only the upper bound: the lower one is ReLU's off region
+])  # fmt: skip
+def test_saturated_fraction_equals_brute_force(tmp_path, act, mask):
+    store, a = sat_run(tmp_path, act, {0: 30.0})
+    brute = [float(mask(y).double().mean()) for y in store["1"]]
+    (f,) = [f for f in a.findings if f.check == "saturation"]
+    w = f.evidence["window_steps"]
+    assert f.evidence["saturated_fraction_end"] == pytest.approx(np.mean(brute[w[0] : w[1] + 1]), abs=1e-9)
+    assert f.evidence["saturated_fraction_first"] == pytest.approx(brute[0], abs=1e-9)
+
+
+def test_saturation_entered_and_left(tmp_path):
+    store, a = sat_run(tmp_path, nn.Sigmoid(), {6: 40.0, 14: 1 / 40.0})
+    (f,) = [f for f in a.findings if f.check == "saturation"]
+    assert f.severity == "info" and f.evidence["episodes"] == [[6, 14]] and f.step == (6, 14)
