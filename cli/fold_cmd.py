@@ -224,4 +224,8 @@ def fold_command(
 
 def register(app: typer.Typer) -> None:
     """Add the ``fold`` command to the ``normscope`` typer app."""
-    app.command("fold")(fold_command)
+    app.command(
+        "fold",
+        epilog="Examples:\n\n  normscope fold fixtures/deploy_models.py:resnet_tiny -s 1,3,32,32 -o model.onnx\n\n"
+        "  normscope fold models.py:build -s 1,3,224,224 -o m.onnx --recalibrate recipe.py --format json",
+    )(fold_command)

@@ -88,6 +88,8 @@ def build_report(
     from normscope_reports import figures as F
 
     meta = run.meta
+    if fold is None:
+        fold = read_fold(run.run_dir)
     path = Path(out) if out is not None else Path(run.run_dir) / "report.html"
     fl = sorted((_as_dict(f) for f in (findings or [])), key=lambda f: SEVERITY_ORDER.get(f.get("severity"), 3))
     rows = D.layer_rows(run)
@@ -198,10 +200,26 @@ def _num(v: Any) -> str:
 
 def _fold_ctx(fold: dict) -> dict:
     err = fold.get("error") or {}
+    risky = [r for r in fold.get("fp16_risk", []) if r.get("exceeds_fp16") or r.get("tiny_var_channels")]
     return {
-        "trace": fold.get("trace_path") or fold.get("trace") or "?",
+        "trace": fold.get("tracing") or "?",
         "max_abs": _fmt(err.get("max_abs")), "max_rel": _fmt(err.get("max_rel")),
-        "folded": [{"producer": p.get("producer"), "bn": p.get("bn"), "pattern": p.get("pattern")} for p in fold.get("folded", [])],
+        "folded": [{"producer": p.get("layer") or p.get("producer"), "bn": p.get("bn"), "pattern": p.get("pattern")}
+                   for p in fold.get("folded", [])],
         "skipped": [{"bn": s.get("bn"), "reason": s.get("reason")} for s in fold.get("skipped", [])],
-        "fp16": json.dumps(fold.get("fp16_risk"), indent=1, default=str) if fold.get("fp16_risk") else "",
+        "fp16": [{
+            "layer": r.get("layer"), "bn": r.get("bn"), "w": _fmt(r.get("max_abs_weight")), "b": _fmt(r.get("max_abs_bias")),
+            "scale": _fmt(r.get("max_scale")), "tiny": len(r.get("tiny_var_channels") or []),
+            "exceeds": "yes" if r.get("exceeds_fp16") else "no",
+        } for r in fold.get("fp16_risk", [])],
+        "n_risky": len(risky),
     }  # fmt: skip
+
+
+def read_fold(run_dir: Path) -> dict | None:
+    """``<run_dir>/fold.json`` (written by ``normscope inspect`` for models with BatchNorm), if any."""
+    p = Path(run_dir) / "fold.json"
+    try:
+        return json.loads(p.read_text()) if p.is_file() else None
+    except (OSError, ValueError):
+        return None
