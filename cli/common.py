@@ -30,7 +30,10 @@ def err_console():
 def out_console():
     from rich.console import Console
 
-    return Console(no_color="NO_COLOR" in os.environ or None, highlight=False)
+    con = Console(no_color="NO_COLOR" in os.environ or None, highlight=False)
+    if not con.is_terminal:  # piped or captured: wide enough for messages, never narrower than a TTY
+        con = Console(no_color="NO_COLOR" in os.environ or None, highlight=False, width=max(con.width, 140))
+    return con
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -82,12 +85,18 @@ def load_config(path: str | None) -> dict | None:
     return data.get("checks", data) if isinstance(data.get("checks"), dict) else data
 
 
+# evidence names that carry a finding's headline number, most telling first
+KEY_HINTS = ("measured_shift", "shift", "dead_fraction", "fraction", "frac", "ratio", "gap", "batch", "count", "rate")
+
+
 def key_number(evidence: dict) -> str:
-    """The one number a table row shows: evidence['key'] names it, else the first numeric item."""
+    """The one number a table row shows: evidence['key'] names it, else the most telling numeric item."""
     if not evidence:
         return ""
     key = evidence.get("key")
-    items = [(key, evidence[key])] if key in evidence else list(evidence.items())
+    items = list(evidence.items())
+    ranked = sorted(items, key=lambda kv: next((i for i, h in enumerate(KEY_HINTS) if h in kv[0] and "threshold" not in kv[0]), 99))
+    items = [(key, evidence[key])] if key in evidence else ranked
     for k, v in items:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
@@ -101,8 +110,11 @@ def findings_table(findings: list[dict], title: str = "Findings"):
     from rich.table import Table
 
     t = Table(title=title, show_lines=False, expand=False)
-    for col in ("severity", "check", "layer", "message", "key number"):
-        t.add_column(col, overflow="fold")
+    t.add_column("severity", no_wrap=True)
+    t.add_column("check", no_wrap=True)
+    t.add_column("layer", overflow="fold", max_width=24)
+    t.add_column("message", overflow="fold", ratio=1)
+    t.add_column("key number", overflow="fold", max_width=28)
     for f in sorted(findings, key=lambda f: RANK.get(f["severity"], 9)):
         t.add_row(f"[{STYLE.get(f['severity'], '')}]{f['severity']}[/]", f["check"], _esc(f.get("layer") or ""),
                   _esc(f["message"]), key_number(f.get("evidence") or {}))  # fmt: skip

@@ -133,6 +133,12 @@ def build_report(
             )  # fmt: skip
 
     details = []
+    from normscope.analyze.probedata import read_probe
+
+    try:
+        probe = read_probe(run.run_dir)
+    except Exception:  # noqa: BLE001 - a probe file is optional for the report
+        probe = None
     hist_meta = meta.get("histograms", {})
     for lay in detail_layers:
         i = first_index[lay]
@@ -145,9 +151,15 @@ def build_report(
             img = F.layer_detail(ser.step.to_numpy(), hists, edges, ser["mean"].to_numpy(), ser["std"].to_numpy(),
                                  ser["min"].to_numpy(), ser["max"].to_numpy(), f"{r.label} ({r.module_type})")  # fmt: skip
             images.append({"src": img, "alt": f"{r.label}: histogram over time and mean ± std"})
+        extra = ""
+        bn = (probe or {}).get("bn", {}).get(lay)
+        if bn and bn.get("running_var") is not None:
+            img, extra = _bn_detail(F, r.label, bn)
+            if img:
+                images.append({"src": img, "alt": f"{r.label}: running vs population statistics"})
         details.append({
             "anchor": anchors[lay], "label": r.label, "module_type": r.module_type,
-            "findings": [f for f in fl if f.get("layer") == lay], "images": images, "extra": "",
+            "findings": [f for f in fl if f.get("layer") == lay], "images": images, "extra": extra,
         })  # fmt: skip
 
     trows = []
@@ -214,6 +226,29 @@ def _fold_ctx(fold: dict) -> dict:
         } for r in fold.get("fp16_risk", [])],
         "n_risky": len(risky),
     }  # fmt: skip
+
+
+def _bn_detail(F, label: str, bn: dict) -> tuple[str | None, str]:
+    """Running statistics against the population statistics the probe measured (dropout off)."""
+    passes = bn.get("passes") or {}
+    pop = passes.get("train/eval") or passes.get("eval/eval")
+    if not pop:
+        return None, ""
+    rm, rv = np.asarray(bn["running_mean"], float), np.asarray(bn["running_var"], float)
+    pm, pv = np.asarray(pop["mean"], float), np.asarray(pop["var"], float)
+    if rm.shape != pm.shape or rv.shape != pv.shape:
+        return None, ""
+    ch = np.arange(len(rm))
+    with np.errstate(all="ignore"):
+        ratio = pv / rv
+        dmu = np.abs(pm - rm) / np.sqrt(np.maximum(pv, 1e-12))
+    img = F.bn_running_vs_batch(ch, rm, pm, rv, pv, f"{label}: running vs population statistics (dropout off)")
+    text = (
+        f"variance ratio population/running: median {np.nanmedian(ratio):.3g} (shift max(r, 1/r) = "
+        f"{max(np.nanmedian(ratio), 1 / np.nanmedian(ratio)):.3g}); |Δμ|/σ: median {np.nanmedian(dmu):.3g}, "
+        f"max {np.nanmax(dmu):.3g}; {pop.get('samples', '?')} samples"
+    )
+    return img, text
 
 
 def read_fold(run_dir: Path) -> dict | None:
