@@ -263,6 +263,19 @@ def checks(check_id: Optional[str] = typer.Argument(None, help="A check id: prin
         typer.echo(f"# {info.id}\n\n{info.summary}\n\nDefault severity: {info.severity}\nThresholds: {info.params}")
 
 
+@app.command("export-tensorboard", epilog="Examples:\n\n  normscope export-tensorboard runs/exp1 tb/exp1\n\n  tensorboard --logdir tb")
+@C.handle_errors
+def export_tensorboard(
+    run_dir: Path = typer.Argument(..., help="A run directory written by normscope."),
+    logdir: Path = typer.Argument(..., help="TensorBoard log directory to write event files into."),
+) -> None:
+    """Write a run's scalar series and histograms as TensorBoard event files."""
+    from normscope.integrations.tensorboard import export_tensorboard as export
+
+    counts = export(run_dir, logdir)
+    typer.echo(f"wrote {counts['scalars']} scalars and {counts['histograms']} histograms to {logdir}")
+
+
 from normscope_cli.fold_cmd import register as _register_fold  # noqa: E402
 
 _register_fold(app)

@@ -48,7 +48,7 @@ LINEAR_BINS = 64
 SIGMOID_LO, SIGMOID_HI = 0.01, 0.99
 TANH_T = 0.97
 
-N_ACT_SCALARS = 10  # n_finite, min, max, abs_sum, n_zero, n_nonpos, n_sat, n_nan, n_inf, hist_n
+N_ACT_SCALARS = 11  # n_finite, min, max, abs_sum, n_zero, n_nonpos, n_sat, n_nan, n_inf, hist_n, samples
 # The CPU fast path (all finite) omits what the host already knows: n_finite = numel,
 # n_nan = n_inf = 0, per-channel counts = numel / C, hist_n = the subsample's length.
 N_FAST_SCALARS = 6  # min, max, abs_sum, n_zero, n_nonpos, n_sat
@@ -335,6 +335,7 @@ def _reduce_act_masked(xf, layout, hist, sat, hist_max):
     h, hn = _hist(xf, hist, hist_max, fin)
     scal = torch.stack(
         [t.to(torch.float64) for t in (n_fin, mn, mx, abs_sum, n_zero, n_nonpos, n_sat, n_nan, n_inf, hn)]
+        + [torch.tensor(float(a), dtype=torch.float64, device=xf.device)]
     )
     return torch.cat([scal, cnt, s1, m2, active, h.double()])
 
@@ -373,126 +374,23 @@ def reduce_grad(g: torch.Tensor, force_masked: bool = False) -> tuple[torch.Tens
     ), False
 
 
-# --- host side -----------------------------------------------------------------------------
+def expand_act(pack: torch.Tensor, layout: ActLayout, fast: bool) -> torch.Tensor:
+    """A fast pack in the full layout (on device), so packs from several ranks line up."""
+    if not fast:
+        return pack
+    c, o = layout.channels, N_FAST_SCALARS
+    dev = pack.device
+    hist = pack[o + 3 * c :]
+    head = torch.tensor([float(layout.numel)], dtype=torch.float64, device=dev)
+    zeros = torch.zeros(2, dtype=torch.float64, device=dev)
+    tail = torch.stack([hist.sum(), torch.tensor(float(layout.samples), dtype=torch.float64, device=dev)])
+    cnt = torch.full((c,), layout.numel / c, dtype=torch.float64, device=dev)
+    return torch.cat([head, pack[:o], zeros, tail, cnt, pack[o:]])
 
 
-def split_act(pack: np.ndarray, layout: ActLayout, fast: bool = False) -> dict:
-    """Raw (combinable) fields of one activation pack."""
-    c = layout.channels
-    if fast:
-        o = N_FAST_SCALARS
-        mn, mx, abs_sum, n_zero, n_nonpos, n_sat = pack[:o]
-        n = float(layout.numel)
-        return {
-            "n": n, "min": mn, "max": mx, "abs_sum": abs_sum, "n_zero": n_zero, "n_nonpos": n_nonpos,
-            "n_sat": n_sat, "n_nan": 0.0, "n_inf": 0.0,
-            "hist_n": float(pack[o + 3 * c : o + 3 * c + layout.hist_bins].sum()),
-            "cnt": np.full(c, n / c), "s1": pack[o : o + c], "m2": pack[o + c : o + 2 * c],
-            "active": pack[o + 2 * c : o + 3 * c], "hist": pack[o + 3 * c : o + 3 * c + layout.hist_bins],
-            "samples": float(layout.samples),
-        }  # fmt: skip
-    o = N_ACT_SCALARS
-    sc = pack[:o]
-    return {
-        "n": sc[0],
-        "min": sc[1],
-        "max": sc[2],
-        "abs_sum": sc[3],
-        "n_zero": sc[4],
-        "n_nonpos": sc[5],
-        "n_sat": sc[6],
-        "n_nan": sc[7],
-        "n_inf": sc[8],
-        "hist_n": sc[9],
-        "cnt": pack[o : o + c],
-        "s1": pack[o + c : o + 2 * c],
-        "m2": pack[o + 2 * c : o + 3 * c],
-        "active": pack[o + 3 * c : o + 4 * c],
-        "hist": pack[o + 4 * c : o + 4 * c + layout.hist_bins],
-        "samples": float(layout.samples),
-    }
-
-
-def combine_act(a: dict, b: dict) -> dict:
-    """Merge raw fields of two packs of the same layer call (e.g. two micro-batches)."""
-    if a["cnt"].shape != b["cnt"].shape:
-        raise ValueError("channel count changed between forwards")
-    out = {k: a[k] + b[k] for k in ("n", "abs_sum", "n_zero", "n_nonpos", "n_sat", "n_nan", "n_inf", "hist_n")}
-    out["min"] = min(a["min"], b["min"])
-    out["max"] = max(a["max"], b["max"])
-    na, nb = a["cnt"], b["cnt"]
-    n = na + nb
-    with np.errstate(invalid="ignore", divide="ignore"):
-        delta = np.where(nb > 0, b["s1"] / np.maximum(nb, 1), 0) - np.where(na > 0, a["s1"] / np.maximum(na, 1), 0)
-        extra = np.where(n > 0, delta * delta * na * nb / np.maximum(n, 1), 0)
-    out["cnt"] = n
-    out["s1"] = a["s1"] + b["s1"]
-    out["m2"] = a["m2"] + b["m2"] + extra
-    out["active"] = a["active"] + b["active"]
-    out["hist"] = a["hist"] + b["hist"]
-    out["samples"] = a["samples"] + b["samples"]
-    return out
-
-
-def finish_act(r: dict) -> dict:
-    """Derived statistics (what the run directory stores) from raw fields."""
-    n = r["n"]
-    cnt, s1, m2 = r["cnt"], r["s1"], r["m2"]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ch_mean = np.where(cnt > 0, s1 / np.maximum(cnt, 1), np.nan)
-        ch_var = np.where(cnt > 0, m2 / np.maximum(cnt, 1), np.nan)
-    if n > 0:
-        mean = s1.sum() / n
-        m2_all = m2.sum() + (cnt * (np.nan_to_num(ch_mean) - mean) ** 2).sum()
-        std = math.sqrt(max(m2_all / n, 0.0))
-        mn, mx = float(r["min"]), float(r["max"])
-    else:
-        mean = std = mn = mx = math.nan
-    frac = (lambda k: float(r[k] / n)) if n > 0 else (lambda k: math.nan)
-    return {
-        "count": int(n + r["n_nan"] + r["n_inf"]),
-        "samples": int(r["samples"]),
-        "mean": float(mean),
-        "std": float(std),
-        "min": mn,
-        "max": mx,
-        "mean_abs": frac("abs_sum"),
-        "frac_zero": frac("n_zero"),
-        "frac_nonpos": frac("n_nonpos"),
-        "frac_sat": frac("n_sat"),
-        "nan_count": int(r["n_nan"]),
-        "inf_count": int(r["n_inf"]),
-        "ch_mean": ch_mean.astype(np.float32),
-        "ch_var": ch_var.astype(np.float32),
-        "active": r["active"].astype(np.int64),
-        "hist": r["hist"].astype(np.int64),
-        "hist_count": int(r["hist_n"]),
-    }
-
-
-def split_grad(pack: np.ndarray, layout: GradLayout, fast: bool = False) -> dict:
-    if fast:
-        return {"n": float(layout.numel), "sumsq": pack[0], "max_abs": pack[1], "n_nan": 0.0, "n_inf": 0.0}
-    return {"n": pack[0], "sumsq": pack[1], "max_abs": pack[2], "n_nan": pack[3], "n_inf": pack[4]}
-
-
-def combine_grad(a: dict, b: dict) -> dict:
-    return {
-        "n": a["n"] + b["n"],
-        "sumsq": a["sumsq"] + b["sumsq"],
-        "max_abs": max(a["max_abs"], b["max_abs"]),
-        "n_nan": a["n_nan"] + b["n_nan"],
-        "n_inf": a["n_inf"] + b["n_inf"],
-    }
-
-
-def finish_grad(r: dict) -> dict:
-    n = r["n"]
-    return {
-        "count": int(n + r["n_nan"] + r["n_inf"]),
-        "norm": float(math.sqrt(r["sumsq"])),
-        "rms": float(math.sqrt(r["sumsq"] / n)) if n > 0 else math.nan,
-        "max_abs": float(r["max_abs"]) if n > 0 else math.nan,
-        "nan_count": int(r["n_nan"]),
-        "inf_count": int(r["n_inf"]),
-    }
+def expand_grad(pack: torch.Tensor, layout: "GradLayout", fast: bool) -> torch.Tensor:
+    if not fast:
+        return pack
+    dev = pack.device
+    n = torch.tensor([float(layout.numel)], dtype=torch.float64, device=dev)
+    return torch.cat([n, pack, torch.zeros(2, dtype=torch.float64, device=dev)])

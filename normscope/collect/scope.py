@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import os
-import platform
 import time
 import warnings
 import weakref
@@ -25,12 +24,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from normscope.collect import distributed as D
 from normscope.collect import reducers as R
+from normscope.collect.decode import StepAccumulator, entry_signature, expand_pending
+from normscope.collect.meta import _model_device, _now, _sel_json, _to_host, initial_meta
 from normscope.collect.outputs import iter_float_tensors
 from normscope.collect.params import ParamTracker, group_hparams
 from normscope.collect.select import HookPlan, Selector, plan_hooks, resolve_axis
 from normscope.errors import NormscopeError
-from normscope.store.writer import FORMAT, RunWriter, write_json
+from normscope.store.writer import RunWriter, write_json
 
 DEFAULT_EVERY = 20
 _RECENT = 8  # outputs remembered per forward, to reuse a producer's reduction for a norm's input
@@ -108,6 +110,7 @@ class Scope:
         self._since_flush = 0
         self._writer: RunWriter | None = None
         self._meta: dict = {}
+        self._world, self._rank = 1, 0
         self.force_masked = False  # tests: exercise the NaN-safe reducer on CPU
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -122,13 +125,16 @@ class Scope:
     def start(self) -> "Scope":
         if self._active:
             return self
-        if (self.run_dir / "meta.json").exists():
-            raise NormscopeError(
-                f"{self.run_dir} already holds a normscope run: pass a new run_dir (runs are never overwritten)."
-            )
-        self._writer = RunWriter(self.run_dir)
-        self._meta = self._initial_meta()
-        write_json(self.run_dir / "meta.json", self._meta)
+        self._world, self._rank, backend = D.dist_info()
+        if self._rank == 0:  # under torch.distributed only rank 0 writes the run directory
+            if (self.run_dir / "meta.json").exists():
+                raise NormscopeError(
+                    f"{self.run_dir} already holds a normscope run: pass a new run_dir (runs are never overwritten)."
+                )
+            self._writer = RunWriter(self.run_dir)
+            self._meta = self._initial_meta()
+            self._meta["distributed"] = {"world_size": self._world, "backend": backend}
+            write_json(self.run_dir / "meta.json", self._meta)
         root = self.model
         self._handles.append(root.register_forward_pre_hook(self._on_root_pre))
         self._handles.append(root.register_forward_hook(self._on_root_post))
@@ -156,11 +162,22 @@ class Scope:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        failed = not status.startswith("complete")
         try:
-            if self._pending or self._scalars:
+            if self._world > 1:
+                # every rank closes at the same point and joins the last gather, unless this one
+                # failed: then it must not enter a collective its peers never reach
+                if not failed:
+                    self._finish_step(updated=False, params=False)
+            elif self._pending or self._scalars:
                 self._finish_step(updated=False, params=False)
             self._flush()
         finally:
+            if self._writer is None:
+                self._scratch.clear()
+                self._params.release()
+                self._recent.clear()
+                return
             self._meta.update(
                 status=status,
                 ended=_now(),
@@ -176,6 +193,11 @@ class Scope:
     @property
     def hook_count(self) -> int:
         return len(self._handles)
+
+    @property
+    def is_writer(self) -> bool:
+        """True on the process that writes the run directory (rank 0 under torch.distributed)."""
+        return self._rank == 0
 
     # --- stepping ----------------------------------------------------------------------------
     def step(self) -> None:
@@ -213,7 +235,7 @@ class Scope:
                 self._scalars.append((phase, k, v))
             return
         prev = self.step_index - 1
-        if prev % self.every != 0:
+        if prev % self.every != 0 or self._writer is None:
             return
         for k, v in values.items():
             v = float(v.detach().reshape(-1)[0]) if isinstance(v, torch.Tensor) else float(v)
@@ -264,7 +286,7 @@ class Scope:
         self._recent.clear()
 
     def _on_root_post(self, module, args, output) -> None:
-        if self._exec_order is not None and self._exec_order:
+        if self._writer is not None and self._exec_order is not None and self._exec_order:
             self._meta["execution_order"] = self._exec_order
             self._exec_order = None
             try:
@@ -363,51 +385,25 @@ class Scope:
     def _finish_step_inner(self, params: bool) -> None:
         pending = self._pending
         ppack = self._params.take() if params else None
-        tensors = [p[3] for p in pending]
         scal_t = [v for _, _, v in self._scalars if isinstance(v, torch.Tensor)]
-        if ppack is not None:
-            tensors.append(ppack)
-        tensors.extend(scal_t)
-        if not tensors and not self._scalars:
-            return
-        host = _to_host(tensors)
-        off = 0
-        acts: dict[tuple, list] = {}
-        grads: dict[tuple, list] = {}
-        order: list[tuple] = []
-        for kind, key, lay, _ in pending:
-            if kind == "act":
-                layout, mtype, fast = lay
-                size = layout.pack_size(fast)
-                raw = R.split_act(host[off : off + size], layout, fast)
-                off += size
-                if key not in acts:
-                    acts[key] = [raw, 1, mtype, layout.axis]
-                    order.append(key)
-                else:
-                    ent = acts[key]
-                    ent[0] = R.combine_act(ent[0], raw)
-                    ent[1] += 1
-            else:
-                glayout, fast = lay
-                size = glayout.pack_size(fast)
-                raw = R.split_grad(host[off : off + size], glayout, fast)
-                off += size
-                grads[key] = R.combine_grad(grads[key], raw) if key in grads else raw
+        acc = StepAccumulator()
+        if self._world > 1:
+            if not self._gather(pending, acc):
+                return
+            if self._writer is None:
+                return
+            local = ([ppack] if ppack is not None else []) + scal_t
+            host = _to_host(local) if local else np.zeros(0)
+            off = 0
+        else:
+            tensors = [p[3] for p in pending] + ([ppack] if ppack is not None else []) + scal_t
+            if not tensors and not self._scalars:
+                return
+            host = _to_host(tensors) if tensors else np.zeros(0)
+            off = acc.decode(pending, host)
         step = self.step_index
         w = self._writer
-        for key in order:
-            raw, nfwd, mtype, axis = acts[key]
-            row = R.finish_act(raw)
-            phase, layer, call, path = key
-            row.update(step=step, phase=phase, layer=layer, call=call, output=path, module_type=mtype,
-                       channel_axis=axis, forwards=nfwd)  # fmt: skip
-            w.append("layers", row)
-        for key, raw in grads.items():
-            row = R.finish_grad(raw)
-            phase, layer, call, path = key
-            row.update(step=step, phase=phase, layer=layer, call=call, output=path)
-            w.append("grads", row)
+        acc.write(w, step)
         if ppack is not None:
             n = len(self._params.entries)
             vals = host[off : off + 3 * n].reshape(3, n)
@@ -432,6 +428,26 @@ class Scope:
         if self._since_flush >= self.flush_every or time.monotonic() - self._last_flush > self.flush_seconds:
             self._flush()
 
+    def _gather(self, pending: list, acc: StepAccumulator) -> bool:
+        """Distributed: gather every rank's packs; rank 0 merges them. False: nothing to write."""
+        packs = expand_pending(pending)
+        dev = packs[0].device if packs else _model_device(self.model)
+        local = torch.cat([p.reshape(-1) for p in packs]) if packs else torch.zeros(0, dtype=torch.float64, device=dev)
+        got = D.gather_to_rank0(local, D.signature(entry_signature(pending)), self._world, self._rank)
+        if isinstance(got, str):
+            self._note_error("distributed", RuntimeError(
+                "ranks recorded different layers this step (different modules ran, or a hook failed on one rank); "
+                "only rank 0's own statistics are kept for it"))  # fmt: skip
+            if self._writer is None:
+                return False
+            acc.decode(pending, _to_host(packs), full=True) if packs else None
+            return True
+        if got is None:
+            return False
+        for host in got:
+            acc.decode(pending, host, full=True)
+        return True
+
     def _flush(self) -> None:
         if self._writer is None:
             return
@@ -445,72 +461,7 @@ class Scope:
 
     # --- metadata ----------------------------------------------------------------------------
     def _initial_meta(self) -> dict:
-        import normscope
-
-        hooked = {p.name for p in self._plans}
-        modules = []
-        for name, m in self.model.named_modules():
-            modules.append({
-                "name": name or "<root>", "type": type(m).__name__,
-                "params": sum(p.numel() for p in m.parameters(recurse=False)),
-                "trainable": sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad),
-                "hooked": (name or "<root>") in hooked,
-            })  # fmt: skip
-        total = sum(p.numel() for p in self.model.parameters())
-        return {
-            "format": FORMAT,
-            "name": self.name,
-            "status": "running",
-            "created": _now(),
-            "versions": {
-                "normscope": normscope.__version__,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-            },
-            "model": {
-                "class": type(self.model).__name__,
-                "params": total,
-                "trainable": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
-                "hooked_layers": len(self._plans),
-            },
-            "modules": modules,
-            "execution_order": [],
-            "options": self._options,
-            "histograms": {p.name: p.hist.to_json() for p in self._plans},
-            "saturation": {p.name: p.sat.kind for p in self._plans if p.sat is not None},
-            "threads": torch.get_num_threads(),
-            "steps_recorded": 0,
-        }
-
-
-def _to_host(tensors: list[torch.Tensor]) -> np.ndarray:
-    """Concatenate per device and copy to the host: one transfer per device per step."""
-    by_dev: dict[torch.device, list[int]] = defaultdict(list)
-    for i, t in enumerate(tensors):
-        by_dev[t.device].append(i)
-    if len(by_dev) == 1:
-        return torch.cat([t.reshape(-1) for t in tensors]).cpu().numpy()
-    pieces: list[np.ndarray | None] = [None] * len(tensors)
-    for dev, idx in by_dev.items():
-        flat = torch.cat([tensors[i].reshape(-1) for i in idx]).cpu().numpy()
-        o = 0
-        for i in idx:
-            n = tensors[i].numel()
-            pieces[i] = flat[o : o + n]
-            o += n
-    return np.concatenate(pieces)
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _sel_json(sel) -> list[str] | None:
-    if sel is None:
-        return None
-    if isinstance(sel, (str, type)):
-        sel = [sel]
-    return [s if isinstance(s, str) else f"type:{s.__module__}.{s.__qualname__}" for s in sel]
+        return initial_meta(self.model, self.name, self._plans, self._options)
 
 
 def watch(model: nn.Module, run_dir: str | os.PathLike | None = None, every: int = DEFAULT_EVERY, **options) -> Scope:

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import reference as ref
+from normscope.collect import decode as H
 from normscope.collect import reducers as R
 
 SPECS = {
@@ -27,7 +28,7 @@ def run_reducer(x, axis, kind, hist_max=65536, masked=False):
     pack, fast = R.reduce_act(x, layout, hist, sat, hist_max, R.Scratch(), force_masked=masked)
     assert pack.dtype == torch.float64 and pack.numel() == layout.pack_size(fast)
     assert fast == (not masked and bool(torch.isfinite(x).all()))
-    return R.finish_act(R.split_act(pack.numpy(), layout, fast))
+    return H.finish_act(H.split_act(pack.numpy(), layout, fast))
 
 
 def assert_matches(got, want, scale):
@@ -145,7 +146,7 @@ def test_grad_stats_match_numpy(x, masked, poison):
         x.view(-1)[0] = poison
     p, fast = R.reduce_grad(x, force_masked=masked)
     assert fast == (not masked and poison is None)
-    got = R.finish_grad(R.split_grad(p.numpy(), R.GradLayout(x.numel()), fast))
+    got = H.finish_grad(H.split_grad(p.numpy(), R.GradLayout(x.numel()), fast))
     want = ref.grad_stats(x.numpy())
     for k in ("count", "nan_count", "inf_count"):
         assert got[k] == want[k]
@@ -163,7 +164,7 @@ def test_combine_micro_batches_equals_one_batch():
     for t in (a, b):
         lay = R.act_layout(t, 1, hist)
         pack, fast = R.reduce_act(t, lay, hist, sat, 65536, R.Scratch())
-        raws.append(R.split_act(pack.numpy(), lay, fast))
-    got = R.finish_act(R.combine_act(*raws))
+        raws.append(H.split_act(pack.numpy(), lay, fast))
+    got = H.finish_act(H.combine_act(*raws))
     want = ref.act_stats(torch.cat([a, b]).numpy(), 1, hist, sat, 10**9)
     assert_matches(got, want, 10.0)

@@ -1,7 +1,6 @@
 """The collector end to end: hooks, steps, call sites, outputs, numerics untouched."""
 
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -67,7 +66,7 @@ def test_recorded_stats_equal_captured_tensors(tmp_path):
     names = ["stem.0", "stem.1", "stem.2", "layer1.relu", "layer2.short.0", "fc"]
     for n in names:
         model.get_submodule(n).register_forward_hook(cap(n))
-    with watch(model, tmp_path / "r", every=1, hist_max=512) as scope:
+    with watch(model, tmp_path / "r", every=1, hist_max=512):
         models.train(model, 1)
     run = load(tmp_path / "r")
     rows = run.stats[run.stats.output == ""].set_index(["layer", "call"])
@@ -99,7 +98,7 @@ def test_parameter_norms_and_updates(tmp_path):
     model[0].bias.requires_grad_(False)  # frozen parameter
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.01)
     x, y = torch.randn(16, 4), torch.randn(16, 2)
-    with watch(model, tmp_path / "p", every=1) as scope:
+    with watch(model, tmp_path / "p", every=1):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         loss = nn.functional.mse_loss(model(x), y)
         opt.zero_grad()
@@ -137,7 +136,7 @@ def test_every_k_sampling_and_scalars(tmp_path):
 
 def test_eval_forwards_tagged_separately(tmp_path):
     model = models.TinyResNet()
-    with watch(model, tmp_path / "e", every=1) as scope:
+    with watch(model, tmp_path / "e", every=1):
         models.train(model, 1)
         model.eval()
         with torch.no_grad():
@@ -270,7 +269,7 @@ def test_memory_bounded_between_flushes(tmp_path):
 
 def test_existing_run_never_overwritten(tmp_path):
     model = nn.Linear(2, 2)
-    with watch(model, tmp_path / "o", every=1) as scope:
+    with watch(model, tmp_path / "o", every=1):
         model(torch.randn(1, 2))
     with pytest.raises(NormscopeError, match="already holds a normscope run"):
         with watch(model, tmp_path / "o"):

@@ -293,7 +293,7 @@ SY_ID = "syncbn-recommended"
     params={"batch": 16},
 )  # fmt: skip
 def syncbn(ctx, p):
-    dist = ctx.probe.get("distributed") or {}
+    dist = ctx.probe.get("distributed") or ctx.run.meta.get("distributed") or {}
     world = int(dist.get("world_size") or 1)
     if world <= 1:
         raise SkipCheck("the run was not recorded under torch.distributed with more than one process")

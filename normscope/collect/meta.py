@@ -1,0 +1,91 @@
+"""Run metadata and small host-side helpers of the collector."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from collections import defaultdict
+
+import numpy as np
+import torch
+from torch import nn
+
+from normscope.store.writer import FORMAT
+
+
+def initial_meta(model, name: str, plans, options: dict) -> dict:
+    """meta.json at the start of a run: model summary, options, histogram edges, versions."""
+    import normscope
+
+    hooked = {p.name for p in plans}
+    modules = []
+    for name, m in model.named_modules():
+        modules.append({
+            "name": name or "<root>", "type": type(m).__name__,
+            "params": sum(p.numel() for p in m.parameters(recurse=False)),
+            "trainable": sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad),
+            "hooked": (name or "<root>") in hooked,
+        })  # fmt: skip
+    total = sum(p.numel() for p in model.parameters())
+    return {
+        "format": FORMAT,
+        "name": name,
+        "status": "running",
+        "created": _now(),
+        "versions": {
+            "normscope": normscope.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "model": {
+            "class": type(model).__name__,
+            "params": total,
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "hooked_layers": len(plans),
+        },
+        "modules": modules,
+        "execution_order": [],
+        "options": options,
+        "histograms": {p.name: p.hist.to_json() for p in plans},
+        "saturation": {p.name: p.sat.kind for p in plans if p.sat is not None},
+        "threads": torch.get_num_threads(),
+        "steps_recorded": 0,
+    }
+
+
+
+def _to_host(tensors: list[torch.Tensor]) -> np.ndarray:
+    """Concatenate per device and copy to the host: one transfer per device per step."""
+    by_dev: dict[torch.device, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        by_dev[t.device].append(i)
+    if len(by_dev) == 1:
+        return torch.cat([t.reshape(-1) for t in tensors]).cpu().numpy()
+    pieces: list[np.ndarray | None] = [None] * len(tensors)
+    for dev, idx in by_dev.items():
+        flat = torch.cat([tensors[i].reshape(-1) for i in idx]).cpu().numpy()
+        o = 0
+        for i in idx:
+            n = tensors[i].numel()
+            pieces[i] = flat[o : o + n]
+            o += n
+    return np.concatenate(pieces)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _sel_json(sel) -> list[str] | None:
+    if sel is None:
+        return None
+    if isinstance(sel, (str, type)):
+        sel = [sel]
+    return [s if isinstance(s, str) else f"type:{s.__module__}.{s.__qualname__}" for s in sel]
+
+

@@ -1,0 +1,57 @@
+"""One rank of a 2-process gloo run (started by test_distributed.py), or the single-process baseline.
+
+    python ddp_worker.py MODE RUN_DIR RANK WORLD PORT
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import normscope
+
+MODE, RUN_DIR, RANK, WORLD, PORT = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+FULL_BATCH, STEPS = 16, 4
+
+
+def make_model(bn: bool):
+    torch.manual_seed(0)
+    if bn:
+        return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(FULL_BATCH, 8, generator=g), torch.randint(0, 3, (FULL_BATCH,), generator=g)) for _ in range(STEPS)]
+
+
+def main():
+    torch.set_num_threads(1)
+    if WORLD > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=PORT)
+        dist.init_process_group("gloo", rank=RANK, world_size=WORLD)
+    try:
+        model = make_model(bn=MODE == "bn")
+        net = nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        per = FULL_BATCH // WORLD
+        with normscope.watch(model, RUN_DIR, every=1, optimizer=opt) as scope:
+            for step, (x, y) in enumerate(batches()):
+                x, y = x[RANK * per : (RANK + 1) * per], y[RANK * per : (RANK + 1) * per]
+                if MODE == "raise" and RANK == 1 and step == 2:
+                    raise RuntimeError("rank 1 failed on purpose")
+                loss = nn.functional.cross_entropy(net(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        print(f"rank {RANK} writer={scope.is_writer}", flush=True)
+    finally:
+        if WORLD > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
