@@ -85,6 +85,7 @@ class Scope:
             "flush_every": flush_every, "flush_seconds": flush_seconds, "hist_max": hist_max,
             "channel_axis": dict(channel_axis or {}), "track_updates": track_updates, "grads": grads,
         }  # fmt: skip
+        optimizer = _unwrap_optimizer(optimizer)
         self._explicit_opt = optimizer
         self._opt = optimizer
         self._handles: list[Any] = []
@@ -462,6 +463,15 @@ class Scope:
     # --- metadata ----------------------------------------------------------------------------
     def _initial_meta(self) -> dict:
         return initial_meta(self.model, self.name, self._plans, self._options)
+
+
+def _unwrap_optimizer(opt):
+    """The torch optimizer inside wrappers (accelerate's AcceleratedOptimizer, Lightning's, ...)."""
+    seen = 0
+    while opt is not None and seen < 4 and isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):
+        opt = opt.optimizer
+        seen += 1
+    return opt
 
 
 def watch(model: nn.Module, run_dir: str | os.PathLike | None = None, every: int = DEFAULT_EVERY, **options) -> Scope:

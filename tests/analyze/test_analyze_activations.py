@@ -17,7 +17,7 @@ def train_watched(model, run_dir, steps, make_batch, lr=0.05, every=1, on_step=N
     store: dict = {}
     handles = capture(model, names, store)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    with watch(model, run_dir, every=every) as scope:
+    with watch(model, run_dir, every=every):
         for i in range(steps):
             if on_step:
                 on_step(i, model)

@@ -23,7 +23,7 @@ def conv_run(tmp_path):
     capture(model, ["0", "2", "4"], store)
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     g = torch.Generator().manual_seed(0)
-    with watch(model, tmp_path / "r", every=1) as scope:
+    with watch(model, tmp_path / "r", every=1):
         for _ in range(12):
             x = torch.randn(16, 2, 4, 4, generator=g) * 1.5 + 0.5
             loss = nn.functional.cross_entropy(model(x), torch.randint(0, 3, (16,), generator=g))

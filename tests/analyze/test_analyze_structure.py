@@ -81,7 +81,7 @@ def test_structural_checks_from_a_watched_run_and_the_model(tmp_path):
                           nn.BatchNorm1d(8), nn.Linear(8, 2))  # fmt: skip
     opt = torch.optim.SGD([{"params": [p for n, p in model.named_parameters() if n.startswith("1.")], "weight_decay": 1e-4},
                            {"params": [p for n, p in model.named_parameters() if not n.startswith("1.")]}], lr=0.1)  # fmt: skip
-    with watch(model, tmp_path / "w", every=1) as scope:
+    with watch(model, tmp_path / "w", every=1):
         for _ in range(3):
             loss = model(torch.randn(16, 4)).pow(2).mean()
             opt.zero_grad()
@@ -164,7 +164,7 @@ def test_update_ratio_levels(tmp_path, lr, expect):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
     opt = torch.optim.SGD(m.parameters(), lr=lr)
-    with watch(m, tmp_path / "u", every=1) as scope:
+    with watch(m, tmp_path / "u", every=1):
         for _ in range(6):
             loss = m(torch.randn(64, 32)).pow(2).mean()
             opt.zero_grad()

@@ -315,3 +315,22 @@ def test_non_finite_recorded_without_crashing(tmp_path):
     assert g.loc["b", "nan_count"] == 1  # ones · c.weight · NaN-mask: one NaN entry
     assert g.loc["a", "nan_count"] == 4  # row 0 of b.weightᵀ · grad: all four entries
     assert math.isfinite(g.loc["a", "norm"])
+
+
+def test_wrapped_optimizer_is_unwrapped(tmp_path):
+    """Regression: accelerate's AcceleratedOptimizer (a torch Optimizer without its own hooks state)."""
+
+    class Wrapper(torch.optim.Optimizer):
+        def __init__(self, inner):  # deliberately skips Optimizer.__init__, like accelerate
+            self.optimizer = inner
+
+        def step(self, closure=None):
+            return self.optimizer.step(closure)
+
+    model = nn.Sequential(nn.Linear(3, 3))
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    with watch(model, tmp_path / "w", every=1, optimizer=Wrapper(inner)):
+        for _ in range(2):
+            model(torch.randn(4, 3)).sum().backward()
+            inner.step()
+    assert load(tmp_path / "w").steps == [0, 1]

@@ -50,7 +50,7 @@ def test_export_reads_back(run_dir, tmp_path):
     np.testing.assert_allclose([e.value for e in acc.Scalars("param/0.weight/update_ratio")], p.update_norm / p.norm, rtol=1e-6)
     h = acc.Histograms("act/3")
     assert len(h) == 3
-    want = s = run.stats[(run.stats.layer == "3")].sort_values("step").hist.iloc[0]
+    want = run.stats[(run.stats.layer == "3")].sort_values("step")["hist"].iloc[0]
     assert h[0].histogram_value.num == want.sum()
     assert list(h[0].histogram_value.bucket) == want.astype(float).tolist()
 

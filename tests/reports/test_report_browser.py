@@ -18,13 +18,25 @@ ARGS = [
 ]  # fmt: skip
 
 
+FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "dropout_before_bn.py"
+
+
 @pytest.fixture(scope="module")
-def page(small_run, tmp_path_factory):
+def fixture_report(tmp_path_factory):
+    """A real fixture run with its real findings (dropout directly before BatchNorm)."""
+    import normscope
+
+    run = normscope.probe(normscope.load_recipe(FIXTURE), run_dir=tmp_path_factory.mktemp("fx") / "run")
+    analysis = normscope.analyze_full(run)
+    assert any(f.check == "dropout-bn-variance-shift" for f in analysis.findings)
+    return build_report(run, findings=analysis.findings, skipped=analysis.skipped)
+
+
+def _open(report: Path):
     if not Path(CHROMIUM).exists():
         pytest.fail(f"chromium not found at {CHROMIUM}: scripts/test.sh installs Debian's chromium")
     from playwright.sync_api import sync_playwright
 
-    report = build_report(small_run, findings=FINDINGS, out=tmp_path_factory.mktemp("rep") / "report.html")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         pg = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -38,34 +50,48 @@ def page(small_run, tmp_path_factory):
         yield pg
         ARTIFACTS.mkdir(exist_ok=True)
         pg.evaluate("window.scrollTo(0, 0)")
-        pg.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
+        pg.screenshot(path=str(ARTIFACTS / f"report-{report.parent.parent.name}.png"), full_page=True)
         browser.close()
 
 
-def test_no_console_errors_no_network_no_script_injection(page):
+@pytest.fixture(scope="module")
+def page(fixture_report):
+    yield from _open(fixture_report)
+
+
+@pytest.fixture(scope="module")
+def xss_page(small_run, tmp_path_factory):
+    yield from _open(build_report(small_run, findings=FINDINGS, out=tmp_path_factory.mktemp("xss") / "report.html"))
+
+
+def test_no_console_errors_no_network(page):
     assert page.events["console"] == []
     assert all(u.startswith(("file:", "data:")) for u in page.events["requests"]), page.events["requests"]
-    assert page.events["dialogs"] == []
-    assert page.locator("td.name", has_text="<script>alert(1)</script>").count() == 1
+
+
+def test_module_name_is_text_not_script(xss_page):
+    assert xss_page.events["dialogs"] == [] and xss_page.events["console"] == []
+    assert xss_page.locator("td.name", has_text="<script>alert(1)</script>").count() == 1
+    assert xss_page.locator("#findings a.layer-link", has_text="<script>alert(1)</script>").count() == 1
 
 
 def test_every_image_loaded(page):
     widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
-    assert len(widths) >= 7 and min(widths) > 0
+    assert len(widths) >= 8 and min(widths) > 0
 
 
 def test_findings_listed_and_link_scrolls_to_layer(page):
-    findings = page.locator("#findings .finding")
-    assert findings.count() == 2
-    assert "saturation" in findings.first.inner_text()  # warnings before info
+    finding = page.locator("#findings .finding[data-check='dropout-bn-variance-shift']")
+    assert finding.count() == 1 and "warning" in finding.inner_text()
+    layer = finding.locator("a.layer-link").inner_text()
     page.evaluate("window.scrollTo(0, 0)")
-    findings.first.locator("a.layer-link").click()
+    finding.locator("a.layer-link").click()
     page.wait_for_function("window.scrollY > 0")
     target = page.evaluate("location.hash")
     assert target.startswith("#layer-")
     top = page.eval_on_selector(target, "el => el.getBoundingClientRect().top")
     assert 0 <= top < 900
-    assert "gate" in page.inner_text(target)
+    assert page.inner_text(f"{target} h3").startswith(layer)
 
 
 def test_sorting_the_table_reorders_rows(page):
@@ -85,7 +111,7 @@ def test_sorting_the_table_reorders_rows(page):
 
 
 def test_filter_hides_rows(page):
-    page.fill("#layer-filter", "conv")
+    page.fill("#layer-filter", "batchnorm")
     visible = page.eval_on_selector_all("#layer-table tbody tr", "rows => rows.filter(r => r.style.display !== 'none').length")
     assert visible == 1
     page.fill("#layer-filter", "")
