@@ -113,8 +113,11 @@ def dead_fraction(s: pd.DataFrame) -> pd.Series:
 
     NaN for other layers (a Linear output or BN output below zero is not a dead unit).
     """
-    frac = pd.Series(_per_row(s["active"], lambda a: (a == 0).mean(1)), index=s.index)
-    return frac.where(s["module_type"].isin(RELU_FAMILY), np.nan)
+    relu = s["module_type"].isin(RELU_FAMILY).to_numpy()
+    out = np.full(len(s), np.nan)
+    if relu.any():
+        out[relu] = _per_row(s["active"][relu], lambda a: (a == 0).mean(1))
+    return pd.Series(out, index=s.index)
 
 
 def sym_kl(m1, v1, m2, v2) -> np.ndarray:
@@ -145,6 +148,12 @@ def drift_table(run, phase: str = "train") -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def _log_drift(d: pd.DataFrame) -> pd.DataFrame:
+    """Drift spans decades (a batch of 4 samples can make a channel's variance ~0): plot log10."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return d.assign(log_drift=np.log10(d["drift"].clip(lower=1e-6)))
+
+
 def heatmaps(run, phase: str = "train", max_cols: int = 200, max_rows: int = 120) -> list[Heatmap]:
     rows = layer_rows(run)
     s = run.stats[(run.stats.phase == phase) & (run.stats.output != "input")].copy()
@@ -164,8 +173,8 @@ def heatmaps(run, phase: str = "train", max_cols: int = 200, max_rows: int = 120
          "no saturating layer (sigmoid, tanh, hardtanh)"),
         ("Activation std", s, "log_std", True, "log10 std", "no data recorded"),
         ("Gradient RMS w.r.t. layer output", g, "log_rms", True, "log10 RMS", "no gradient recorded"),
-        ("Drift: symmetric KL to the previous sampled step", drift_table(run, phase), "drift", False, "nats",
-         "needs two sampled steps"),
+        ("Drift: symmetric KL to the previous sampled step", _log_drift(drift_table(run, phase)), "log_drift", True,
+         "log10 nats", "needs two sampled steps"),
     ]  # fmt: skip
     out = []
     for title, df, col, log, unit, empty in specs:

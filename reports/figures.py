@@ -35,8 +35,9 @@ def _short(labels: list[str], limit: int = 28) -> list[str]:
 
 def heatmap(hm: Heatmap) -> str:
     rows, cols = hm.values.shape
-    h = max(2.2, min(0.16 * rows + 1.2, 14))
+    h = max(2.4, min(0.13 * min(rows, 40) + 1.4, 7.0))
     fig, ax = plt.subplots(figsize=(9, h))
+    fig.subplots_adjust(left=0.22, right=0.96, bottom=0.5 / h + 0.08, top=1 - 0.35 / h)
     if cols == 0 or rows == 0 or not np.isfinite(hm.values).any():
         ax.text(0.5, 0.5, hm.empty_text, ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
@@ -55,7 +56,7 @@ def heatmap(hm: Heatmap) -> str:
         ax.set_xlabel("training step")
         ax.set_ylabel("layer (execution order)")
     ax.set_title(hm.title)
-    return _uri(fig)
+    return _uri(fig, tight=False)
 
 
 def gradient_flow(labels: list[str], series: dict[int, np.ndarray]) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 from normscope_reports import data as D
 
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
-MAX_DETAILS = 24  # flagged layers that get a detail section (the table stays complete)
+MAX_DETAILS = 16  # flagged layers that get a detail section (the table stays complete)
 
 COLUMNS = [
     ("label", "layer", True), ("module_type", "type", True), ("step", "step", False),

@@ -174,19 +174,15 @@ class Scope:
                 self._finish_step(updated=False, params=False)
             self._flush()
         finally:
-            if self._writer is None:
-                self._scratch.clear()
-                self._params.release()
-                self._recent.clear()
-                return
-            self._meta.update(
-                status=status,
-                ended=_now(),
-                steps_seen=self.step_index,
-                optimizer_steps=self._optimizer_steps,
-                hook_errors=self._hook_errors,
-            )
-            write_json(self.run_dir / "meta.json", self._meta)
+            if self._writer is not None:
+                self._meta.update(
+                    status=status,
+                    ended=_now(),
+                    steps_seen=self.step_index,
+                    optimizer_steps=self._optimizer_steps,
+                    hook_errors=self._hook_errors,
+                )
+                write_json(self.run_dir / "meta.json", self._meta)
             self._scratch.clear()
             self._params.release()
             self._recent.clear()
@@ -389,9 +385,9 @@ class Scope:
         scal_t = [v for _, _, v in self._scalars if isinstance(v, torch.Tensor)]
         acc = StepAccumulator()
         if self._world > 1:
-            if not self._gather(pending, acc):
+            if not self._gather(pending, acc) or self._writer is None:
                 return
-            if self._writer is None:
+            if not pending and ppack is None and not self._scalars:
                 return
             local = ([ppack] if ppack is not None else []) + scal_t
             host = _to_host(local) if local else np.zeros(0)

@@ -7,6 +7,18 @@ from pathlib import Path
 from typing import Any
 
 
+class CallbackOptions:
+    """What both framework callbacks take: the run directory, cadence, and watch() options."""
+
+    def __init__(self, run_dir: str | None = None, every: int = 20, analyze: bool = True, **watch_options: Any):
+        self.run_dir = run_dir
+        self.every = every
+        self.analyze = analyze
+        self.watch_options = watch_options
+        self.scope = None
+        self.counts: dict[str, int] | None = None
+
+
 def default_run_dir(name: str) -> Path:
     return Path("runs") / f"{name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 

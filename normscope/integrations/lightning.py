@@ -8,8 +8,6 @@ Works with ``lightning`` (``lightning.pytorch``) or the older ``pytorch_lightnin
 
 from __future__ import annotations
 
-from typing import Any
-
 try:
     from lightning.pytorch.callbacks import Callback
 except ImportError:  # pragma: no cover - the older package name
@@ -20,23 +18,15 @@ except ImportError:  # pragma: no cover - the older package name
 
         raise NormscopeError("the Lightning integration needs lightning: pip install lightning") from e
 
-from normscope.integrations._common import as_float, default_run_dir, finish
+from normscope.integrations._common import CallbackOptions, as_float, default_run_dir, finish
 
 
-class NormscopeCallback(Callback):
+class NormscopeCallback(CallbackOptions, Callback):
     """Record the run while Lightning trains; at the end, analyse it and log finding counts.
 
     Steps advance with the optimizer's steps (so with gradient accumulation, one per optimizer
     step, like ``trainer.global_step``). Options are passed to :func:`normscope.watch`.
     """
-
-    def __init__(self, run_dir: str | None = None, every: int = 20, analyze: bool = True, **watch_options: Any):
-        self.run_dir = run_dir
-        self.every = every
-        self.analyze = analyze
-        self.watch_options = watch_options
-        self.scope = None
-        self.counts: dict[str, int] | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
         from normscope.collect import watch

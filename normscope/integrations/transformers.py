@@ -9,8 +9,6 @@ At the end of training the run is analysed and the finding counts are added to
 
 from __future__ import annotations
 
-from typing import Any
-
 try:
     from transformers import TrainerCallback
 except ImportError as e:  # pragma: no cover
@@ -18,19 +16,11 @@ except ImportError as e:  # pragma: no cover
 
     raise NormscopeError("the transformers integration needs transformers: pip install transformers") from e
 
-from normscope.integrations._common import as_float, default_run_dir, finish
+from normscope.integrations._common import CallbackOptions, as_float, default_run_dir, finish
 
 
-class NormscopeCallback(TrainerCallback):
+class NormscopeCallback(CallbackOptions, TrainerCallback):
     """Watch the model while ``Trainer`` trains; steps advance with the optimizer's steps."""
-
-    def __init__(self, run_dir: str | None = None, every: int = 20, analyze: bool = True, **watch_options: Any):
-        self.run_dir = run_dir
-        self.every = every
-        self.analyze = analyze
-        self.watch_options = watch_options
-        self.scope = None
-        self.counts: dict[str, int] | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         from normscope.collect import watch

@@ -80,8 +80,7 @@ def recal_worker(rank: int, world: int, init_file: str, batches: list, state: di
         model = small_recal_net()
         model.load_state_dict(state)
         res = recalibrate_bn(model, batches[rank::world])
-        if rank == 0:
-            torch.save({"state": model.state_dict(), "world": res.world_size, "dist": res.distributed}, out)
+        torch.save({"state": model.state_dict(), "world": res.world_size, "dist": res.distributed}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 

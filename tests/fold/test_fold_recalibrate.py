@@ -97,7 +97,10 @@ def test_distributed_sums_are_reduced_across_ranks():
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.pt")
         mp.spawn(recal_worker, args=(2, os.path.join(tmp, "init"), batches, state, out), nprocs=2, join=True)
-        got = torch.load(out)
-    assert got["dist"] and got["world"] == 2
+        ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    for got in ranks:
+        assert got["dist"] and got["world"] == 2
+        for name in ("bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn2.running_var"):
+            torch.testing.assert_close(got["state"][name], ref.state_dict()[name], rtol=1e-5, atol=1e-6)
     for name in ("bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn2.running_var"):
-        torch.testing.assert_close(got["state"][name], ref.state_dict()[name], rtol=1e-5, atol=1e-6)
+        assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name])  # identical on every rank
