@@ -19,12 +19,12 @@ def initial_meta(model, name: str, plans, options: dict) -> dict:
 
     hooked = {p.name for p in plans}
     modules = []
-    for name, m in model.named_modules():
+    for mname, m in model.named_modules():
         modules.append({
-            "name": name or "<root>", "type": type(m).__name__,
+            "name": mname or "<root>", "type": type(m).__name__,
             "params": sum(p.numel() for p in m.parameters(recurse=False)),
             "trainable": sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad),
-            "hooked": (name or "<root>") in hooked,
+            "hooked": (mname or "<root>") in hooked,
         })  # fmt: skip
     total = sum(p.numel() for p in model.parameters())
     return {

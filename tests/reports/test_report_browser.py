@@ -8,7 +8,7 @@ import pytest
 
 from normscope_reports import build_report
 
-from conftest import FINDINGS
+from report_testlib import FINDINGS
 
 CHROMIUM = os.environ.get("NORMSCOPE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -32,36 +32,43 @@ def fixture_report(tmp_path_factory):
     return build_report(run, findings=analysis.findings, skipped=analysis.skipped)
 
 
-def _open(report: Path):
+@pytest.fixture(scope="module")
+def browser():
+    """One playwright driver and chromium for the module (two sync drivers cannot nest)."""
     if not Path(CHROMIUM).exists():
         pytest.fail(f"chromium not found at {CHROMIUM}: scripts/test.sh installs Debian's chromium")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        pg = browser.new_page(viewport={"width": 1280, "height": 900})
-        pg.events = {"console": [], "requests": [], "dialogs": []}
-        pg.on("console", lambda m: pg.events["console"].append(m) if m.type in ("error", "warning") else None)
-        pg.on("pageerror", lambda e: pg.events["console"].append(e))
-        pg.on("request", lambda r: pg.events["requests"].append(r.url))
-        pg.on("dialog", lambda d: (pg.events["dialogs"].append(d.message), d.dismiss()))
-        pg.goto(report.as_uri())
-        pg.wait_for_load_state("load")
-        yield pg
-        ARTIFACTS.mkdir(exist_ok=True)
-        pg.evaluate("window.scrollTo(0, 0)")
-        pg.screenshot(path=str(ARTIFACTS / f"report-{report.parent.parent.name}.png"), full_page=True)
-        browser.close()
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+def _open(browser, report: Path):
+    pg = browser.new_page(viewport={"width": 1280, "height": 900})
+    pg.events = {"console": [], "requests": [], "dialogs": []}
+    pg.on("console", lambda m: pg.events["console"].append(m) if m.type in ("error", "warning") else None)
+    pg.on("pageerror", lambda e: pg.events["console"].append(e))
+    pg.on("request", lambda r: pg.events["requests"].append(r.url))
+    pg.on("dialog", lambda d: (pg.events["dialogs"].append(d.message), d.dismiss()))
+    pg.goto(report.as_uri())
+    pg.wait_for_load_state("load")
+    yield pg
+    ARTIFACTS.mkdir(exist_ok=True)
+    pg.evaluate("window.scrollTo(0, 0)")
+    pg.screenshot(path=str(ARTIFACTS / f"report-{report.parent.parent.name}.png"), full_page=True)
+    pg.close()
 
 
 @pytest.fixture(scope="module")
-def page(fixture_report):
-    yield from _open(fixture_report)
+def page(browser, fixture_report):
+    yield from _open(browser, fixture_report)
 
 
 @pytest.fixture(scope="module")
-def xss_page(small_run, tmp_path_factory):
-    yield from _open(build_report(small_run, findings=FINDINGS, out=tmp_path_factory.mktemp("xss") / "report.html"))
+def xss_page(browser, small_run, tmp_path_factory):
+    yield from _open(browser, build_report(small_run, findings=FINDINGS, out=tmp_path_factory.mktemp("xss") / "report.html"))
 
 
 def test_no_console_errors_no_network(page):

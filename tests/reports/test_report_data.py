@@ -8,7 +8,7 @@ import pytest
 from normscope_reports import build_report
 from normscope_reports import data as D
 
-from conftest import FINDINGS
+from report_testlib import FINDINGS
 
 
 def test_heatmap_matrices_equal_stats(small_run):

@@ -125,3 +125,14 @@ def test_sigkill_loses_only_unflushed_steps(tmp_path):
     steps = run.steps
     assert steps[: done + 1] == list(range(done + 1))  # every flushed step is readable
     assert set(run.params.step) >= set(range(done + 1))
+
+
+def test_meta_name_is_the_run_name_not_a_module_name(tmp_path):
+    """Regression: a loop variable once shadowed the run name in meta.json."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    with watch(model, tmp_path / "n", every=1, name="my-run"):
+        model(torch.randn(1, 2))
+    assert load(tmp_path / "n").meta["name"] == "my-run"
+    with watch(model, tmp_path / "d", every=1):
+        model(torch.randn(1, 2))
+    assert load(tmp_path / "d").meta["name"] == "Sequential"
