@@ -13,9 +13,11 @@ interleaved in one process (rotating order every repeat) so that machine noise h
 - watch-every1  normscope.watch(every=1), the full statistic set
 - watch-default normscope.watch() at its default cadence
 
-A repeat runs ``chunk`` steps of every variant; the ratio is the median over repeats of
-(variant time / bare time) within the repeat. Peak RSS is measured in a fresh subprocess per
-variant (ru_maxrss is a high-water mark).
+A repeat runs ``chunk`` steps of every variant; ``x bare`` is the median over repeats of
+(variant time / bare time) within the repeat; ``(total)`` is total variant time / total bare time,
+the right figure for the default cadence when a chunk holds fewer steps than the cadence (an
+even number of repeats of every/2 steps covers whole cadence periods). Peak RSS is measured in a
+fresh subprocess per variant (VmHWM: the high-water mark of that process image).
 """
 
 from __future__ import annotations
@@ -190,8 +192,8 @@ def main() -> None:
     if a.rss_child:
         rss_child(a.rss_child[0], a.rss_child[1], int(a.rss_child[2]))
         return
-    repeats = a.repeats or (3 if a.quick else 7)
-    chunk = a.chunk or (DEFAULT_EVERY // 2 if a.quick else DEFAULT_EVERY)
+    repeats = a.repeats or (2 if a.quick else 6)
+    chunk = a.chunk or (DEFAULT_EVERY // 4 if a.quick else DEFAULT_EVERY // 2)
     variants = [v for v in a.variants.split(",") if v]
     if "bare" not in variants:
         variants.insert(0, "bare")
