@@ -195,19 +195,6 @@ def gradient_flow(run, n_steps: int = 4, phase: str = "train") -> tuple[list[str
     return rows["label"].tolist(), {int(steps[i]): vals[:, i] for i in pick}
 
 
-def signal_propagation(run, phase: str = "train", last_only: bool = False) -> pd.DataFrame:
-    """Brock et al. 2021: per layer output, average channel squared mean and average channel variance."""
-    s = run.stats[(run.stats.phase == phase) & (run.stats.output != "input")]
-    if last_only and len(s):
-        s = s[s.step == s.step.max()]
-    if not len(s):
-        return pd.DataFrame(columns=["layer", "call", "step", "avg_sq_mean", "avg_var"])
-    out = s[["layer", "call", "step"]].copy()
-    out["avg_sq_mean"] = _per_row(s["ch_mean"], lambda m: np.nanmean(m * m, axis=1))
-    out["avg_var"] = _per_row(s["ch_var"], lambda v: np.nanmean(v, axis=1))
-    return out.reset_index(drop=True)
-
-
 def layer_table(run, flagged: set[str] | None = None, phase: str = "train") -> pd.DataFrame:
     """Every hooked layer call with its key numbers at its last recorded step."""
     rows = layer_rows(run)

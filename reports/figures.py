@@ -80,15 +80,18 @@ def gradient_flow(labels: list[str], series: dict[int, np.ndarray]) -> str:
     return _uri(fig)
 
 
-def signal_propagation(labels: list[str], sq_mean: np.ndarray, var: np.ndarray, step: int) -> str:
+def signal_propagation(labels: list[str], sq_mean: np.ndarray, var: np.ndarray, when: str,
+                       branch_var: np.ndarray | None = None) -> str:  # fmt: skip
     fig, ax = plt.subplots(figsize=(9, 3.2))
     x = np.arange(len(labels))
     ax.plot(x, var, "o-", ms=3, color="#1f3b73", label="average channel variance")
     ax.plot(x, sq_mean, "s--", ms=3, color="#c98a0a", label="average channel squared mean")
+    if branch_var is not None and np.isfinite(branch_var).any():
+        ax.plot(x, branch_var, "^:", ms=3, color="#5a5a5a", label="residual branch variance")
     ax.set_yscale("log")
     ax.set_xlabel("layer (execution order)")
     ax.set_ylabel("value (log)")
-    ax.set_title(f"Signal propagation at step {step} (Brock, De & Smith 2021)")
+    ax.set_title(f"Signal propagation, {when} (Brock, De & Smith 2021)")
     if len(labels) <= 40:
         ax.set_xticks(x)
         ax.set_xticklabels(_short(labels, 18), rotation=60, ha="right", fontsize=7)

@@ -120,17 +120,7 @@ def build_report(
     hms = [{"src": F.heatmap(h), "alt": h.title} for h in D.heatmaps(run)]
     labels, gseries = D.gradient_flow(run)
     gradflow = F.gradient_flow(labels, gseries) if gseries else None
-    sp = D.signal_propagation(run, last_only=True)
-    sigprop = None
-    if len(sp):
-        last = sp[sp.step == sp.step.max()].set_index(["layer", "call"])
-        keys = [(r.layer, r.call) for r in rows.itertuples(index=False) if (r.layer, r.call) in last.index]
-        if keys:
-            sub = last.loc[keys]
-            sigprop = F.signal_propagation(
-                [rows.label[index[k]] for k in keys], sub["avg_sq_mean"].to_numpy(), sub["avg_var"].to_numpy(),
-                int(sp.step.max()),
-            )  # fmt: skip
+    sigprop = _signal_figure(F, run, rows, index)
 
     details = []
     from normscope.analyze.probedata import read_probe
@@ -200,6 +190,27 @@ def build_report(
         fh.write(html)
     os.replace(tmp, path)
     return path
+
+
+def _signal_figure(F, run, rows, index) -> str | None:
+    """Residual-block outputs (probe, with branch variance) when known, else every layer's output."""
+    from normscope.analyze import signal_propagation
+
+    sp = signal_propagation(run)
+    if not len(sp):
+        return None
+    if (sp.kind == "block").any():
+        b = sp[sp.kind == "block"]
+        last = b[b.when == b.when.iloc[-1]].sort_values("order")
+        return F.signal_propagation(last.layer.tolist(), last.avg_sq_mean.to_numpy(float), last.avg_var.to_numpy(float),
+                                    f"{last.when.iloc[-1]} (residual blocks)", last.branch_var.to_numpy(float))  # fmt: skip
+    last = sp[sp.step == sp.step.max()].set_index(["layer", "call"])
+    keys = [(r.layer, r.call) for r in rows.itertuples(index=False) if (r.layer, r.call) in last.index]
+    if not keys:
+        return None
+    sub = last.loc[keys]
+    return F.signal_propagation([rows.label[index[k]] for k in keys], sub["avg_sq_mean"].to_numpy(float),
+                                sub["avg_var"].to_numpy(float), f"step {int(sp.step.max())}")  # fmt: skip
 
 
 def _num(v: Any) -> str:

@@ -51,15 +51,6 @@ def test_downsampling_keeps_means_and_bounds():
     assert small.shape[0] <= 120 and labels[0] == "0" and labels[-1] == "299"
 
 
-def test_signal_propagation_from_channel_moments(small_run):
-    sp = D.signal_propagation(small_run)
-    s = small_run.stats
-    row = s[(s.layer == "bn") & (s.output == "") & (s.step == 3) & (s.phase == "train")].iloc[0]
-    got = sp[(sp.layer == "bn") & (sp.step == 3)].iloc[0]
-    assert got.avg_sq_mean == pytest.approx(np.mean(np.square(row.ch_mean.astype(float))))
-    assert got.avg_var == pytest.approx(np.mean(row.ch_var.astype(float)))
-
-
 def test_report_escapes_and_is_offline(small_run, tmp_path):
     path = build_report(small_run, findings=FINDINGS, out=tmp_path / "r.html")
     html = path.read_text()
