@@ -52,8 +52,10 @@ def main() -> None:
             print(f"{world} ranks, {steps} steps -> {a.out}")
             for f in findings:
                 print(f"{f.severity:8} {f.check:28} {f.layer or '-':12} {f.message}")
+        dist.barrier()  # every rank done before the group goes away
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -54,4 +54,17 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # gloo's background threads can abort ("terminate called without an active exception") during
+    # interpreter teardown after destroy_process_group; the work is done, so leave without it
+    os._exit(0)
