@@ -5,17 +5,14 @@
 
 TARGET is ``path.py[:function]`` or ``package.module[:function]``; the function (default
 ``model`` or ``build_model``) returns an ``nn.Module``, which is put in eval mode. RECIPE is a
-Python file (or module) with a function ``recipe()`` whose result has ``train_data``: an
-iterable of ``(inputs, targets)`` batches; their inputs recalibrate BN first (PreciseBN).
+Python file (or module:function) whose ``recipe()`` returns a ``normscope.Recipe``; the inputs of its ``train_data`` (an
+iterable of ``(inputs, targets)`` batches) recalibrate BN first (PreciseBN).
 Exit codes: 0 success, 1 verification failed, 2 bad input.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib
-import importlib.util
 import json
 import re
 import sys
@@ -38,40 +35,11 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _load_module(path_part: str) -> Any:
-    path = Path(path_part)
-    if path_part.endswith(".py") or "/" in path_part or "\\" in path_part:
-        if not path.is_file():
-            raise NormscopeError(f"{path_part} does not exist: pass a Python file or a module name")
-        name = "normscope_target_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.path.insert(0, str(path.resolve().parent))
-        try:
-            spec.loader.exec_module(module)  # type: ignore[union-attr]
-        except Exception as exc:  # noqa: BLE001 - the user's file
-            raise NormscopeError(f"importing {path_part} failed: {type(exc).__name__}: {exc}") from None
-        finally:
-            sys.path.remove(str(path.resolve().parent))
-        return module
-    try:
-        return importlib.import_module(path_part)
-    except Exception as exc:  # noqa: BLE001
-        raise NormscopeError(f"cannot import {path_part}: {type(exc).__name__}: {exc}") from None
-
-
 def load_callable(spec: str, defaults: tuple[str, ...]) -> Callable[[], Any]:
-    """``path.py:function``, ``path.py`` (first of ``defaults``), ``pkg.module:function``."""
-    path_part, _, func = spec.rpartition(":") if ":" in spec else (spec, "", "")
-    if len(path_part) == 1 and path_part.isalpha():  # a Windows drive letter, not a separator
-        path_part, func = spec, ""
-    module = _load_module(path_part)
-    names = (func,) if func else defaults
-    for name in names:
-        fn = getattr(module, name, None)
-        if callable(fn):
-            return fn
-    raise NormscopeError(f"{path_part} has no function {' or '.join(names)}: name it with {path_part}:FUNCTION")
+    """``path.py:function``, ``path.py`` (first of ``defaults``), ``pkg.module[:function]``."""
+    from normscope.probe.recipe import resolve_callable
+
+    return resolve_callable(spec, defaults, "model", allow_bare_module=True)[0]
 
 
 def _call(fn: Callable[[], Any], what: str) -> Any:
@@ -84,12 +52,9 @@ def _call(fn: Callable[[], Any], what: str) -> Any:
 def _recalibrate(model: Any, recipe_spec: str, max_batches: int) -> Any:
     from normscope.fold import recalibrate_bn
 
-    recipe = _call(load_callable(recipe_spec, ("recipe",)), f"{recipe_spec} recipe()")
-    data = getattr(recipe, "train_data", None)
-    if data is None:
-        raise NormscopeError(f"the recipe from {recipe_spec} has no train_data: return an object with train_data batches")
-    if callable(data):
-        data = _call(data, "recipe train_data()")
+    from normscope.probe import load_recipe
+
+    data = load_recipe(recipe_spec).train_data
 
     def inputs(batch: Any) -> Any:
         return batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch

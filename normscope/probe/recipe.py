@@ -96,11 +96,11 @@ def _split_spec(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
-def _import_file(path: Path):
+def _import_file(path: Path, what: str = "recipe"):
     name = "normscope_recipe_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
-        raise NormscopeError(f"recipe file {path} cannot be loaded as Python: pass a .py file that defines recipe().")
+        raise NormscopeError(f"{what} file {path} cannot be loaded as Python: pass a .py file.")
     module = importlib.util.module_from_spec(spec)
     try:
         with _on_path(path):
@@ -113,7 +113,7 @@ def _import_file(path: Path):
         sys.modules.pop(name, None)
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        raise NormscopeError(f"recipe file {path} raised {type(e).__name__} on import: {_first_line(e)}") from e
+        raise NormscopeError(f"{what} file {path} raised {type(e).__name__} on import: {_first_line(e)}") from e
     return module
 
 
@@ -143,38 +143,54 @@ def _first_line(e: BaseException) -> str:
     return s.splitlines()[0] if s else "(no message)"
 
 
+def resolve_callable(spec: str | os.PathLike, defaults: tuple[str, ...], what: str,
+                     allow_bare_module: bool = False) -> tuple[Callable, str, Path | None]:  # fmt: skip
+    """A function named by ``path.py[:func]`` or ``module:func`` (the first of ``defaults`` when no
+    name is given): ``(function, where, file path or None)``. One-line errors name the file.
+
+    Shared by recipe loading and the CLI's model factories (``normscope fold``/``inspect -s``).
+    """
+    target, func_name = _split_spec(os.fspath(spec))
+    is_file = target.endswith(".py") or os.sep in target or "/" in target or Path(target).exists()
+    path = None
+    if is_file:
+        path = Path(target)
+        if not path.is_file():
+            raise NormscopeError(f"{what} file {path} does not exist: pass a Python file that defines {defaults[0]}().")
+        module = _import_file(path, what)
+        where = str(path)
+    else:
+        if func_name is None and not allow_bare_module:
+            raise NormscopeError(f"{what} spec {target!r} is neither a .py file nor 'module:function': pass e.g. path/to/{what}.py or package.module:{defaults[0]}.")
+        try:
+            module = importlib.import_module(target)
+        except NormscopeError:
+            raise
+        except Exception as e:
+            raise NormscopeError(f"{what} module {target} could not be imported ({type(e).__name__}: {_first_line(e)}).") from e
+        where = target
+    names = (func_name,) if func_name else defaults
+    for name in names:
+        fn = getattr(module, name, None)
+        if fn is None:
+            continue
+        if not callable(fn):
+            raise NormscopeError(f"{where}: {name} is a {type(fn).__name__}, not a function returning a {what}.")
+        return fn, where, path
+    wanted = " or ".join(f"{n}()" for n in names)
+    raise NormscopeError(f"{where} has no function {wanted}: define it, or name one with {where}:FUNCTION.")
+
+
 def load_recipe(spec: str | os.PathLike) -> Recipe:
     """Load a recipe from ``path.py`` (function ``recipe``), ``path.py:func`` or ``module:function``."""
     if isinstance(spec, Recipe):
         return spec
     if not isinstance(spec, (str, os.PathLike)):
         raise NormscopeError(f"a recipe spec must be a path or 'module:function' string, got {type(spec).__name__}.")
-    target, func_name = _split_spec(os.fspath(spec))
-    is_file = target.endswith(".py") or os.sep in target or "/" in target or Path(target).exists()
-    if is_file:
-        path = Path(target)
-        if not path.is_file():
-            raise NormscopeError(f"recipe file {path} does not exist: pass a Python file that defines recipe() returning a normscope.Recipe.")
-        module = _import_file(path)
-        where = str(path)
-        func_name = func_name or "recipe"
-    else:
-        if func_name is None:
-            raise NormscopeError(f"recipe spec {target!r} is neither a .py file nor 'module:function': pass e.g. path/to/recipe.py or package.module:recipe.")
-        try:
-            module = importlib.import_module(target)
-        except NormscopeError:
-            raise
-        except Exception as e:
-            raise NormscopeError(f"recipe module {target} could not be imported ({type(e).__name__}: {_first_line(e)}).") from e
-        where = target
-    fn = getattr(module, func_name, None)
-    if fn is None:
-        raise NormscopeError(f"{where} has no function {func_name}(): define `def {func_name}() -> normscope.Recipe` in it.")
-    if not callable(fn):
-        raise NormscopeError(f"{where}: {func_name} is a {type(fn).__name__}, not a function returning a normscope.Recipe.")
+    fn, where, path = resolve_callable(spec, ("recipe",), "recipe")
+    func_name = fn.__name__
     try:
-        with _on_path(Path(target) if is_file else None):
+        with _on_path(path):
             out = fn()
     except NormscopeError:
         raise
@@ -183,7 +199,7 @@ def load_recipe(spec: str | os.PathLike) -> Recipe:
     if not isinstance(out, Recipe):
         raise NormscopeError(f"{where}: {func_name}() returned {type(out).__name__}, expected a normscope.Recipe.")
     if out.name is None:
-        out.name = Path(target).stem if is_file else f"{target}:{func_name}"
+        out.name = path.stem if path is not None else f"{where}:{func_name}"
     return out
 
 

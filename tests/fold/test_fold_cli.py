@@ -67,11 +67,13 @@ def test_skipped_pairs_have_reasons_and_no_verify(app, tmp_path):
 def test_recalibrate_with_recipe(app, tmp_path):
     recipe = tmp_path / "recipe.py"
     recipe.write_text(textwrap.dedent("""
-        import types, torch
+        import torch
+        from torch import nn
+        from normscope import Recipe
         def recipe():
             g = torch.Generator().manual_seed(0)
             data = [(torch.randn(4, 3, 32, 32, generator=g), torch.zeros(4)) for _ in range(3)]
-            return types.SimpleNamespace(train_data=data)
+            return Recipe(nn.Identity(), data, nn.functional.mse_loss)
     """))
     res = run(app, FIXTURE, "-s", "1,3,32,32", "--recalibrate", str(recipe), "--format", "json")
     assert res.exit_code == 0, res.stderr
@@ -88,7 +90,7 @@ def test_recalibrate_with_recipe(app, tmp_path):
     ([FIXTURE, "-s", "1,3,8"], "fails on the example inputs"),
     ([FIXTURE, "-s", "1,3,32,32", "--format", "xml"], "--format"),
     ([f"{FIXTURE}:conv_bn", "-s", "1,3,32,32"], "failed"),
-    (["no_such_module_xyz:f", "-s", "1"], "cannot import"),
+    (["no_such_module_xyz:f", "-s", "1"], "could not be imported"),
 ])
 def test_bad_input_exits_2_with_one_line(app, args, message):
     res = run(app, *args)
