@@ -333,15 +333,16 @@ class Scope:
     def _reduce_output(self, plan, phase, call, path, t, inherited, grad: bool) -> None:
         key = (phase, plan.name, call, path)
         hit = self._recent.get(id(t))
-        if hit is not None and hit[0]() is t and hit[1] == t._version and hit[3] is not None:
-            axis, layout, pack = hit[2], hit[3], hit[4]
+        specs = (plan.hist, plan.sat)
+        if hit is not None and hit[0]() is t and hit[1] == t._version and hit[5] == specs:
+            axis, layout, pack = hit[2], hit[3], hit[4]  # the same tensor, unchanged: reuse its reduction
         else:
             axis = resolve_axis(plan, t, inherited if hit is None else hit[2])
             layout = R.act_layout(t, axis, plan.hist)
             pack = R.reduce_act(t, layout, plan.hist, plan.sat, self.hist_max, self._scratch, self.force_masked)
             if len(self._recent) >= _RECENT:
                 self._recent.pop(next(iter(self._recent)))
-            self._recent[id(t)] = (weakref.ref(t), t._version, axis, layout, pack)
+            self._recent[id(t)] = (weakref.ref(t), t._version, axis, layout, pack, specs)
         self._pending.append(("act", key, (layout, plan.type_name, pack[1]), pack[0]))
         if grad and self.record_grads and phase == "train" and t.requires_grad:
             t.register_hook(self._make_grad_hook(key, self.step_index))

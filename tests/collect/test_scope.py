@@ -334,3 +334,37 @@ def test_wrapped_optimizer_is_unwrapped(tmp_path):
             model(torch.randn(4, 3)).sum().backward()
             inner.step()
     assert load(tmp_path / "w").steps == [0, 1]
+
+
+def test_reused_reduction_only_for_the_same_statistics(tmp_path):
+    """A module may return its input tensor itself (eval-mode Dropout, a clip that acts only in
+    training): the producer's reduction is reused only when the statistics asked for are the same."""
+
+    class TrainClip(nn.Hardtanh):
+        def forward(self, x):
+            return super().forward(x) if self.training else x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 64)
+            self.drop = nn.Dropout(0.5)
+            self.clip = TrainClip(-0.1, 0.1)
+
+        def forward(self, x):
+            return self.clip(self.drop(self.lin(x)))
+
+    model = Net().eval()
+    x = torch.randn(32, 4)
+    with torch.no_grad():
+        h = model.lin(x)
+    with watch(model, tmp_path / "re", every=1) as scope:
+        with torch.no_grad():
+            model(x)
+        scope.step()
+    s = load(tmp_path / "re").stats.set_index("layer")
+    assert s.loc["drop", "mean"] == s.loc["lin", "mean"]  # the same tensor: one reduction
+    want = ((h <= -0.1) | (h >= 0.1)).float().mean().item()
+    assert s.loc["clip", "frac_sat"] == pytest.approx(want) and want > 0.3  # its own saturation count
+    assert s.loc["lin", "frac_sat"] == 0.0
+    assert len(s.loc["clip", "hist"]) == 64 and len(s.loc["lin", "hist"]) == 71  # its own bins
