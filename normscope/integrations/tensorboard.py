@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from normscope.errors import NormscopeError
+from normscope.analyze.modinfo import RELU_FAMILY  # the units dead-units judges
 
-RELU_FAMILY = {"ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "ELU", "CELU", "SELU", "GELU", "SiLU", "Mish", "Hardswish"}
 
 
 def _tag(layer: str, call: int, output: str) -> str:
