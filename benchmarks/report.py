@@ -46,7 +46,7 @@ def synthesise(run_dir: Path, layers: int, steps: int, channels: int, seed: int 
             ch_var = (base_var[i] * drift).astype(np.float32)
             active = rng.integers(0 if i % 17 == 2 else 20, 33, channels)
             hist = rng.multinomial(16384, np.full(SYMLOG_BINS, 1.0 / SYMLOG_BINS))
-            w.append("layers", {
+            w.append("stats", {
                 "step": step, "phase": "train", "layer": n, "call": 0, "output": "", "module_type": types[i % 3],
                 "channel_axis": 1, "forwards": 1, "count": 32 * channels * 64, "samples": 32,
                 "mean": float(ch_mean.mean()), "std": float(np.sqrt(ch_var.mean())), "min": -3.0, "max": 3.0,

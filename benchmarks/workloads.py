@@ -34,7 +34,7 @@ class ResNet18(nn.Module):
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         layers, c = [], 64
-        for i, (w, s) in enumerate([(64, 1), (128, 2), (256, 2), (512, 2)]):
+        for w, s in [(64, 1), (128, 2), (256, 2), (512, 2)]:
             layers.append(nn.Sequential(BasicBlock(c, w, s), BasicBlock(w, w, 1)))
             c = w
         self.layer1, self.layer2, self.layer3, self.layer4 = layers

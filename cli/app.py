@@ -260,7 +260,7 @@ def checks(check_id: Optional[str] = typer.Argument(None, help="A check id: prin
         typer.echo(doc.read_text())
     else:
         info = match[0]
-        typer.echo(f"# {info.id}\n\n{info.summary}\n\nDefault severity: {info.severity}\nThresholds: {info.params}")
+        typer.echo(f"# {info.id}\n\n{info.summary}\n\nDefault severity: {info.severity}\nThresholds: {info.thresholds}")
 
 
 @app.command("export-tensorboard", epilog="Examples:\n\n  normscope export-tensorboard runs/exp1 tb/exp1\n\n  tensorboard --logdir tb")

@@ -9,7 +9,7 @@ import os
 import sys
 import traceback
 import xml.etree.ElementTree as ET
-from typing import Callable
+from collections.abc import Callable
 
 import typer
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-
 from normscope_cli.common import RANK, STYLE, _esc
 
 METRICS = ("std", "dead", "frac_sat", "grad_rms", "update_ratio")

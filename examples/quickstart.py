@@ -24,7 +24,7 @@ def main(run_dir: str = "runs/quickstart") -> None:
     )  # fmt: skip
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     with normscope.watch(model, run_dir, every=5) as scope:
-        for step in range(60):
+        for _step in range(60):
             idx = torch.randint(0, len(x), (64,))
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad()

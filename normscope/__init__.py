@@ -9,15 +9,10 @@ Public API (see DESIGN.md):
 Importing normscope stays light: no matplotlib, jinja2, typer or rich.
 """
 
-from normscope.errors import NormscopeError
-from normscope.collect import Scope, watch
-from normscope.store import Run, load
-from normscope.fold import FoldResult, export_onnx, fold_bn, fold_onnx, recalibrate_bn
-
 # normscope.analyze(run, ...) and normscope.probe(recipe, ...) are callable modules: the
 # packages keep their submodules (normscope.probe.Recipe) and calling them runs the function.
 import normscope.analyze  # noqa: E402
-import normscope.probe  # noqa: E402
+import normscope.probe  # noqa: E402,F401
 from normscope.analyze import (  # noqa: E402
     Analysis,
     Config,
@@ -28,7 +23,11 @@ from normscope.analyze import (  # noqa: E402
     list_checks,
     signal_propagation,
 )
+from normscope.collect import Scope, watch
+from normscope.errors import NormscopeError
+from normscope.fold import FoldResult, export_onnx, fold_bn, fold_onnx, recalibrate_bn
 from normscope.probe import Recipe, load_recipe, measure_ics, probe_model  # noqa: E402
+from normscope.store import Run, load
 
 __version__ = "0.1.0"
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from normscope.analyze.modinfo import RELU_FAMILY  # the units dead-units judges
 
+from normscope.analyze.quantities import dead_fraction, drift
+from normscope.roles import relu_layers
 
 
 @dataclass
@@ -82,70 +83,11 @@ def downsample_rows(values: np.ndarray, labels: list[str], max_rows: int) -> tup
     return values[keep], [labels[i] for i in keep]
 
 
-def _stacked(col: pd.Series) -> np.ndarray | None:
-    """Rows of equal-length arrays as one 2-D float64 array (None when lengths differ)."""
-    if not len(col):
-        return np.zeros((0, 0))
-    lens = col.map(len).to_numpy()
-    if (lens != lens[0]).any():
-        return None
-    return np.stack(col.to_numpy()).astype(np.float64, copy=False).reshape(len(col), lens[0])
-
-
-def _per_row(col: pd.Series, fn) -> np.ndarray:
-    """fn(2-D array) → one value per row, vectorised per group of equal-length arrays."""
-    out = np.full(len(col), np.nan)
-    if not len(col):
-        return out
-    lens = col.map(len).to_numpy()
-    for n in np.unique(lens):
-        idx = np.flatnonzero(lens == n)
-        if n == 0:
-            continue
-        arr = np.stack(col.to_numpy()[idx]).astype(np.float64, copy=False).reshape(len(idx), n)
-        with np.errstate(all="ignore"):
-            out[idx] = fn(arr)
-    return out
-
-
-def dead_fraction(s: pd.DataFrame) -> pd.Series:
-    """Per row of a ReLU-family layer: fraction of units never > 0 in any sample of the batch.
-
-    NaN for other layers (a Linear output or BN output below zero is not a dead unit).
-    """
-    relu = s["module_type"].isin(RELU_FAMILY).to_numpy()
-    out = np.full(len(s), np.nan)
-    if relu.any():
-        out[relu] = _per_row(s["active"][relu], lambda a: (a == 0).mean(1))
-    return pd.Series(out, index=s.index)
-
-
-def sym_kl(m1, v1, m2, v2) -> np.ndarray:
-    """Symmetric KL between per-channel Gaussians (CHECKS.md covariate-shift)."""
-    m1, v1, m2, v2 = (np.asarray(a, dtype=np.float64) for a in (m1, v1, m2, v2))
-    eps = 1e-12
-    v1, v2 = np.maximum(v1, eps), np.maximum(v2, eps)
-    d2 = (m1 - m2) ** 2
-    # the log terms cancel: KL12 + KL21 = (v1 + d2) / (2 v2) + (v2 + d2) / (2 v1) - 1
-    return (v1 + d2) / (2 * v2) + (v2 + d2) / (2 * v1) - 1.0
-
-
 def drift_table(run, phase: str = "train") -> pd.DataFrame:
-    """Per layer output and sampled step: mean over channels of the symmetric KL to the previous step."""
-    s = run.stats[(run.stats.phase == phase)].sort_values("step", kind="stable")
-    parts = []
-    for (layer, call, output), g in s.groupby(["layer", "call", "output"], sort=False):
-        if len(g) < 2:
-            continue
-        m, v = _stacked(g["ch_mean"]), _stacked(g["ch_var"])
-        if m is None or v is None:
-            continue
-        with np.errstate(all="ignore"):
-            d = np.nanmean(sym_kl(m[:-1], v[:-1], m[1:], v[1:]), axis=1)
-        parts.append(pd.DataFrame({"layer": layer, "call": call, "output": output, "step": g["step"].to_numpy()[1:], "drift": d}))
-    if not parts:
-        return pd.DataFrame(columns=["layer", "call", "output", "step", "drift"])
-    return pd.concat(parts, ignore_index=True)
+    """Per layer output and sampled step: drift to the previous sampled step (``drift``: the mean
+    symmetric KL over live channels, computed by normscope.analyze.quantities.drift)."""
+    df = drift(run.stats[run.stats.phase == phase], lag=1)
+    return df.rename(columns={"sym_kl": "drift"})[["layer", "call", "output", "step", "drift"]]
 
 
 def _log_drift(d: pd.DataFrame) -> pd.DataFrame:
@@ -159,7 +101,8 @@ def heatmaps(run, phase: str = "train", max_cols: int = 200, max_rows: int = 120
     s = run.stats[(run.stats.phase == phase) & (run.stats.output != "input")].copy()
     g = run.grads[run.grads.phase == phase]
     labels = rows["label"].tolist()
-    s["dead"] = dead_fraction(s) if len(s) else []
+    relu = relu_layers(run.modules)
+    s["dead"] = dead_fraction(s, relu) if len(s) else []
     sat_layers = set(run.meta.get("saturation", {}))
     s_sat = s.copy()
     s_sat.loc[~s_sat.layer.isin(sat_layers), "frac_sat"] = np.nan
@@ -213,16 +156,15 @@ def layer_table(run, flagged: set[str] | None = None, phase: str = "train") -> p
             du = float(np.sqrt((grp["update_norm"] ** 2).sum()))
             ratio[layer] = du / w if w > 0 and math.isfinite(du) else math.nan
     flagged = flagged or set()
+    relu = relu_layers(run.modules)
+    if len(last):
+        last = last.assign(dead=dead_fraction(last.reset_index(), relu).to_numpy())
     out = []
     for r in rows.itertuples(index=False):
         key = (r.layer, r.call, r.output)
         row = last.loc[key] if key in last.index else None
         grow = g.loc[key] if key in g.index else None
-        dead = (
-            float(np.mean(np.asarray(row["active"]) == 0))
-            if row is not None and len(row["active"]) and r.module_type in RELU_FAMILY
-            else math.nan
-        )
+        dead = float(row["dead"]) if row is not None else math.nan
         out.append({
             "label": r.label, "layer": r.layer, "call": r.call, "module_type": r.module_type,
             "step": int(row["step"]) if row is not None else -1,

@@ -7,8 +7,9 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -89,13 +90,13 @@ def build_report(
 
     meta = run.meta
     if fold is None:
-        fold = read_fold(run.run_dir)
+        fold = _optional(lambda: run.fold)
     path = Path(out) if out is not None else Path(run.run_dir) / "report.html"
     fl = sorted((_as_dict(f) for f in (findings or [])), key=lambda f: SEVERITY_ORDER.get(f.get("severity"), 3))
     rows = D.layer_rows(run)
     index = {(r.layer, r.call): i for i, r in enumerate(rows.itertuples(index=False))}
     first_index = {}
-    for (layer, call), i in index.items():
+    for (layer, _call), i in index.items():
         first_index.setdefault(layer, i)
     flagged = {f["layer"] for f in fl if f.get("layer")}
     table = D.layer_table(run, flagged)
@@ -123,12 +124,7 @@ def build_report(
     sigprop = _signal_figure(F, run, rows, index)
 
     details = []
-    from normscope.analyze.probedata import read_probe
-
-    try:
-        probe = read_probe(run.run_dir)
-    except Exception:  # noqa: BLE001 - a probe file is optional for the report
-        probe = None
+    probe = _optional(lambda: run.probe) or None
     hist_meta = meta.get("histograms", {})
     for lay in detail_layers:
         i = first_index[lay]
@@ -262,10 +258,10 @@ def _bn_detail(F, label: str, bn: dict) -> tuple[str | None, str]:
     return img, text
 
 
-def read_fold(run_dir: Path) -> dict | None:
-    """``<run_dir>/fold.json`` (written by ``normscope inspect`` for models with BatchNorm), if any."""
-    p = Path(run_dir) / "fold.json"
+def _optional(read):
+    """A side file of the run (probe.json, fold.json) that the report can do without: a corrupt
+    one is left out (analyze reports it), never a failed report."""
     try:
-        return json.loads(p.read_text()) if p.is_file() else None
-    except (OSError, ValueError):
+        return read()
+    except Exception:  # noqa: BLE001
         return None

@@ -5,7 +5,8 @@
 - :func:`list_checks` → the catalog (id, default severity, summary, doc page, thresholds)
 - :class:`Config` → thresholds (defaults from CHECKS.md), ``Config.from_dict`` for TOML files
 - :func:`register` → add a check; :class:`SkipCheck` → say why a check cannot run
-- :func:`signal_propagation`, :func:`covariate_shift` → per-layer series for reports
+- :mod:`~normscope.analyze.quantities`: :func:`covariate_shift`/:func:`drift`, :func:`dead_fraction`,
+  :func:`signal_propagation` → the derived quantities checks, reports and exports share
 
 Importing this package loads numpy (and pandas on first use of a run's tables); never
 matplotlib, jinja2, typer or rich.
@@ -15,8 +16,8 @@ from normscope.analyze.config import Config
 from normscope.analyze.engine import analyze, analyze_full
 from normscope.analyze.finding import SEVERITIES, Analysis, Finding, Skipped
 from normscope.analyze.graph import Graph, build_graph, trace_fx, trace_hooks
-from normscope.analyze.registry import CheckInfo, SkipCheck, list_checks, register
-from normscope.analyze.series import covariate_shift, signal_propagation
+from normscope.analyze.quantities import covariate_shift, dead_fraction, drift, signal_propagation
+from normscope.analyze.registry import CheckInfo, SkipCheck, Thresholds, list_checks, register
 
 __all__ = [
     "SEVERITIES",
@@ -26,11 +27,14 @@ __all__ = [
     "Finding",
     "Graph",
     "SkipCheck",
+    "Thresholds",
     "Skipped",
     "analyze",
     "analyze_full",
     "build_graph",
     "covariate_shift",
+    "dead_fraction",
+    "drift",
     "list_checks",
     "register",
     "signal_propagation",
@@ -39,17 +43,7 @@ __all__ = [
 ]
 
 
-# `normscope.analyze(run)` is the public entry point (DESIGN.md) and `normscope/analyze/` is this
-# package: making the module itself callable lets both `normscope.analyze(run, ...)` and
-# `normscope.analyze.signal_propagation(run)` work once normscope/__init__.py does
-# `import normscope.analyze` (a `from normscope.analyze import analyze` there would shadow the package).
-import sys as _sys
-import types as _types
+from normscope._callable import make_callable  # noqa: E402
 
-
-class _CallableModule(_types.ModuleType):
-    def __call__(self, run, model=None, config=None, **kwargs):
-        return analyze(run, model=model, config=config, **kwargs)
-
-
-_sys.modules[__name__].__class__ = _CallableModule
+# `normscope.analyze(run, ...)` runs analyze(); `normscope.analyze.signal_propagation` is still the package's
+make_callable(__name__, analyze)

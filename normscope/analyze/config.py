@@ -7,9 +7,13 @@ one-line :class:`~normscope.errors.NormscopeError`.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from normscope.errors import NormscopeError
+
+if TYPE_CHECKING:
+    from normscope.analyze.registry import Thresholds
 
 
 class Config:
@@ -17,7 +21,7 @@ class Config:
         from normscope.analyze.registry import registry
 
         reg = registry()
-        self._values: dict[str, dict[str, Any]] = {cid: dict(spec.params) for cid, spec in reg.items()}
+        self._values: dict[str, dict[str, Any]] = {cid: dict(spec.thresholds) for cid, spec in reg.items()}
         if isinstance(disable, str):
             disable = [disable]
         self.disabled: set[str] = set()
@@ -38,7 +42,7 @@ class Config:
                 self._values[cid][key] = _coerce(cid, key, defaults[key], v)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> "Config":
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Config:
         """Build from ``{check_id: {setting: value}, "disable": [ids]}`` (e.g. a parsed TOML file)."""
         if data is None:
             return cls()
@@ -50,8 +54,11 @@ class Config:
             raise NormscopeError("configuration key 'disable' must be a list of check ids.")
         return cls(data, disable)
 
-    def params(self, check_id: str) -> dict[str, Any]:
-        return dict(self._values[check_id])
+    def thresholds(self, check_id: str) -> Thresholds:
+        """The thresholds a check runs with (defaults overridden by this configuration)."""
+        from normscope.analyze.registry import Thresholds
+
+        return Thresholds(self._values[check_id], check_id)
 
     def get(self, check_id: str, key: str) -> Any:
         return self._values[check_id][key]

@@ -16,8 +16,6 @@ import numpy as np
 
 from normscope.analyze.graph import Graph, build_graph, from_execution_order
 from normscope.analyze.modinfo import model_modules
-from normscope.analyze.probedata import read_probe
-from normscope.analyze.registry import SkipCheck
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,12 +26,12 @@ BIG_ORDER = 10**9
 
 
 class Context:
-    def __init__(self, run: "Run", model=None, optimizer=None):
+    def __init__(self, run: Run, model=None, optimizer=None):
         self.run = run
         self.model = model
         self.optimizer = optimizer
         self.meta = run.meta
-        self.probe: dict = read_probe(run.run_dir) or {}
+        self.probe: dict = run.probe
         self.graph_note: str | None = None
 
     # --- identity -----------------------------------------------------------------------------
@@ -64,7 +62,8 @@ class Context:
             return model_modules(self.model)
         if self.probe.get("modules"):
             return dict(self.probe["modules"])
-        return {m["name"]: {"type": m["type"], "own_params": m.get("params", 0)} for m in self.meta.get("modules", [])}
+        return {name: {"type": m["type"], "own_params": m.get("params", 0)} | ({"family": m["family"]} if "family" in m else {})
+                for name, m in self.run.modules.items()}  # fmt: skip
 
     def type_of(self, layer: str | None) -> str | None:
         info = self.modules.get(layer or "")
@@ -72,19 +71,19 @@ class Context:
 
     # --- tables -------------------------------------------------------------------------------
     @cached_property
-    def stats(self) -> "pd.DataFrame":
+    def stats(self) -> pd.DataFrame:
         return self.run.stats
 
     @cached_property
-    def grads_all(self) -> "pd.DataFrame":
+    def grads_all(self) -> pd.DataFrame:
         return self.run.grads
 
     @cached_property
-    def params_all(self) -> "pd.DataFrame":
+    def params_all(self) -> pd.DataFrame:
         return self.run.params
 
     @cached_property
-    def scalars(self) -> "pd.DataFrame":
+    def scalars(self) -> pd.DataFrame:
         return self.run.scalars
 
     @cached_property
@@ -113,27 +112,27 @@ class Context:
                 steps.append(int(bad.step.min()))
         return min(steps) if steps else None
 
-    def _finite(self, df: "pd.DataFrame") -> "pd.DataFrame":
+    def _finite(self, df: pd.DataFrame) -> pd.DataFrame:
         if self.nonfinite_step is None or not len(df):
             return df
         return df[df.step < self.nonfinite_step]
 
     @cached_property
-    def train(self) -> "pd.DataFrame":
+    def train(self) -> pd.DataFrame:
         """Train-phase activation rows before the first non-finite step."""
         s = self.stats
         return self._finite(s[s.phase == "train"]) if len(s) else s
 
     @cached_property
-    def grads(self) -> "pd.DataFrame":
+    def grads(self) -> pd.DataFrame:
         g = self.grads_all
         return self._finite(g[g.phase == "train"]) if len(g) else g
 
     @cached_property
-    def params(self) -> "pd.DataFrame":
+    def params(self) -> pd.DataFrame:
         return self._finite(self.params_all)
 
-    def loss_series(self, phase: str, name: str = "loss") -> "pd.DataFrame":
+    def loss_series(self, phase: str, name: str = "loss") -> pd.DataFrame:
         sc = self.scalars
         if not len(sc):
             return sc
@@ -148,7 +147,7 @@ class Context:
             return {}
         return {(str(k[0]), int(k[1]), str(k[2])): g.sort_values("step") for k, g in tr.groupby(["layer", "call", "output"], sort=False)}
 
-    def layer_series(self, layer: str, call: int = 0, output: str = "", df=None) -> "pd.DataFrame":
+    def layer_series(self, layer: str, call: int = 0, output: str = "", df=None) -> pd.DataFrame:
         """Rows of one layer call (train phase by default), sorted by step."""
         if df is None:
             d = self._train_groups.get((layer, int(call), output))
@@ -180,26 +179,10 @@ class Context:
             return from_execution_order(order, {k: v.get("type") for k, v in self.modules.items()})
         return None
 
-    def require_graph(self) -> Graph:
-        g = self.graph
-        if g is None:
-            raise SkipCheck("no module graph: pass model= to analyze(), or record the run with normscope.probe")
-        return g
-
     def node_type(self, node) -> str | None:
         if node.op != "module":
             return node.type
         return self.type_of(node.module) or node.type
-
-    # --- probe data ---------------------------------------------------------------------------
-    def require_probe(self, key: str, what: str) -> Any:
-        v = self.probe.get(key)
-        if not v:
-            if self.probe:
-                note = self.probe.get("notes", {}).get(key) if isinstance(self.probe.get("notes"), dict) else None
-                raise SkipCheck(f"the probe did not measure {what}" + (f" ({note})" if note else ""))
-            raise SkipCheck(f"needs {what}, which only normscope.probe measures (this run has no probe.json)")
-        return v
 
     # --- helpers for checks -----------------------------------------------------------------
     def window_rows(self, n_rows: int, frac: float, min_rows: int) -> int:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from normscope.analyze.config import Config
 from normscope.analyze.context import Context
@@ -37,26 +38,46 @@ def as_config(config: Config | Mapping | None) -> Config:
     raise NormscopeError(f"config must be a normscope Config or a dict of thresholds, got {type(config).__name__}.")
 
 
-def _missing(ctx: Context, need: str) -> str | None:
-    if need == "training" and ctx.model_only:
-        return "model-only probe (synthetic data, no training): nothing to judge here"
-    if need == "stats" and not len(ctx.train):
-        return "no train-phase activation statistics in the run"
-    if need == "grads" and not len(ctx.grads):
-        return "no gradient statistics in the run (watch(..., grads=False), or no backward pass)"
-    if need == "params" and not len(ctx.params):
-        return "no parameter statistics in the run (no optimizer step or scope.step())"
+def _probe_reason(ctx: Context, key: str, what: str) -> str | None:
+    if ctx.probe.get(key):
+        return None
+    if ctx.probe:
+        notes = ctx.probe.get("notes")
+        note = notes.get(key) if isinstance(notes, dict) else None
+        return f"the probe did not measure {what}" + (f" ({note})" if note else "")
+    return f"needs {what}, which only normscope.probe measures (this run has no probe.json)"
+
+
+def missing(ctx: Context, need: str) -> str | None:
+    """Why ``need`` (one of registry.NEEDS) is not met on this run, or None when it is."""
+    if need == "training":
+        return "model-only probe (synthetic data, no training): nothing to judge here" if ctx.model_only else None
+    if need == "stats":
+        return None if len(ctx.train) else "no train-phase activation statistics in the run"
+    if need == "grads":
+        return None if len(ctx.grads) else "no gradient statistics in the run (watch(..., grads=False), or no backward pass)"
+    if need == "params":
+        return None if len(ctx.params) else "no parameter statistics in the run (no optimizer step or scope.step())"
     if need == "updates":
         p = ctx.params
         if not len(p) or not p.update_norm.notna().any():
             return "no parameter updates recorded (no optimizer step, or watch(..., track_updates=False))"
-    if need == "eval-loss" and not len(ctx.loss_series("eval")):
-        return "no eval loss logged: give the recipe eval_data, or call scope.log(phase='eval', loss=...)"
-    if need == "train-loss" and not len(ctx.loss_series("train")):
-        return "no train loss logged: call scope.log(loss=...) after each step"
-    if need == "graph" and ctx.graph is None:
-        return "no module graph: pass model= to analyze(), or record the run with normscope.probe"
-    return None
+        return None
+    if need == "eval-loss":
+        return None if len(ctx.loss_series("eval")) else "no eval loss logged: give the recipe eval_data, or call scope.log(phase='eval', loss=...)"
+    if need == "train-loss":
+        return None if len(ctx.loss_series("train")) else "no train loss logged: call scope.log(loss=...) after each step"
+    if need == "graph":
+        return None if ctx.graph is not None else "no module graph: pass model= to analyze(), or record the run with normscope.probe"
+    if need == "probe-bn":
+        return _probe_reason(ctx, "bn", "BatchNorm population statistics")
+    if need == "probe-inputs":
+        return _probe_reason(ctx, "inputs", "the input features' statistics")
+    if need == "weights":
+        if ctx.model is not None or ctx.probe.get("weights"):
+            return None
+        return "needs the weights: pass model= to analyze(), or record the run with normscope.probe"
+    raise ValueError(f"unknown need {need!r}")  # registry.register refuses these
 
 
 def _sort_key(ctx: Context, f: Finding):
@@ -86,12 +107,12 @@ def analyze_full(run, model=None, config: Config | Mapping | None = None, optimi
             skipped.append(Skipped(cid, "disabled in the configuration"))
             continue
         needs = sorted(spec.needs, key=lambda n: n != "training")  # "model-only" is the clearest reason
-        reason = next((r for r in (_missing(ctx, n) for n in needs) if r), None)
+        reason = next((r for r in (missing(ctx, n) for n in needs) if r), None)
         if reason:
             skipped.append(Skipped(cid, reason))
             continue
         try:
-            out = list(spec.func(ctx, cfg.params(cid)) or [])
+            out = list(spec.func(ctx, cfg.thresholds(cid)) or [])
         except SkipCheck as e:
             skipped.append(Skipped(cid, str(e)))
             continue

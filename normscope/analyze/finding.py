@@ -72,7 +72,7 @@ class Finding:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Finding":
+    def from_dict(cls, d: dict) -> Finding:
         step = d.get("step")
         if isinstance(step, list):
             step = tuple(step)

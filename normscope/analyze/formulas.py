@@ -5,6 +5,8 @@ Each one has a unit test with hand-computed numbers (tests/analyze/test_analyze_
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 
@@ -39,6 +41,29 @@ def channel_drift(mu1, var1, mu2, var2, rel_floor: float = 1e-4) -> tuple[float,
         return float("nan"), float("nan"), 0
     a = (mu1[ok], var1[ok], mu2[ok], var2[ok])
     return float(np.mean(sym_kl_gauss(*a))), float(np.mean(w2_sq_normalised(*a))), int(ok.sum())
+
+
+def channel_drift_rows(mu1, var1, mu2, var2, rel_floor: float = 1e-4) -> tuple:
+    """:func:`channel_drift` for many pairs at once: row r of the (R, C) arrays is one pair of
+    moment sets. Returns per-row arrays (sym KL, W₂², channels used); NaN where none is used."""
+    mu1, var1, mu2, var2 = (np.asarray(a, dtype=np.float64) for a in (mu1, var1, mu2, var2))
+    if mu1.ndim != 2 or mu1.shape[0] == 0:
+        z = np.zeros(mu1.shape[0] if mu1.ndim == 2 else 0)
+        return z * np.nan, z * np.nan, z.astype(np.int64)
+    both = np.concatenate([var1, var2], axis=1)
+    both = np.where(np.isfinite(both), both, np.nan)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no scale, no channel
+        med = np.nanmedian(both, axis=1)
+    scale = np.maximum(np.where(np.isfinite(med), med, 0.0), 1e-30)[:, None]
+    ok = np.isfinite(mu1) & np.isfinite(mu2) & (var1 > rel_floor * scale) & (var2 > rel_floor * scale)
+    n = ok.sum(axis=1)
+    with np.errstate(all="ignore"):
+        kl = np.where(ok, sym_kl_gauss(mu1, var1, mu2, var2), 0.0).sum(axis=1)
+        w2 = np.where(ok, w2_sq_normalised(mu1, var1, mu2, var2), 0.0).sum(axis=1)
+        kl = np.where(n > 0, kl / np.maximum(n, 1), np.nan)
+        w2 = np.where(n > 0, w2 / np.maximum(n, 1), np.nan)
+    return kl, w2, n.astype(np.int64)
 
 
 def dropout_train_moments(c, v, retain):

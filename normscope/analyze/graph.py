@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import operator
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 GRAPH_SOURCES = ("fx", "hooks", "execution-order")
 _ADD_NAMES = {"add", "iadd", "__add__", "__iadd__", "add_", "__radd__"}
@@ -101,7 +102,7 @@ class Graph:
         return {"source": self.source, "nodes": [n.to_json() for n in self.nodes.values()], "edges": edges}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Graph":
+    def from_json(cls, data: dict) -> Graph:
         g = cls(data.get("source", "unknown"))
         for n in data.get("nodes", []):
             g.add_node(Node(n["id"], n["op"], n.get("module"), n.get("type"), dict(n.get("attrs") or {}),

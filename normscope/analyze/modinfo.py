@@ -8,30 +8,23 @@ from __future__ import annotations
 
 from typing import Any
 
-# Type names, so that checks work from a run directory alone (no model at hand).
-BATCHNORM = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LazyBatchNorm1d",
-             "LazyBatchNorm2d", "LazyBatchNorm3d"}  # fmt: skip
-INSTANCENORM = {"InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LazyInstanceNorm1d",
-                "LazyInstanceNorm2d", "LazyInstanceNorm3d"}  # fmt: skip
-NORMS = BATCHNORM | INSTANCENORM | {"GroupNorm", "LayerNorm", "RMSNorm", "LocalResponseNorm", "CrossMapLRN2d"}
-LRN = {"LocalResponseNorm", "CrossMapLRN2d"}
-DROPOUT = {"Dropout", "Dropout1d", "Dropout2d", "Dropout3d"}  # variance-changing dropouts
-ALPHA_DROPOUT = {"AlphaDropout", "FeatureAlphaDropout"}  # variance-preserving by design
-LINEAR_LIKE = {"Linear", "LazyLinear", "Bilinear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d",
-               "ConvTranspose2d", "ConvTranspose3d", "LazyConv1d", "LazyConv2d", "LazyConv3d"}  # fmt: skip
-RELU_FAMILY = {"ReLU", "ReLU6"}
-SEQUENCE = {"RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "MultiheadAttention",
-            "Transformer", "TransformerEncoder", "TransformerDecoder", "TransformerEncoderLayer",
-            "TransformerDecoderLayer"}  # fmt: skip
-EMBEDDING = {"Embedding", "EmbeddingBag"}
-
-
-def is_bn(type_name: str | None) -> bool:
-    return type_name in BATCHNORM
-
-
-def is_norm(type_name: str | None) -> bool:
-    return type_name in NORMS
+# The type-name sets and predicates live in normscope.roles (one home, shared with collect and
+# reports); re-exported here for the checks.
+from normscope.roles import (  # noqa: E402,F401
+    ALPHA_DROPOUT,
+    BATCHNORM,
+    DROPOUT,
+    EMBEDDING,
+    INSTANCENORM,
+    LINEAR_LIKE,
+    LRN,
+    SEQUENCE,
+    family,
+    is_bn,
+    is_norm,
+    relu_layers,
+)
+from normscope.roles import NORM_TYPES as NORMS  # noqa: E402,F401
 
 
 def module_info(module) -> dict[str, Any]:
@@ -51,6 +44,9 @@ def module_info(module) -> dict[str, Any]:
         info["p"] = float(module.p)
     if isinstance(module, nn.Hardtanh):
         info["min_val"], info["max_val"] = float(module.min_val), float(module.max_val)
+    fam = family(module)
+    if fam is not None:
+        info["family"] = fam
     info["own_params"] = sum(p.numel() for p in module.parameters(recurse=False))
     info["leaf"] = not any(True for _ in module.children())
     return info

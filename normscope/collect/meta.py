@@ -16,6 +16,7 @@ from normscope.store.writer import FORMAT
 def initial_meta(model, name: str, plans, options: dict) -> dict:
     """meta.json at the start of a run: model summary, options, histogram edges, versions."""
     import normscope
+    from normscope.roles import family
 
     hooked = {p.name for p in plans}
     modules = []
@@ -25,7 +26,7 @@ def initial_meta(model, name: str, plans, options: dict) -> dict:
             "params": sum(p.numel() for p in m.parameters(recurse=False)),
             "trainable": sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad),
             "hooked": (mname or "<root>") in hooked,
-        })  # fmt: skip
+        } | ({"family": fam} if (fam := family(m)) is not None else {}))  # fmt: skip
     total = sum(p.numel() for p in model.parameters())
     return {
         "format": FORMAT,
@@ -62,7 +63,7 @@ def _to_host(tensors: list[torch.Tensor]) -> np.ndarray:
     if len(by_dev) == 1:
         return torch.cat([t.reshape(-1) for t in tensors]).cpu().numpy()
     pieces: list[np.ndarray | None] = [None] * len(tensors)
-    for dev, idx in by_dev.items():
+    for _dev, idx in by_dev.items():
         flat = torch.cat([tensors[i].reshape(-1) for i in idx]).cpu().numpy()
         o = 0
         for i in idx:

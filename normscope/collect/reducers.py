@@ -2,9 +2,9 @@
 
 Everything here runs inside a hook, on the tensor's device, and never synchronises with the
 host on accelerators. Each reducer returns a 1-D float64 "pack" whose layout is fully known on
-the host from shapes alone (:class:`ActLayout`, :class:`GradLayout`), so a whole sampled step is
-concatenated and copied to the host once, then decoded with :func:`decode_act` /
-:func:`decode_grad` (numpy, float64).
+the host from shapes alone (the field tables of :mod:`normscope.collect.packs`), so a whole sampled
+step is concatenated and copied to the host once, then split and merged by those tables
+(:mod:`normscope.collect.decode`, numpy, float64).
 
 Speed (CPU): a comparison followed by a sum (``(x <= 0).sum()``) costs ~10x a plain sum, and a
 fresh large allocation page-faults, so the fast path derives every count from ``sign(x)`` written
@@ -32,6 +32,10 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from normscope.collect.packs import ActLayout, GradLayout, assemble
+
+__all__ = ["ActLayout", "GradLayout", "HistSpec", "SatSpec", "Scratch", "act_layout", "reduce_act", "reduce_grad"]
+
 # --- histogram bins ------------------------------------------------------------------------
 # "symlog": one bin per octave of |x| from 2**-20 (~1e-6) to 2**14 (16384) on each sign, a
 # central bin for |x| < 2**-20 (zeros, subnormals) and an overflow bin on each side (±Inf land
@@ -48,11 +52,9 @@ LINEAR_BINS = 64
 SIGMOID_LO, SIGMOID_HI = 0.01, 0.99
 TANH_T = 0.97
 
-N_ACT_SCALARS = 11  # n_finite, min, max, abs_sum, n_zero, n_nonpos, n_sat, n_nan, n_inf, hist_n, samples
-# The CPU fast path (all finite) omits what the host already knows: n_finite = numel,
-# n_nan = n_inf = 0, per-channel counts = numel / C, hist_n = the subsample's length.
-N_FAST_SCALARS = 6  # min, max, abs_sum, n_zero, n_nonpos, n_sat
-N_GRAD_SCALARS = 5  # n_finite, sumsq, max_abs, n_nan, n_inf
+# The pack layout (fields, order, merge rules, what the fast path leaves out) is declared once,
+# in normscope.collect.packs; the reducers fill its fields by name.
+FORCE_MASKED = False  # tests: exercise the NaN-safe (accelerator) path on the CPU
 
 
 def symlog_edges() -> np.ndarray:
@@ -94,38 +96,6 @@ class SatSpec:
     kind: str  # "sigmoid", "tanh", "bounds"
     lo: float = 0.0
     hi: float = 0.0
-
-
-@dataclass(frozen=True)
-class ActLayout:
-    numel: int
-    channels: int
-    samples: int
-    axis: int
-    hist_bins: int
-
-    @property
-    def size(self) -> int:
-        return N_ACT_SCALARS + 4 * self.channels + self.hist_bins
-
-    @property
-    def fast_size(self) -> int:
-        return N_FAST_SCALARS + 3 * self.channels + self.hist_bins
-
-    def pack_size(self, fast: bool) -> int:
-        return self.fast_size if fast else self.size
-
-
-@dataclass(frozen=True)
-class GradLayout:
-    numel: int
-
-    @property
-    def size(self) -> int:
-        return N_GRAD_SCALARS
-
-    def pack_size(self, fast: bool) -> int:
-        return 2 if fast else N_GRAD_SCALARS  # fast: [sum of squares, max |g|]
 
 
 @lru_cache(maxsize=256)
@@ -254,13 +224,15 @@ def reduce_act(
     sat: SatSpec | None,
     hist_max: int,
     scratch: Scratch,
-    force_masked: bool = False,
+    force_masked: bool | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """All forward statistics of one output tensor: ``(pack, fast)``.
 
     The pack is 1-D of ``layout.pack_size(fast)`` elements; ``fast`` is a host bool (the CPU
     path for all-finite tensors), so decoding never waits on the device.
     """
+    if force_masked is None:
+        force_masked = FORCE_MASKED
     xf = _as_f32(x)
     if _autocast_on(xf.device.type):  # hooks run inside the user's autocast: keep float32
         with torch.autocast(xf.device.type, enabled=False):
@@ -273,7 +245,7 @@ def reduce_act(
     return _reduce_act_masked(xf, layout, hist, sat, hist_max), False
 
 
-def _colsummer(a: int, device, wide, scratch: "Scratch"):
+def _colsummer(a: int, device, wide, scratch: Scratch):
     """Column sums of an (A, C) float32 matrix.
 
     ``ones @ v`` (a BLAS gemv) reads the matrix once and measured 1.3-2x faster than
@@ -335,8 +307,9 @@ def _reduce_act_fast(xf, layout, hist, sat, hist_max, scratch, mn, mx, nonneg: b
             n_pos = (pmn + n_nz) * 0.5
     n_sat = _sat_count(xf, sat, buf)
     h, _ = _hist(xf, hist, hist_max, None)
-    scal = torch.stack([t.to(s1.dtype) for t in (mn, mx, abs_sum, n - n_nz, n - n_pos, n_sat)])
-    return torch.cat([scal, s1, m2, active.to(s1.dtype), h]).to(torch.float64)
+    vals = {"min": mn, "max": mx, "abs_sum": abs_sum, "n_zero": n - n_nz, "n_nonpos": n - n_pos, "n_sat": n_sat,
+            "s1": s1, "m2": m2, "active": active, "hist": h}  # fmt: skip
+    return assemble(layout, True, vals, dtype=s1.dtype).to(torch.float64)
 
 
 def _reduce_act_masked(xf, layout, hist, sat, hist_max):
@@ -367,11 +340,11 @@ def _reduce_act_masked(xf, layout, hist, sat, hist_max):
         else torch.zeros((), dtype=torch.float64, device=xf.device)
     )
     h, hn = _hist(xf, hist, hist_max, fin)
-    scal = torch.stack(
-        [t.to(torch.float64) for t in (n_fin, mn, mx, abs_sum, n_zero, n_nonpos, n_sat, n_nan, n_inf, hn)]
-        + [torch.tensor(float(a), dtype=torch.float64, device=xf.device)]
-    )
-    return torch.cat([scal, cnt, s1, m2, active, h.double()])
+    vals = {"n": n_fin, "min": mn, "max": mx, "abs_sum": abs_sum, "n_zero": n_zero, "n_nonpos": n_nonpos,
+            "n_sat": n_sat, "n_nan": n_nan, "n_inf": n_inf, "hist_n": hn,
+            "samples": torch.tensor(float(a), dtype=torch.float64, device=xf.device),
+            "cnt": cnt, "s1": s1, "m2": m2, "active": active, "hist": h}  # fmt: skip
+    return assemble(layout, False, vals)
 
 
 def _sat_mask(x: torch.Tensor, sat: SatSpec) -> torch.Tensor:
@@ -382,49 +355,25 @@ def _sat_mask(x: torch.Tensor, sat: SatSpec) -> torch.Tensor:
     return (x <= sat.lo) | (x >= sat.hi)
 
 
-def reduce_grad(g: torch.Tensor, force_masked: bool = False) -> tuple[torch.Tensor, bool]:
-    """Gradient statistics ``(pack, fast)``.
+def reduce_grad(g: torch.Tensor, force_masked: bool | None = None) -> tuple[torch.Tensor, bool]:
+    """Gradient statistics ``(pack, fast)`` in the layout of ``packs.GRAD_FIELDS``.
 
-    Fast (CPU, finite): [sum of squares, max |g|]; else [n_finite, sum of squares, max |g|,
-    n_nan, n_inf]. Always float64.
+    Fast (CPU, finite): sum of squares and max |g| only; else also the finite, NaN and Inf
+    counts. Always float64.
     """
+    if force_masked is None:
+        force_masked = FORCE_MASKED
     gf = _as_f32(g)
     n = gf.numel()
+    layout = GradLayout(n)
     if gf.device.type == "cpu" and not force_masked:
         nrm = torch.linalg.vector_norm(gf)
         if math.isfinite(nrm.item()):
             mn, mx = torch.aminmax(gf)
-            return torch.stack([nrm * nrm, torch.maximum(-mn, mx)]).double(), True
+            return assemble(layout, True, {"sumsq": nrm * nrm, "max_abs": torch.maximum(-mn, mx)}), True
     fin = torch.isfinite(gf)
     gz = torch.where(fin, gf, torch.zeros((), dtype=gf.dtype, device=gf.device)).double()
-    return torch.stack(
-        [
-            fin.sum(dtype=torch.float64),
-            (gz * gz).sum(),
-            gz.abs().amax() if n else gz.new_zeros(()),
-            torch.isnan(gf).sum(dtype=torch.float64),
-            torch.isinf(gf).sum(dtype=torch.float64),
-        ]
-    ), False
-
-
-def expand_act(pack: torch.Tensor, layout: ActLayout, fast: bool) -> torch.Tensor:
-    """A fast pack in the full layout (on device), so packs from several ranks line up."""
-    if not fast:
-        return pack
-    c, o = layout.channels, N_FAST_SCALARS
-    dev = pack.device
-    hist = pack[o + 3 * c :]
-    head = torch.tensor([float(layout.numel)], dtype=torch.float64, device=dev)
-    zeros = torch.zeros(2, dtype=torch.float64, device=dev)
-    tail = torch.stack([hist.sum(), torch.tensor(float(layout.samples), dtype=torch.float64, device=dev)])
-    cnt = torch.full((c,), layout.numel / c, dtype=torch.float64, device=dev)
-    return torch.cat([head, pack[:o], zeros, tail, cnt, pack[o:]])
-
-
-def expand_grad(pack: torch.Tensor, layout: "GradLayout", fast: bool) -> torch.Tensor:
-    if not fast:
-        return pack
-    dev = pack.device
-    n = torch.tensor([float(layout.numel)], dtype=torch.float64, device=dev)
-    return torch.cat([n, pack, torch.zeros(2, dtype=torch.float64, device=dev)])
+    vals = {"n": fin.sum(dtype=torch.float64), "sumsq": (gz * gz).sum(),
+            "max_abs": gz.abs().amax() if n else gz.new_zeros(()), "n_nan": torch.isnan(gf).sum(dtype=torch.float64),
+            "n_inf": torch.isinf(gf).sum(dtype=torch.float64)}  # fmt: skip
+    return assemble(layout, False, vals), False

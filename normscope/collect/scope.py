@@ -17,8 +17,10 @@ import time
 import warnings
 import weakref
 from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +28,7 @@ from torch import nn
 
 from normscope.collect import distributed as D
 from normscope.collect import reducers as R
-from normscope.collect.decode import StepAccumulator, entry_signature, expand_pending
+from normscope.collect.decode import PendingEntry, StepAccumulator, entry_signature, expand_pending
 from normscope.collect.meta import _model_device, _now, _sel_json, _to_host, initial_meta
 from normscope.collect.outputs import iter_float_tensors
 from normscope.collect.params import ParamTracker, group_hparams
@@ -36,6 +38,23 @@ from normscope.store.writer import RunWriter, write_json
 
 DEFAULT_EVERY = 20
 _RECENT = 8  # outputs remembered per forward, to reuse a producer's reduction for a norm's input
+
+
+@dataclass(frozen=True)
+class CachedReduction:
+    """A tensor reduced earlier in this forward, kept so that a consumer that sees the very same,
+    unchanged tensor (a norm layer's input is its producer's output) reuses the reduction."""
+
+    ref: weakref.ref
+    version: int
+    axis: int
+    layout: R.ActLayout
+    pack: torch.Tensor
+    fast: bool
+    specs: tuple  # (hist, sat) the reduction was computed for
+
+    def matches(self, t: torch.Tensor, specs: tuple | None = None) -> bool:
+        return self.ref() is t and (specs is None or (self.version == t._version and self.specs == specs))
 
 
 def _in_backward() -> bool:
@@ -92,10 +111,10 @@ class Scope:
         self._active = False
         self.step_index = 0
         self._sampling = True
-        self._pending: list[tuple[str, tuple, Any, torch.Tensor]] = []
+        self._pending: list[PendingEntry] = []
         self._scalars: list[tuple[str, str, Any]] = []
         self._calls: dict[str, int] = defaultdict(int)
-        self._recent: dict[int, tuple] = {}
+        self._recent: dict[int, CachedReduction] = {}
         self._exec_order: list[dict] | None = []
         self._order_seen: set = set()
         self._disabled: set[str] = set()
@@ -112,10 +131,9 @@ class Scope:
         self._writer: RunWriter | None = None
         self._meta: dict = {}
         self._world, self._rank = 1, 0
-        self.force_masked = False  # tests: exercise the NaN-safe reducer on CPU
 
     # --- lifecycle ---------------------------------------------------------------------------
-    def __enter__(self) -> "Scope":
+    def __enter__(self) -> Scope:
         self.start()
         return self
 
@@ -123,7 +141,7 @@ class Scope:
         status = "complete" if exc_type is None else f"failed: {exc_type.__name__}: {exc}"
         self.close(status=status)
 
-    def start(self) -> "Scope":
+    def start(self) -> Scope:
         if self._active:
             return self
         self._world, self._rank, backend = D.dist_info()
@@ -325,8 +343,8 @@ class Scope:
             self._reduce_output(plan, phase, call, "input", x, None, grad=False)
         if args and isinstance(args[0], torch.Tensor):
             hit = self._recent.get(id(args[0]))
-            if hit is not None and hit[0]() is args[0]:
-                inherited = hit[2]
+            if hit is not None and hit.matches(args[0]):
+                inherited = hit.axis
         for path, t in iter_float_tensors(output):
             self._reduce_output(plan, phase, call, path, t, inherited, grad=True)
 
@@ -334,16 +352,16 @@ class Scope:
         key = (phase, plan.name, call, path)
         hit = self._recent.get(id(t))
         specs = (plan.hist, plan.sat)
-        if hit is not None and hit[0]() is t and hit[1] == t._version and hit[5] == specs:
-            axis, layout, pack = hit[2], hit[3], hit[4]  # the same tensor, unchanged: reuse its reduction
+        if hit is not None and hit.matches(t, specs):
+            axis, layout, pack, fast = hit.axis, hit.layout, hit.pack, hit.fast  # same tensor, unchanged: reuse
         else:
-            axis = resolve_axis(plan, t, inherited if hit is None else hit[2])
+            axis = resolve_axis(plan, t, inherited if hit is None else hit.axis)
             layout = R.act_layout(t, axis, plan.hist)
-            pack = R.reduce_act(t, layout, plan.hist, plan.sat, self.hist_max, self._scratch, self.force_masked)
+            pack, fast = R.reduce_act(t, layout, plan.hist, plan.sat, self.hist_max, self._scratch)
             if len(self._recent) >= _RECENT:
                 self._recent.pop(next(iter(self._recent)))
-            self._recent[id(t)] = (weakref.ref(t), t._version, axis, layout, pack, specs)
-        self._pending.append(("act", key, (layout, plan.type_name, pack[1]), pack[0]))
+            self._recent[id(t)] = CachedReduction(weakref.ref(t), t._version, axis, layout, pack, fast, specs)
+        self._pending.append(PendingEntry("act", key, layout, fast, pack, plan.type_name))
         if grad and self.record_grads and phase == "train" and t.requires_grad:
             t.register_hook(self._make_grad_hook(key, self.step_index))
 
@@ -355,8 +373,8 @@ class Scope:
             if scope is None or not scope._active or scope.step_index != step or key[1] in scope._disabled:
                 return None
             try:
-                pack, fast = R.reduce_grad(g, scope.force_masked)
-                scope._pending.append(("grad", key, (R.GradLayout(g.numel()), fast), pack))
+                pack, fast = R.reduce_grad(g)
+                scope._pending.append(PendingEntry("grad", key, R.GradLayout(g.numel()), fast, pack))
             except Exception as e:
                 scope._disabled.add(key[1])
                 scope._note_error(key[1], e)
@@ -368,7 +386,7 @@ class Scope:
         msg = f"{where}: {type(e).__name__}: {e}"
         if msg not in self._hook_errors:
             self._hook_errors.append(msg)
-            warnings.warn(f"normscope stopped recording {where} after an error ({msg}); training goes on.")
+            warnings.warn(f"normscope stopped recording {where} after an error ({msg}); training goes on.", stacklevel=3)
 
     # --- step end: one transfer, decode, buffer, flush -------------------------------------------
     def _finish_step(self, updated: bool, params: bool) -> None:
@@ -394,7 +412,7 @@ class Scope:
             host = _to_host(local) if local else np.zeros(0)
             off = 0
         else:
-            tensors = [p[3] for p in pending] + ([ppack] if ppack is not None else []) + scal_t
+            tensors = [e.pack for e in pending] + ([ppack] if ppack is not None else []) + scal_t
             if not tensors and not self._scalars:
                 return
             host = _to_host(tensors) if tensors else np.zeros(0)

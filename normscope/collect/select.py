@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence, Union
+from typing import Union
 
 import torch
 from torch import nn
@@ -14,23 +15,8 @@ from normscope.errors import NormscopeError
 
 Selector = Union[str, type]
 
-ACTIVATIONS: tuple[type, ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
-    nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish,
-    nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Threshold, nn.GLU,
-    nn.Softmax, nn.LogSoftmax, nn.Hardshrink, nn.Softshrink,
-)  # fmt: skip
-NORMS: tuple[type, ...] = tuple(
-    t
-    for t in (
-        nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm,
-        nn.LayerNorm, nn.LocalResponseNorm, getattr(nn, "RMSNorm", None),
-    )  # fmt: skip
-    if t is not None
-)
-DROPOUTS: tuple[type, ...] = (
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
-)  # fmt: skip
+from normscope.roles import ACTIVATIONS, DROPOUTS, NORMS  # noqa: E402  (one home for roles)
+
 # Modules whose outputs put channels on axis 1 (N, C, ...).
 CHANNEL_FIRST: tuple[type, ...] = (
     nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,

@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from normscope.errors import NormscopeError
-from normscope.analyze.modinfo import RELU_FAMILY  # the units dead-units judges
-
 
 
 def _tag(layer: str, call: int, output: str) -> str:
@@ -29,6 +27,8 @@ def export_tensorboard(run_dir: str | Path, logdir: str | Path) -> dict[str, int
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise NormscopeError("TensorBoard export needs the tensorboard package: pip install tensorboard") from None
+    from normscope.analyze.quantities import dead_fraction
+    from normscope.roles import relu_layers
     from normscope.store import load
 
     run = load(run_dir)
@@ -38,13 +38,14 @@ def export_tensorboard(run_dir: str | Path, logdir: str | Path) -> dict[str, int
     w = SummaryWriter(str(logdir))
     try:
         s = run.stats
-        for r in s.itertuples(index=False):
+        dead = dead_fraction(s, relu_layers(run.modules)).to_numpy()
+        for r, dead_frac in zip(s.itertuples(index=False), dead):
             prefix = ("act" if r.phase == "train" else f"{r.phase}/act") + "/" + _tag(r.layer, r.call, r.output)
             vals = {"mean": r.mean, "std": r.std, "frac_zero": r.frac_zero}
             if r.layer in sat_layers:
                 vals["frac_sat"] = r.frac_sat
-            if r.module_type in RELU_FAMILY and len(r.active):
-                vals["dead_fraction"] = float(np.mean(np.asarray(r.active) == 0))
+            if math.isfinite(dead_frac):
+                vals["dead_fraction"] = float(dead_frac)
             for k, v in vals.items():
                 if v is not None and math.isfinite(v):
                     w.add_scalar(f"{prefix}/{k}", v, int(r.step))

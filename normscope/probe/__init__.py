@@ -15,16 +15,7 @@ from normscope.probe.runner import probe, probe_model
 __all__ = ["Recipe", "load_recipe", "measure_ics", "probe", "probe_model"]
 
 
-# `normscope.probe(recipe)` is the public entry point (DESIGN.md) and `normscope/probe/` is this
-# package: the module is callable, so `normscope.probe(recipe, steps=...)` and
-# `normscope.probe.Recipe` both work once normscope/__init__.py does `import normscope.probe`.
-import sys as _sys
-import types as _types
+from normscope._callable import make_callable  # noqa: E402
 
-
-class _CallableModule(_types.ModuleType):
-    def __call__(self, recipe, steps=None, run_dir=None, every=1, **kwargs):  # noqa: D102
-        return probe(recipe, steps=steps, run_dir=run_dir, every=every, **kwargs)
-
-
-_sys.modules[__name__].__class__ = _CallableModule
+# `normscope.probe(recipe, steps=...)` runs probe(); `normscope.probe.Recipe` is still the package's
+make_callable(__name__, probe)

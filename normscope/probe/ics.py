@@ -13,7 +13,8 @@ modified (every evaluation runs on a copy, with the same RNG seed so dropout mas
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn

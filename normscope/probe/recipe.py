@@ -12,9 +12,10 @@ import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from normscope.errors import NormscopeError
 

@@ -9,18 +9,19 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from normscope.analyze.graph import build_graph
 from normscope.analyze.modinfo import model_modules
-from normscope.analyze.probedata import write_probe
 from normscope.errors import NormscopeError
 from normscope.probe import measure as M
 from normscope.probe.recipe import Recipe, as_recipe
+from normscope.store.sidecars import write_probe
 
 NAN_PATIENCE = 5  # consecutive non-finite losses before the probe stops training
 
@@ -161,7 +162,7 @@ def probe(recipe: Recipe | str | os.PathLike, steps: int | None = None, run_dir:
 
 
 def _after_training(model, recipe, probe_x, graph, max_samples, seed, notes, step) -> dict:
-    from normscope.analyze.checks.weights import weight_sparsity
+    from normscope.analyze.quantities import weight_sparsity
 
     out: dict[str, Any] = {"weights": weight_sparsity(model)}
     first_type = None
@@ -252,7 +253,7 @@ def probe_model(model_or_factory: nn.Module | Callable[[], nn.Module], input_sha
                 opt.step()
                 scope.log(loss=float(loss.detach()))
     model.train(was)
-    from normscope.analyze.checks.weights import weight_sparsity
+    from normscope.analyze.quantities import weight_sparsity
 
     data = {
         "mode": "model", "name": name, "steps": steps, "steps_run": steps, "every": every, "input_shape": list(shape),

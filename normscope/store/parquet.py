@@ -14,7 +14,7 @@ Metadata is Thrift compact protocol, written by hand below.
 from __future__ import annotations
 
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -73,28 +73,28 @@ class _Struct:
             self.buf += _varint(_zigzag(fid))
         self.last = fid
 
-    def i32(self, fid: int, v: int) -> "_Struct":
+    def i32(self, fid: int, v: int) -> _Struct:
         self._header(fid, _C_I32)
         self.buf += _varint(_zigzag(v))
         return self
 
-    def i64(self, fid: int, v: int) -> "_Struct":
+    def i64(self, fid: int, v: int) -> _Struct:
         self._header(fid, _C_I64)
         self.buf += _varint(_zigzag(v))
         return self
 
-    def string(self, fid: int, v: str | bytes) -> "_Struct":
+    def string(self, fid: int, v: str | bytes) -> _Struct:
         data = v.encode() if isinstance(v, str) else v
         self._header(fid, _C_BINARY)
         self.buf += _varint(len(data)) + data
         return self
 
-    def struct(self, fid: int, s: "_Struct") -> "_Struct":
+    def struct(self, fid: int, s: _Struct) -> _Struct:
         self._header(fid, _C_STRUCT)
         self.buf += s.end()
         return self
 
-    def lst(self, fid: int, ctype: int, items: Sequence) -> "_Struct":
+    def lst(self, fid: int, ctype: int, items: Sequence) -> _Struct:
         self._header(fid, _C_LIST)
         n = len(items)
         self.buf += bytes([(n << 4) | ctype]) if n < 15 else bytes([0xF0 | ctype]) + _varint(n)

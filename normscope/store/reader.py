@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from normscope.errors import NormscopeError
-from normscope.store.writer import FORMAT, SCHEMA, TABLES, _arrow_type
+from normscope.store.sidecars import read_fold, read_probe
+from normscope.store.writer import FORMAT, LEGACY_TABLE_DIRS, SCHEMA, TABLES, _arrow_type
 
 if TYPE_CHECKING:  # pandas is imported on first read, keeping `import normscope` (and training) light
     import pandas as pd
@@ -23,13 +24,15 @@ class Run:
     - ``params``: per parameter tensor norms (‖w‖, ‖∇w‖, ‖Δw‖), lr and weight decay.
     - ``scalars``: values logged with ``Scope.log`` (loss, ...).
     - ``layers``: hooked layers in execution order of the first forward (DataFrame).
+    - ``modules``: ``{name: {type, params, hooked, family, ...}}`` for every module of the model.
+    - ``probe`` / ``fold``: the side files ``probe.json`` / ``fold.json`` ({} / None when absent).
     """
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
         self.meta = _read_meta(self.run_dir)
 
-    def reload(self) -> "Run":
+    def reload(self) -> Run:
         return Run(self.run_dir)
 
     def _table(self, name: str) -> pd.DataFrame:
@@ -37,7 +40,7 @@ class Run:
 
     @cached_property
     def stats(self) -> pd.DataFrame:
-        return self._table("layers")
+        return self._table("stats")
 
     @cached_property
     def grads(self) -> pd.DataFrame:
@@ -70,6 +73,18 @@ class Run:
                 }
             )
         return pd.DataFrame(out, columns=["order", "layer", "call", "module_type", "params"])
+
+    @cached_property
+    def modules(self) -> dict[str, dict]:
+        return {m["name"]: dict(m) for m in self.meta.get("modules", [])}
+
+    @cached_property
+    def probe(self) -> dict:
+        return read_probe(self.run_dir) or {}
+
+    @cached_property
+    def fold(self) -> dict | None:
+        return read_fold(self.run_dir)
 
     @property
     def steps(self) -> list[int]:
@@ -110,8 +125,10 @@ def read_table(run_dir: Path, name: str) -> pd.DataFrame:
 
     if name not in TABLES:
         raise NormscopeError(f"unknown table {name!r}: one of {', '.join(TABLES)}.")
-    folder = Path(run_dir) / "stats" / name
-    parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+    parts = []
+    for sub in (name, *LEGACY_TABLE_DIRS.get(name, ())):
+        folder = Path(run_dir) / "stats" / sub
+        parts += sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
     if not parts:
         return _empty(name)
     tables = []

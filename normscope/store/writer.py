@@ -19,11 +19,13 @@ import numpy as np
 from normscope.store.parquet import encode_parquet
 
 FORMAT = "normscope-run/1"
-TABLES = ("layers", "grads", "params", "scalars")
+TABLES = ("stats", "grads", "params", "scalars")
+# Runs written before 0.2 keep activation statistics under stats/layers/: still read.
+LEGACY_TABLE_DIRS = {"stats": ("layers",)}
 
 # Column types; list columns hold per-channel data and histograms.
 SCHEMA: dict[str, dict[str, str]] = {
-    "layers": {
+    "stats": {
         "step": "int64", "phase": "string", "layer": "string", "call": "int32", "output": "string",
         "module_type": "string", "channel_axis": "int8", "forwards": "int32", "count": "int64",
         "samples": "int64", "mean": "float64", "std": "float64", "min": "float64", "max": "float64",

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from analyze_testlib import capture
 from torch import nn
 
-from analyze_testlib import capture
 from normscope import load, watch
 from normscope.analyze import analyze_full
 from normscope.analyze.checks.dead_units import dead_profile
@@ -41,7 +41,7 @@ def test_dead_fraction_equals_brute_force_mlp(tmp_path):
     batch = lambda i: (torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g))  # noqa: E731
     store = train_watched(model, tmp_path / "r", 40, batch, names=["1", "3"])
     ctx = Context(load(tmp_path / "r"))
-    p = get_check("dead-units").params | {"min_samples": 128}
+    p = get_check("dead-units").thresholds | {"min_samples": 128}
     for name in ("1", "3"):
         prof = dead_profile(ctx, name, 0, p)
         rows = prof["window_rows"]
@@ -70,7 +70,7 @@ def test_dead_channels_equal_brute_force_conv_and_died_step(tmp_path):
 
     store = train_watched(model, tmp_path / "c", 30, batch, lr=0.0, on_step=kill, names=["1"])
     ctx = Context(load(tmp_path / "c"))
-    p = get_check("dead-units").params | {"min_samples": 64}
+    p = get_check("dead-units").thresholds | {"min_samples": 64}
     prof = dead_profile(ctx, "1", 0, p)
     outs = torch.cat(store["1"][-prof["window_rows"]:])
     brute = ~(outs > 0).flatten(2).any(2).any(0).numpy()

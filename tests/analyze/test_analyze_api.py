@@ -52,22 +52,22 @@ def test_catalog_ids_and_doc_pages():
         assert page.exists(), f"missing {c.doc}"
         text = page.read_text()
         assert text.startswith(f"# {c.id}") and "## Sources" in text and "## How to fix" in text
-        for key in c.params:
+        for key in c.thresholds:
             assert f"`{key}`" in text, f"{c.doc} does not document threshold {key}"
 
 
 def test_defaults_follow_checks_md():
     cfg = Config()
-    assert cfg.params("dead-units")["warn"] == 0.10 and cfg.params("dead-units")["error"] == 0.40
-    assert cfg.params("dead-units")["dormant_tau"] == 0.025
-    assert cfg.params("dropout-bn-variance-shift")["warn"] == 1.1
+    assert cfg.thresholds("dead-units")["warn"] == 0.10 and cfg.thresholds("dead-units")["error"] == 0.40
+    assert cfg.thresholds("dead-units")["dormant_tau"] == 0.025
+    assert cfg.thresholds("dropout-bn-variance-shift")["warn"] == 1.1
     assert (cfg.get("small-batch-bn", "warn"), cfg.get("small-batch-bn", "error")) == (16, 4)
-    st = cfg.params("stale-running-stats")
+    st = cfg.thresholds("stale-running-stats")
     assert (st["mean_sigma"], st["var_lo"], st["var_hi"]) == (0.1, 0.8, 1.25)
     assert cfg.get("vanishing-gradients", "ratio") == 1e-3 and cfg.get("exploding-gradients", "ratio") == 1e3
-    ur = cfg.params("update-ratio")
+    ur = cfg.thresholds("update-ratio")
     assert (ur["low_warn"], ur["high_warn"], ur["low_info"], ur["high_info"]) == (1e-5, 1e-1, 1e-4, 1e-2)
-    assert cfg.params("unnormalized-inputs")["std_ratio"] == 100 and cfg.params("unnormalized-inputs")["mean_std"] == 3
+    assert cfg.thresholds("unnormalized-inputs")["std_ratio"] == 100 and cfg.thresholds("unnormalized-inputs")["mean_std"] == 3
     assert cfg.get("weight-sparsity", "rel") == 1e-3
 
 
@@ -114,7 +114,7 @@ def test_finding_is_plain_json_safe_data():
                                          "message": "msg", "evidence": {"a": 1.5, "b": None, "c": [0, 1, 2], "d": [1, 2]},
                                          "recommendation": "fix"}  # fmt: skip
     assert Finding.from_dict(d).step == (2, 5)
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError):
         f.check = "y"  # frozen
     with pytest.raises(ValueError):
         Finding("x", "fatal", None, None, "m")
@@ -146,7 +146,7 @@ def test_analyze_sorts_by_severity_then_execution_order_and_reports_skips(tmp_pa
 def test_custom_check_registration_skip_and_failure(tmp_path):
     run, _ = small_run(tmp_path)
 
-    @register(id="test-custom", severity="info", summary="A test check.", needs=("stats",), params={"k": 1.0})
+    @register(id="test-custom", severity="info", summary="A test check.", needs=("stats",), thresholds={"k": 1.0})
     def custom(ctx, p):
         return [Finding("test-custom", "info", None, None, f"k={p['k']}")]
 

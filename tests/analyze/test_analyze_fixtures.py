@@ -5,8 +5,8 @@ import json
 
 import numpy as np
 import pytest
-
 from analyze_testlib import fixture_files
+
 from normscope.analyze.formulas import variance_shift_closed_form
 
 FIXTURES = [p.stem for p in fixture_files()]
@@ -16,6 +16,7 @@ HEALTHY = ["healthy_cnn_digits", "healthy_mlp_wine"]
 def test_fixture_catalog_covers_every_check():
     """Every check (except syncbn-recommended, which needs torch.distributed) has a fixture."""
     from analyze_testlib import fixture_module
+
     from normscope.analyze import list_checks
 
     covered = set()

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from analyze_testlib import capture
 from torch import nn
 
-from analyze_testlib import capture
 from normscope import NormscopeError, watch
 from normscope.analyze import covariate_shift, signal_propagation
 

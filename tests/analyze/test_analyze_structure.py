@@ -2,11 +2,11 @@
 
 import json
 
+import models
 import pytest
 import torch
 from torch import nn
 
-import models
 from normscope import watch
 from normscope.analyze import analyze_full, trace_fx, trace_hooks
 from normscope.analyze.graph import Graph, build_graph, from_execution_order
@@ -144,7 +144,7 @@ def test_legacy_lrn_from_run_alone(tmp_path):
 
 
 def test_syncbn_recommended_reads_the_world_size(tmp_path):
-    from normscope.analyze.probedata import read_probe, write_probe
+    from normscope.store.sidecars import read_probe, write_probe
 
     m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.SyncBatchNorm(4))
     with watch(m, tmp_path / "d", every=1) as scope:

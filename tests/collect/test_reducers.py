@@ -4,11 +4,11 @@ import math
 
 import numpy as np
 import pytest
+import reference as ref
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import reference as ref
 from normscope.collect import decode as H
 from normscope.collect import reducers as R
 

@@ -2,13 +2,13 @@
 
 import math
 
+import models
 import numpy as np
 import pytest
+import reference as ref
 import torch
 from torch import nn
 
-import models
-import reference as ref
 from normscope import NormscopeError, load, watch
 from normscope.collect import reducers as R
 
@@ -121,7 +121,7 @@ def test_every_k_sampling_and_scalars(tmp_path):
     model = models.TinyResNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with watch(model, tmp_path / "k", every=3, optimizer=opt) as scope:
-        for i in range(7):
+        for _ in range(7):
             out = model(torch.randn(4, 3, 8, 8))
             loss = out.pow(2).mean()
             opt.zero_grad()
@@ -262,7 +262,7 @@ def test_memory_bounded_between_flushes(tmp_path):
         models.train(model, 5)
         assert scope._pending == [] and scope._writer.pending_rows < 2 * 60
         assert len(scope._recent) <= 8
-    parts = list((tmp_path / "f" / "stats" / "layers").glob("part-*.parquet"))
+    parts = list((tmp_path / "f" / "stats" / "stats").glob("part-*.parquet"))
     assert len(parts) == 3  # steps {0,1}, {2,3}, {4}
     assert load(tmp_path / "f").steps == [0, 1, 2, 3, 4]
 

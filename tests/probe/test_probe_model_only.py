@@ -1,15 +1,15 @@
 """probe_model(): initialisation-time diagnostics from a model (or factory) and an input shape."""
 
+import models
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-import models
 from normscope import NormscopeError
 from normscope.analyze import analyze_full, signal_propagation
-from normscope.analyze.probedata import read_probe
 from normscope.probe import probe_model
+from normscope.store.sidecars import read_probe
 
 
 def test_dead_at_init_and_training_checks_skipped(tmp_path):

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from normscope import NormscopeError
-from normscope.analyze.probedata import PROBE_FORMAT, read_probe
 from normscope.probe import Recipe, probe
+from normscope.store.sidecars import PROBE_FORMAT, read_probe
 
 
 def data(n=96, d=6, batch=16, seed=0, shift=0.0):

@@ -5,10 +5,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from report_testlib import FINDINGS
 
 from normscope_reports import build_report
-
-from report_testlib import FINDINGS
 
 CHROMIUM = os.environ.get("NORMSCOPE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"

@@ -4,11 +4,10 @@ import math
 
 import numpy as np
 import pytest
+from report_testlib import FINDINGS
 
 from normscope_reports import build_report
 from normscope_reports import data as D
-
-from report_testlib import FINDINGS
 
 
 def test_heatmap_matrices_equal_stats(small_run):
@@ -34,11 +33,25 @@ def test_heatmap_matrices_equal_stats(small_run):
     np.testing.assert_allclose(hms["Gradient"].values[rows.label.tolist().index("fc")], np.log10(g.rms))
 
 
-def test_drift_is_symmetric_kl_by_hand():
-    # N(0,1) vs N(1,4): KL12 = ln2 + (1+1)/8 - 1/2, KL21 = -ln2 + (4+1)/2 - 1/2
-    d = D.sym_kl([0.0], [1.0], [1.0], [4.0])[0]
-    assert d == pytest.approx((math.log(2) + 0.25 - 0.5) + (-math.log(2) + 2.5 - 0.5))
-    assert D.sym_kl([3.0], [2.0], [3.0], [2.0])[0] == pytest.approx(0.0)
+def test_drift_heatmap_is_the_covariate_shift_quantity(small_run):
+    """One home for drift: the report's heatmap shows what the covariate-shift check judges (lag 1)."""
+    from normscope.analyze import covariate_shift
+
+    hm = next(h for h in D.heatmaps(small_run) if h.title.startswith("Drift"))
+    rows = D.layer_rows(small_run)
+    ref = covariate_shift(small_run, lag=1)
+    assert len(ref) and np.isfinite(hm.values).any()
+    checked = 0
+    for i, r in enumerate(rows.itertuples()):
+        mine = ref[(ref.layer == r.layer) & (ref.call == r.call) & (ref.output == r.output)]
+        for j, step in enumerate(hm.steps):
+            want = mine[mine.step == step].sym_kl
+            if len(want) and np.isfinite(want.iloc[0]):
+                assert hm.values[i, j] == pytest.approx(math.log10(max(want.iloc[0], 1e-6)))
+                checked += 1
+            else:
+                assert not np.isfinite(hm.values[i, j])
+    assert checked >= len(rows)
 
 
 def test_downsampling_keeps_means_and_bounds():

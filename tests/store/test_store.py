@@ -68,10 +68,10 @@ def test_missing_and_corrupt_run_dirs(tmp_path):
     with pytest.raises(NormscopeError, match="not a normscope run"):
         load(bad)
     r = small_run(tmp_path / "badpart")
-    part = sorted((r / "stats" / "layers").glob("part-*.parquet"))[0]
+    part = sorted((r / "stats" / "stats").glob("part-*.parquet"))[0]
     part.write_bytes(b"PAR1garbage")
     with pytest.raises(NormscopeError, match=part.name):
-        load(r).stats
+        _ = load(r).stats
 
 
 def test_error_messages_are_one_line(tmp_path):
@@ -83,7 +83,7 @@ def test_error_messages_are_one_line(tmp_path):
 
 def test_temp_files_are_ignored(tmp_path):
     r = small_run(tmp_path / "t")
-    (r / "stats" / "layers" / ".tmp-abc.parquet").write_bytes(b"half a file")
+    (r / "stats" / "stats" / ".tmp-abc.parquet").write_bytes(b"half a file")
     assert load(r).steps == [0, 1, 2]
 
 

@@ -4,29 +4,20 @@ Reads the collector's per-unit activity counts (``active``: samples in which the
 > 0). A unit is dead in a window when its activity summed over every sampled batch of the
 window is 0 — never a single batch. Born dead: never active at any sampled step; died: active
 once, then silent (with the step it went silent). Dormant units (Sokar et al. 2023, score
-s_i = E|h_i| / mean_k E|h_k| ≤ τ) are reported as info.
-"""
+s_i = E|h_i| / mean_k E|h_k| ≤ τ) are reported as info."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from normscope.analyze.checks._util import num, pct, stack, steps_span
+from normscope.analyze.context import Context
 from normscope.analyze.finding import Finding
 from normscope.analyze.formulas import dormant_scores
-from normscope.analyze.modinfo import RELU_FAMILY
-from normscope.analyze.registry import SkipCheck, register
+from normscope.analyze.registry import SkipCheck, Thresholds, register
+from normscope.roles import relu_layers
 
 ID = "dead-units"
-
-
-def relu_layers(ctx) -> set[str]:
-    out = set()
-    for name, info in ctx.modules.items():
-        t = info.get("type")
-        if t in RELU_FAMILY or (t == "Hardtanh" and info.get("min_val") == 0.0):
-            out.add(name)
-    return out
 
 
 def dead_profile(ctx, layer: str, call: int, p: dict) -> dict | None:
@@ -62,23 +53,24 @@ def dead_profile(ctx, layer: str, call: int, p: dict) -> dict | None:
     }  # fmt: skip
 
 
+
 @register(
     id=ID, severity="error",
     summary="ReLU units that output ≤ 0 for every sample over a window of steps (born dead or died); dormant units as info.",
     needs=("stats",),
-    params={"warn": 0.10, "error": 0.40, "window_frac": 0.1, "min_window_steps": 5, "min_samples": 512,
+    thresholds={"warn": 0.10, "error": 0.40, "window_frac": 0.1, "min_window_steps": 5, "min_samples": 512,
             "min_judge_samples": 128, "dormant_tau": 0.025, "dormant_info": 0.10},
 )  # fmt: skip
-def check(ctx, p):
-    layers = relu_layers(ctx)
+def check(ctx: Context, t: Thresholds) -> list[Finding]:
+    layers = relu_layers(ctx.modules)
     pairs = [k for k in ctx.layer_calls() if k[0] in layers]
     if not pairs:
         raise SkipCheck("no ReLU-family layer (ReLU, ReLU6) was recorded")
     out = []
     too_few = []
     for layer, call in pairs:
-        prof = dead_profile(ctx, layer, call, p)
-        if prof is None or prof["window_samples"] < p["min_judge_samples"]:
+        prof = dead_profile(ctx, layer, call, t)
+        if prof is None or prof["window_samples"] < t["min_judge_samples"]:
             too_few.append(layer)
             continue
         n, dead = prof["units"], prof["dead"]
@@ -91,10 +83,10 @@ def check(ctx, p):
             "died_at_median": float(np.median(prof["died_at"])) if prof["died_at"] else None,
             "window_steps": list(prof["window"]), "window_rows": prof["window_rows"],
             "window_samples": prof["window_samples"], "dead_unit_indices": np.flatnonzero(dead)[:64].tolist(),
-            "call": call, "thresholds": {"warn": p["warn"], "error": p["error"]},
+            "call": call, "thresholds": {"warn": t["warn"], "error": t["error"]},
         }  # fmt: skip
         if dead.any():
-            sev = "error" if frac >= p["error"] else "warning" if frac >= p["warn"] else "info"
+            sev = "error" if frac >= t["error"] else "warning" if frac >= t["warn"] else "info"
             how = []
             if nb:
                 how.append(f"{nb} born dead")
@@ -114,14 +106,15 @@ def check(ctx, p):
             out.append(Finding(ID, sev, layer, prof["window"], msg, ev, rec))
         dormant = prof["dormant"]
         dfrac = float(dormant.mean())
-        if dfrac >= p["dormant_info"]:
-            ev2 = {"dormant_fraction": dfrac, "dormant_units": int(dormant.sum()), "units": n, "tau": p["dormant_tau"],
+        if dfrac >= t["dormant_info"]:
+            ev2 = {"dormant_fraction": dfrac, "dormant_units": int(dormant.sum()), "units": n, "tau": t["dormant_tau"],
                    "window_steps": list(prof["window"]), "call": call}  # fmt: skip
             msg = (f"{pct(dfrac)} of the units of {where} are dormant (alive, but with a mean activation ≤ "
-                   f"{p['dormant_tau']} × the layer average in {steps_span(prof['window'])}).")
+                   f"{t['dormant_tau']} × the layer average in {steps_span(prof['window'])}).")
             rec = ("Dormant units add little capacity; Sokar et al. (2023) recycle them (re-initialise incoming "
                    "weights, zero outgoing ones). Usually no action is needed unless the fraction keeps growing.")
             out.append(Finding(ID, "info", layer, prof["window"], msg, ev2, rec))
     if too_few and len(too_few) == len(pairs):
-        raise SkipCheck(f"fewer than {p['min_judge_samples']} samples recorded per ReLU layer: too few to call a unit dead")
+        raise SkipCheck(f"fewer than {t['min_judge_samples']} samples recorded per ReLU layer: too few to call a unit dead")
     return out
+

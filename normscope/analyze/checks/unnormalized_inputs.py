@@ -2,16 +2,16 @@
 
 Reads the probe's per-feature statistics of the model inputs (the collector does not record the
 first layer's input). Features are columns of 2-D inputs, channels of image inputs, the last
-axis of sequence inputs (the probe decides from the first layer's type).
-"""
+axis of sequence inputs (the probe decides from the first layer's type)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from normscope.analyze.checks._util import num
+from normscope.analyze.context import Context
 from normscope.analyze.finding import Finding
-from normscope.analyze.registry import SkipCheck, register
+from normscope.analyze.registry import SkipCheck, Thresholds, register
 
 ID = "unnormalized-inputs"
 
@@ -19,11 +19,11 @@ ID = "unnormalized-inputs"
 @register(
     id=ID, severity="warning",
     summary="Input features on very different scales (std ratio > 100) or far from zero mean (|mean| > 3·std): elongated loss surface (LeCun, Efficient BackProp).",
-    needs=("training",),
-    params={"std_ratio": 100.0, "mean_std": 3.0, "near_constant": 0.05},
+    needs=("training", "probe-inputs"),
+    thresholds={"std_ratio": 100.0, "mean_std": 3.0, "near_constant": 0.05},
 )  # fmt: skip
-def check(ctx, p):
-    inp = ctx.require_probe("inputs", "the input features' statistics")
+def check(ctx: Context, t: Thresholds) -> list[Finding]:
+    inp = ctx.probe["inputs"]  # the "probe-inputs" need guarantees it
     mean = np.asarray(inp["mean"], dtype=np.float64)
     std = np.asarray(inp["std"], dtype=np.float64)
     if mean.size == 0:
@@ -35,11 +35,11 @@ def check(ctx, p):
         raise SkipCheck("every input feature is constant over the probe data")
     # Near-constant features (std < 5 % of the median feature std: rare, mostly-zero columns such
     # as border pixels) say nothing about scale; they are listed, not used for the ratio.
-    rare = live & (std < p["near_constant"] * float(np.median(std[live])))
+    rare = live & (std < t["near_constant"] * float(np.median(std[live])))
     scaled = live & ~rare
     ratio = float(std[scaled].max() / std[scaled].min()) if scaled.any() else 1.0
-    off = scaled & (np.abs(mean) > p["mean_std"] * std)
-    bad_scale = mean.size > 1 and ratio > p["std_ratio"]
+    off = scaled & (np.abs(mean) > t["mean_std"] * std)
+    bad_scale = mean.size > 1 and ratio > t["std_ratio"]
     if not bad_scale and not off.any():
         return []
     first = (ctx.meta.get("execution_order") or [{}])[0].get("layer")
@@ -54,8 +54,9 @@ def check(ctx, p):
     ev = {"features": int(mean.size), "axis": inp.get("axis"), "samples": inp.get("samples"), "std_ratio": ratio,
           "off_centre": np.flatnonzero(off).tolist(), "constant_features": np.flatnonzero(const).tolist(),
           "near_constant_features": np.flatnonzero(rare).tolist(),
-          "mean": mean.tolist()[:256], "std": std.tolist()[:256], "thresholds": dict(p)}  # fmt: skip
+          "mean": mean.tolist()[:256], "std": std.tolist()[:256], "thresholds": dict(t)}  # fmt: skip
     rec = ("Standardise each feature with the training set's mean and std (z-score, e.g. sklearn StandardScaler), "
            "min-max scale bounded features, or log-transform heavy-tailed ones: features on different scales make the "
            "loss surface elongated and gradient descent zig-zag (LeCun et al., Efficient BackProp §4.3).")
     return [Finding(ID, "warning", first, None, msg, ev, rec)]
+

@@ -5,28 +5,31 @@ Forward: at the first step with a non-finite activation, the earliest row in exe
 unhooked code between two modules is reported as "the input of X"). Backward: gradients flow
 in reverse, so the origin is the *last* module in execution order whose output gradient is
 non-finite (the first one the backward pass reached). A forward NaN at the same or an earlier
-step is the root cause and wins. Parameter norms and the logged loss are checked too.
-"""
+step is the root cause and wins. Parameter norms and the logged loss are checked too."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from normscope.analyze.checks._util import num
-from normscope.analyze.context import BIG_ORDER
+from normscope.analyze.context import BIG_ORDER, Context
 from normscope.analyze.finding import Finding
-from normscope.analyze.registry import SkipCheck, register
+from normscope.analyze.registry import SkipCheck, Thresholds, register
 
 ID = "non-finite"
+
+
 _REC = ("Look at what this module computes at that step: lower the learning rate or clip gradients "
         "(torch.nn.utils.clip_grad_norm_) if weights or activations overflowed, guard log/sqrt/division with an "
         "epsilon, check the data batch for NaN, and rerun that step under torch.autograd.set_detect_anomaly(True) "
         "to get the exact operation.")  # fmt: skip
 
 
+
 def _row_stats(r) -> dict:
     return {"mean": float(r["mean"]), "std": float(r["std"]), "min": float(r["min"]), "max": float(r["max"]),
             "nan_count": int(r["nan_count"]), "inf_count": int(r["inf_count"]), "count": int(r["count"])}  # fmt: skip
+
 
 
 def _input_row(ctx, rows_at_step, layer: str, call: int, output: str):
@@ -55,13 +58,14 @@ def _input_row(ctx, rows_at_step, layer: str, call: int, output: str):
     return None, "unknown (first module, or its producer is not hooked)"
 
 
+
 @register(
     id=ID, severity="error",
     summary="The first module (in execution order) whose output, or output gradient, holds NaN or Inf, with its input statistics.",
     needs=(),
-    params={},
+    thresholds={},
 )  # fmt: skip
-def check(ctx, p):
+def check(ctx: Context, t: Thresholds) -> list[Finding]:
     s, g = ctx.stats, ctx.grads_all
     if not len(s) and not len(g):
         raise SkipCheck("no activation or gradient statistics in the run")
@@ -130,3 +134,4 @@ def check(ctx, p):
         msg = f"{what[0].upper() + what[1:]} became non-finite at step {step} while every recorded activation was finite."
         return [Finding(ID, "error", None, step, msg, common, _REC)]
     return []
+

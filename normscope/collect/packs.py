@@ -1,0 +1,207 @@
+"""The pack layout, declared once: which fields a reducer writes, in what order, and how packs combine.
+
+A *pack* is the small 1-D float64 tensor one reducer call produces (one hooked output, or one
+gradient). Its layout follows from shapes alone, so a sampled step's packs are concatenated,
+copied to the host once and split there without any per-pack header. Every place that writes,
+splits, expands or merges packs reads the tables below (:data:`ACT_FIELDS`, :data:`GRAD_FIELDS`);
+adding a statistic means adding a :class:`Field` here and computing it in the reducer.
+
+Each field declares
+- ``width``: ``"1"`` (one value), ``"C"`` (one per channel) or ``"H"`` (one per histogram bin);
+- ``merge``: how two packs of the same entry combine (micro-batches, eval batches, ranks):
+  ``"sum"``, ``"min"``, ``"max"``, or ``"chan"`` (a per-channel sum of squared deviations,
+  merged with Chan's parallel formula from the ``cnt`` and ``s1`` fields);
+- ``fast``: whether the CPU fast pack (all-finite tensors) carries it; the others are known on
+  the host from the layout (:func:`_derived`), which saves device work.
+
+Scalar fields come first (in table order), then the vector fields (in table order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    width: str  # "1" | "C" | "H"
+    merge: str  # "sum" | "min" | "max" | "chan"
+    fast: bool  # carried by the fast pack
+
+
+ACT_FIELDS: tuple[Field, ...] = (
+    Field("n", "1", "sum", False),  # finite elements
+    Field("min", "1", "min", True),
+    Field("max", "1", "max", True),
+    Field("abs_sum", "1", "sum", True),
+    Field("n_zero", "1", "sum", True),
+    Field("n_nonpos", "1", "sum", True),
+    Field("n_sat", "1", "sum", True),
+    Field("n_nan", "1", "sum", False),
+    Field("n_inf", "1", "sum", False),
+    Field("hist_n", "1", "sum", False),  # elements in the histogram subsample
+    Field("samples", "1", "sum", False),
+    Field("cnt", "C", "sum", False),  # finite elements per channel
+    Field("s1", "C", "sum", True),  # per-channel sum
+    Field("m2", "C", "chan", True),  # per-channel sum of squared deviations from the channel mean
+    Field("active", "C", "sum", True),  # samples in which the unit was > 0
+    Field("hist", "H", "sum", True),
+)
+
+GRAD_FIELDS: tuple[Field, ...] = (
+    Field("n", "1", "sum", False),
+    Field("sumsq", "1", "sum", True),
+    Field("max_abs", "1", "max", True),
+    Field("n_nan", "1", "sum", False),
+    Field("n_inf", "1", "sum", False),
+)
+
+
+@dataclass(frozen=True)
+class ActLayout:
+    """Shape facts that fix an activation pack's layout."""
+
+    numel: int
+    channels: int
+    samples: int
+    axis: int
+    hist_bins: int
+
+    fields = ACT_FIELDS
+
+    def width(self, f: Field) -> int:
+        return 1 if f.width == "1" else self.channels if f.width == "C" else self.hist_bins
+
+    @property
+    def size(self) -> int:
+        return pack_size(self, False)
+
+    @property
+    def fast_size(self) -> int:
+        return pack_size(self, True)
+
+    def pack_size(self, fast: bool) -> int:
+        return pack_size(self, fast)
+
+
+@dataclass(frozen=True)
+class GradLayout:
+    numel: int
+
+    fields = GRAD_FIELDS
+
+    def width(self, f: Field) -> int:
+        return 1
+
+    @property
+    def size(self) -> int:
+        return pack_size(self, False)
+
+    def pack_size(self, fast: bool) -> int:
+        return pack_size(self, fast)
+
+
+def _ordered(fields: tuple[Field, ...], fast: bool) -> tuple[Field, ...]:
+    chosen = [f for f in fields if f.fast or not fast]
+    return tuple([f for f in chosen if f.width == "1"] + [f for f in chosen if f.width != "1"])
+
+
+@lru_cache(maxsize=4096)
+def slices(layout, fast: bool) -> dict[str, slice]:
+    """Where each field sits in a pack of ``layout`` (fast or full)."""
+    out, o = {}, 0
+    for f in _ordered(layout.fields, fast):
+        w = layout.width(f)
+        out[f.name] = slice(o, o + w)
+        o += w
+    return out
+
+
+def pack_size(layout, fast: bool) -> int:
+    return sum(layout.width(f) for f in _ordered(layout.fields, fast))
+
+
+def assemble(layout, fast: bool, values: dict, dtype=torch.float64) -> torch.Tensor:
+    """One pack from named tensors (scalars 0-d, vectors 1-d), in the table's order."""
+    order = _ordered(layout.fields, fast)
+    scal = [values[f.name].to(dtype) for f in order if f.width == "1"]
+    vecs = [values[f.name].to(dtype) for f in order if f.width != "1"]
+    parts = ([torch.stack(scal)] if scal else []) + vecs
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _derived(layout, have: dict, xp):
+    """Fields a fast pack leaves out, from the layout (and the fields it has)."""
+    if isinstance(layout, GradLayout):
+        return {"n": float(layout.numel), "n_nan": 0.0, "n_inf": 0.0}
+    c = layout.channels
+    return {
+        "n": float(layout.numel), "n_nan": 0.0, "n_inf": 0.0, "samples": float(layout.samples),
+        "hist_n": have["hist"].sum(), "cnt": xp.full(c, layout.numel / c),
+    }  # fmt: skip
+
+
+class _TorchNS:
+    """The two array constructors :func:`_derived` needs, on a device."""
+
+    def __init__(self, like: torch.Tensor):
+        self.like = like
+
+    def full(self, n, v):
+        return torch.full((n,), float(v), dtype=torch.float64, device=self.like.device)
+
+
+def _fields_of(pack, layout, fast: bool) -> dict:
+    out = {}
+    for f in _ordered(layout.fields, fast):
+        v = pack[slices(layout, fast)[f.name]]
+        out[f.name] = v[0] if f.width == "1" else v
+    return out
+
+
+def split(pack: np.ndarray, layout, fast: bool = False) -> dict:
+    """Raw (combinable) fields of one host pack, every field of the table present."""
+    out = _fields_of(pack, layout, fast)
+    if fast:
+        out.update(_derived(layout, out, np))
+    return out
+
+
+def expand(pack: torch.Tensor, layout, fast: bool) -> torch.Tensor:
+    """A fast pack in the full layout, on its device (so packs from several ranks line up)."""
+    if not fast:
+        return pack
+    vals = _fields_of(pack, layout, True)
+    for k, v in _derived(layout, vals, _TorchNS(pack)).items():
+        vals[k] = v if isinstance(v, torch.Tensor) else pack.new_tensor(v)
+    return assemble(layout, False, vals)
+
+
+def combine(a: dict, b: dict, fields: tuple[Field, ...] = ACT_FIELDS) -> dict:
+    """Merge the raw fields of two packs of one entry, field by field as the table declares."""
+    if "cnt" in a and np.shape(a["cnt"]) != np.shape(b["cnt"]):
+        raise ValueError("channel count changed between forwards")
+    out = {}
+    for f in fields:
+        x, y = a[f.name], b[f.name]
+        if f.merge == "sum":
+            out[f.name] = x + y
+        elif f.merge == "min":
+            out[f.name] = min(x, y)
+        elif f.merge == "max":
+            out[f.name] = max(x, y)
+        else:  # "chan": Chan et al.'s parallel update of the sum of squared deviations
+            na, nb = a["cnt"], b["cnt"]
+            n = na + nb
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mb = np.where(nb > 0, b["s1"] / np.maximum(nb, 1), 0)
+                ma = np.where(na > 0, a["s1"] / np.maximum(na, 1), 0)
+                delta = mb - ma
+                extra = np.where(n > 0, delta * delta * na * nb / np.maximum(n, 1), 0)
+            out[f.name] = x + y + extra
+    return out
