@@ -26,7 +26,9 @@ def synthesise(run_dir: Path, layers: int, steps: int, channels: int, seed: int 
     rng = np.random.default_rng(seed)
     types = ["Conv2d", "BatchNorm2d", "ReLU"]
     names = [f"block{i // 3}.{types[i % 3].lower()}" for i in range(layers)]
-    modules = [{"name": n, "type": types[i % 3], "params": 0, "trainable": 0, "hooked": True} for i, n in enumerate(names)]
+    modules = [
+        {"name": n, "type": types[i % 3], "params": 0, "trainable": 0, "hooked": True} for i, n in enumerate(names)
+    ]
     meta = {
         "format": FORMAT, "name": "synthetic", "status": "complete", "created": "2026-01-01T00:00:00+00:00",
         "ended": "2026-01-01T01:00:00+00:00", "versions": {"normscope": "bench", "torch": "-", "python": "-"},
@@ -88,7 +90,9 @@ def main() -> None:
     t3 = time.perf_counter()
     size = path.stat().st_size
     print(f"run: {a.layers} layers x {a.steps} sampled steps ({n_rows:,} activation rows, {a.channels} channels)")
-    print(f"synthesise {t1 - t0:6.1f} s   load {t2 - t1:6.1f} s   report {t3 - t2:6.1f} s   (budget: load + report < 15 s)")
+    print(
+        f"synthesise {t1 - t0:6.1f} s   load {t2 - t1:6.1f} s   report {t3 - t2:6.1f} s   (budget: load + report < 15 s)"
+    )
     print(f"report size {size / 1e6:.2f} MB (budget < 5 MB), {len(findings)} flagged layers -> {path}")
     if not a.keep:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -70,7 +70,10 @@ class Transformer(nn.Module):
 
 WORKLOADS = {
     # name: (model factory, batch maker)
-    "resnet18": (ResNet18, lambda g: (torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g))),
+    "resnet18": (
+        ResNet18,
+        lambda g: (torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)),
+    ),
     "mlp": (mlp, lambda g: (torch.randn(256, 256, generator=g), torch.randint(0, 10, (256,), generator=g))),
     "transformer": (
         Transformer,

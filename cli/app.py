@@ -30,96 +30,57 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: Optional[bool] = typer.Option(
+        None, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
 ) -> None:
     """normscope: model analysis and diagnostics for PyTorch training."""
     C.STATE["debug"] = debug
 
 
-def _is_run_dir(target: str) -> bool:
-    p = Path(target)
-    return p.is_dir() and (p / "meta.json").exists()
+class _Progress:
+    """A rich progress bar on stderr (step, loss, elapsed), shown from the first training step on
+    (so errors before training stay one line); a no-op when quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.prog = None
+
+    def __call__(self, step: int, steps: int, loss: float) -> None:
+        if self.quiet:
+            return
+        if self.prog is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.prog = Progress(
+                TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                TimeElapsedColumn(), console=C.err_console(), transient=True,
+            )  # fmt: skip
+            self.task = self.prog.add_task("train", total=steps, loss="—")
+            self.prog.start()
+        self.prog.update(self.task, completed=step + 1, total=steps, loss=f"{loss:.4g}")
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.prog is not None:
+            self.prog.stop()
 
 
-def _progress(quiet: bool, total: int):
-    """A rich progress bar on stderr (step, loss, elapsed); a no-op when quiet."""
-    if quiet:
-        return None, None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    prog = Progress(
-        TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(), console=C.err_console(), transient=True,
-    )  # fmt: skip
-    task = prog.add_task("train", total=total, loss="—")
-
-    def cb(step: int, steps: int, loss: float) -> None:
-        prog.update(task, completed=step + 1, total=steps, loss=f"{loss:.4g}")
-
-    return prog, cb
-
-
-def _fold_into_run(run, model, example) -> None:
-    """For a model with BatchNorm: fold it (no export), write <run_dir>/fold.json for the report."""
-    import copy
-    import json as _json
-
-    import torch
-
-    from normscope.store.writer import atomic_write_bytes
-
-    if model is None or example is None:
-        return
-    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        return
-    try:
-        m = copy.deepcopy(model).eval()
-        res = normscope.fold_bn(m, example, inplace=True)
-        doc = res.to_dict()
-    except Exception as e:  # noqa: BLE001 - folding is a bonus here, never a failure of inspect
-        doc = {"folded": [], "skipped": [], "error": {}, "fp16_risk": [], "tracing": f"failed: {type(e).__name__}: {e}"}
-    atomic_write_bytes(Path(run.run_dir) / "fold.json", _json.dumps(doc, default=str).encode())
-
-
-def _example_inputs(recipe):
-    """The first training batch's inputs (at most 8 samples) as a tuple of model arguments."""
-    import torch
-
-    try:
-        batch = next(iter(recipe.train_data))
-    except Exception:  # noqa: BLE001
-        return None
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    if isinstance(x, torch.Tensor):
-        return (x[:8],)
-    if isinstance(x, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in x):
-        return tuple(t[:8] for t in x)
-    return None
-
-
-def _analyze(run, model=None, config=None, optimizer=None):
+def _analyze(run, config=None):
     from normscope.analyze import analyze_full
 
-    return analyze_full(run, model=model, config=config, optimizer=optimizer)
+    return analyze_full(run, config=config)
 
 
-def _write_report(run, analysis, out: Optional[Path], command: str) -> Optional[Path]:
-    try:
-        from normscope_reports import build_report
-    except ImportError:  # the report extra is not installed
-        return None
-    return build_report(run, findings=analysis.findings, skipped=analysis.skipped, out=out, command=command)
-
-
-def _emit_analysis(run, analysis, fmt: str, fail_on: Optional[str], quiet: bool, report: Optional[Path]) -> None:
+def _emit(result, fmt: str, fail_on: Optional[str], quiet: bool) -> None:
+    run, analysis, report = result.run, result.analysis, result.report
     findings = [f.to_dict() for f in analysis.findings]
     skipped = [s.to_dict() for s in analysis.skipped]
     if fmt == "json":
-        C.emit(C.to_json({
-            "run_dir": str(run.run_dir), "report": str(report) if report else None, "findings": findings,
-            "summary": C.summary(findings), "skipped": skipped, "checks_run": list(analysis.checks_run),
-        }))  # fmt: skip
+        C.emit(C.to_json(result.to_dict()))
     elif fmt == "junit":
         C.emit(C.to_junit(findings, list(analysis.checks_run), skipped, fail_on, run.meta.get("name", "run")))
     elif not quiet:
@@ -152,14 +113,19 @@ Examples:
 @app.command(epilog=INSPECT_EXAMPLES)
 @C.handle_errors
 def inspect(
-    target: str = typer.Argument(..., help="A recipe (file.py, file.py:function, module:function), a model factory "
-                                 "with --input-shape, or an existing run directory."),  # fmt: skip
+    target: str = typer.Argument(
+        ...,
+        help="A recipe (file.py, file.py:function, module:function), a model factory "
+        "with --input-shape, or an existing run directory.",
+    ),  # fmt: skip
     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (default: the recipe's)."),
     every: int = typer.Option(1, "--every", help="Sample statistics every N steps."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<name>-<time>)."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", "-s", help="Model-only probing: e.g. 8,3,32,32."),
     fmt: str = typer.Option("table", "--format", "-f", help="table | json | junit (json/junit: only that on stdout)."),
-    fail_on: Optional[str] = typer.Option(None, "--fail-on", help="Exit 1 when a finding at or above info|warning|error exists."),
+    fail_on: Optional[str] = typer.Option(
+        None, "--fail-on", help="Exit 1 when a finding at or above info|warning|error exists."
+    ),
     config: Optional[str] = typer.Option(None, "--config", help="TOML file of check thresholds and options."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no table."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write the HTML report into the run directory."),
@@ -168,34 +134,10 @@ def inspect(
     C.check_choice("format", fmt, FORMATS)
     C.check_choice("fail-on", fail_on, C.SEVERITIES)
     cfg = C.load_config(config)
-    from normscope.analyze.engine import as_config
-
-    cfg = as_config(cfg)  # validate thresholds before spending time training
-    model = optimizer = None
-    if _is_run_dir(target) and input_shape is None:
-        run = normscope.load(target)
-    elif input_shape is not None:
-        from normscope.probe import probe_model
-        from normscope_cli.fold_cmd import load_callable, parse_shape
-
-        factory = load_callable(target, ("model", "build_model", "recipe_model"))
-        run = probe_model(factory, parse_shape(input_shape), steps=steps or 8, run_dir=out, every=every)
-    else:
-        from normscope.probe import load_recipe, probe
-
-        recipe = load_recipe(target)
-        total = steps or recipe.steps
-        prog, cb = _progress(quiet, total)
-        if prog is not None:
-            with prog:
-                run = probe(recipe, steps=steps, run_dir=out, every=every, progress=cb)
-        else:
-            run = probe(recipe, steps=steps, run_dir=out, every=every)
-        model = recipe.model
-        _fold_into_run(run, model, _example_inputs(recipe))
-    analysis = _analyze(run, model=model, config=cfg, optimizer=optimizer)
-    path = _write_report(run, analysis, None, " ".join(["normscope", *sys.argv[1:]])) if report else None
-    _emit_analysis(run, analysis, fmt, fail_on, quiet, path)
+    with _Progress(quiet) as progress:
+        result = normscope.inspect(target, steps=steps, every=every, run_dir=out, input_shape=input_shape, config=cfg,
+                                   report=report, progress=progress, command=" ".join(["normscope", *sys.argv[1:]]))  # fmt: skip
+    _emit(result, fmt, fail_on, quiet)
 
 
 @app.command(epilog="Examples:\n\n  normscope report runs/exp1\n\n  normscope report runs/exp1 -o exp1.html")
@@ -208,13 +150,12 @@ def report(
     """(Re)build the HTML report of a run directory, with its findings."""
     run = normscope.load(run_dir)
     analysis = _analyze(run, config=C.load_config(config))
-    path = _write_report(run, analysis, output, " ".join(["normscope", *sys.argv[1:]]))
-    if path is None:
-        C.fail("the report layer is not installed: pip install 'normscope[report]'")
-    typer.echo(str(path))
+    typer.echo(str(normscope.pipeline.write_report(run, analysis, output, " ".join(["normscope", *sys.argv[1:]]))))
 
 
-@app.command(epilog="Examples:\n\n  normscope compare runs/before runs/after\n\n  normscope compare runs/a runs/b --format json")
+@app.command(
+    epilog="Examples:\n\n  normscope compare runs/before runs/after\n\n  normscope compare runs/a runs/b --format json"
+)
 @C.handle_errors
 def compare(
     run_a: Path = typer.Argument(..., help="The baseline run directory."),
@@ -263,7 +204,10 @@ def checks(check_id: Optional[str] = typer.Argument(None, help="A check id: prin
         typer.echo(f"# {info.id}\n\n{info.summary}\n\nDefault severity: {info.severity}\nThresholds: {info.thresholds}")
 
 
-@app.command("export-tensorboard", epilog="Examples:\n\n  normscope export-tensorboard runs/exp1 tb/exp1\n\n  tensorboard --logdir tb")
+@app.command(
+    "export-tensorboard",
+    epilog="Examples:\n\n  normscope export-tensorboard runs/exp1 tb/exp1\n\n  tensorboard --logdir tb",
+)
 @C.handle_errors
 def export_tensorboard(
     run_dir: Path = typer.Argument(..., help="A run directory written by normscope."),

@@ -95,7 +95,9 @@ def key_number(evidence: dict) -> str:
         return ""
     key = evidence.get("key")
     items = list(evidence.items())
-    ranked = sorted(items, key=lambda kv: next((i for i, h in enumerate(KEY_HINTS) if h in kv[0] and "threshold" not in kv[0]), 99))
+    ranked = sorted(
+        items, key=lambda kv: next((i for i, h in enumerate(KEY_HINTS) if h in kv[0] and "threshold" not in kv[0]), 99)
+    )
     items = [(key, evidence[key])] if key in evidence else ranked
     for k, v in items:
         if isinstance(v, bool) or not isinstance(v, (int, float)):

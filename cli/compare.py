@@ -37,7 +37,9 @@ def compare_runs(a, b, analysis_a, analysis_b) -> dict[str, Any]:
             status = "new"
         elif len(ca) != len(cb) or worst(ca) != worst(cb):
             status = "changed"
-        per_check.append({"check": c, "a": len(ca), "b": len(cb), "worst_a": worst(ca), "worst_b": worst(cb), "status": status})
+        per_check.append(
+            {"check": c, "a": len(ca), "b": len(cb), "worst_a": worst(ca), "worst_b": worst(cb), "status": status}
+        )
     ka, kb = {_key(f) for f in fa}, {_key(f) for f in fb}
     layers = []
     na, nb = _last_layer_numbers(a), _last_layer_numbers(b)
@@ -82,7 +84,12 @@ def render_compare(doc: dict, console) -> None:
             continue
         style = {"new": "bold red", "resolved": "green", "changed": "yellow"}.get(c["status"], "")
         fmt = lambda n, w: f"{n} ({w})" if n else "0"  # noqa: E731
-        t.add_row(c["check"], fmt(c["a"], c["worst_a"]), fmt(c["b"], c["worst_b"]), f"[{style}]{c['status']}[/]" if style else c["status"])
+        t.add_row(
+            c["check"],
+            fmt(c["a"], c["worst_a"]),
+            fmt(c["b"], c["worst_b"]),
+            f"[{style}]{c['status']}[/]" if style else c["status"],
+        )
     console.print(t)
     changed = [r for r in doc["layers"] if r["changed"]]
     lt = Table(title=f"layers with changed numbers ({len(changed)} of {len(doc['layers'])})")
@@ -98,7 +105,9 @@ def render_compare(doc: dict, console) -> None:
     console.print(lt)
     for label, key in (("new", "new_findings"), ("resolved", "resolved_findings")):
         for f in doc[key]:
-            console.print(f"[{STYLE.get(f['severity'], '')}]{label}[/] {f['check']} {_esc(f.get('layer') or '')}: {_esc(f['message'])}")
+            console.print(
+                f"[{STYLE.get(f['severity'], '')}]{label}[/] {f['check']} {_esc(f.get('layer') or '')}: {_esc(f['message'])}"
+            )
 
 
 def _f(v: Any) -> str:

@@ -1,6 +1,6 @@
 """Train a small BN CNN on scikit-learn's digits under normscope.watch and summarise the run.
 
-    python examples/quickstart.py [RUN_DIR]
+python examples/quickstart.py [RUN_DIR]
 """
 
 import sys

@@ -63,8 +63,12 @@ def _classes():
     norms = tuple(
         t
         for t in (
-            nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm,
-            nn.LayerNorm, nn.LocalResponseNorm, getattr(nn, "RMSNorm", None),
+            nn.modules.batchnorm._BatchNorm,
+            nn.modules.instancenorm._InstanceNorm,
+            nn.GroupNorm,
+            nn.LayerNorm,
+            nn.LocalResponseNorm,
+            getattr(nn, "RMSNorm", None),
         )  # fmt: skip
         if t is not None
     )
@@ -76,7 +80,7 @@ ACTIVATIONS, NORMS, DROPOUTS = _classes()
 
 
 def role(module: Any) -> str | None:
-    """"activation", "norm", "dropout" or None for a live module."""
+    """ "activation", "norm", "dropout" or None for a live module."""
     if isinstance(module, NORMS):
         return "norm"
     if isinstance(module, ACTIVATIONS):

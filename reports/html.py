@@ -31,7 +31,9 @@ def _as_dict(f: Any) -> dict:
         return dict(f)
     if hasattr(f, "to_dict"):
         return f.to_dict()
-    return {k: getattr(f, k, None) for k in ("check", "severity", "layer", "step", "message", "evidence", "recommendation")}
+    return {
+        k: getattr(f, k, None) for k in ("check", "severity", "layer", "step", "message", "evidence", "recommendation")
+    }
 
 
 def _fmt(v: Any) -> str:

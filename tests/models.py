@@ -31,7 +31,9 @@ class Block(nn.Module):
 class TinyResNet(nn.Module):
     def __init__(self, num_classes=10, width=8):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
         self.layer1 = Block(width, width)
         self.layer2 = Block(width, 2 * width, stride=2)
         self.pool = nn.AdaptiveAvgPool2d(1)

@@ -31,9 +31,13 @@ class Config:
             self.disabled.add(cid)
         for cid, values in (thresholds or {}).items():
             if cid not in reg:
-                raise NormscopeError(f"unknown check {cid!r} in the configuration: known ids are {', '.join(sorted(reg))}.")
+                raise NormscopeError(
+                    f"unknown check {cid!r} in the configuration: known ids are {', '.join(sorted(reg))}."
+                )
             if not isinstance(values, Mapping):
-                raise NormscopeError(f"configuration for {cid!r} must be a table of thresholds, got {type(values).__name__}.")
+                raise NormscopeError(
+                    f"configuration for {cid!r} must be a table of thresholds, got {type(values).__name__}."
+                )
             for key, v in values.items():
                 defaults = self._values[cid]
                 if key not in defaults:

@@ -145,7 +145,10 @@ class Context:
         tr = self.train
         if not len(tr):
             return {}
-        return {(str(k[0]), int(k[1]), str(k[2])): g.sort_values("step") for k, g in tr.groupby(["layer", "call", "output"], sort=False)}
+        return {
+            (str(k[0]), int(k[1]), str(k[2])): g.sort_values("step")
+            for k, g in tr.groupby(["layer", "call", "output"], sort=False)
+        }
 
     def layer_series(self, layer: str, call: int = 0, output: str = "", df=None) -> pd.DataFrame:
         """Rows of one layer call (train phase by default), sorted by step."""

@@ -25,7 +25,9 @@ def as_run(run: Any):
         return run
     if isinstance(run, (str, os.PathLike)):
         return load(run)
-    raise NormscopeError(f"analyze() needs a Run (normscope.load(run_dir)) or a run directory path, got {type(run).__name__}.")
+    raise NormscopeError(
+        f"analyze() needs a Run (normscope.load(run_dir)) or a run directory path, got {type(run).__name__}."
+    )
 
 
 def as_config(config: Config | Mapping | None) -> Config:
@@ -55,7 +57,11 @@ def missing(ctx: Context, need: str) -> str | None:
     if need == "stats":
         return None if len(ctx.train) else "no train-phase activation statistics in the run"
     if need == "grads":
-        return None if len(ctx.grads) else "no gradient statistics in the run (watch(..., grads=False), or no backward pass)"
+        return (
+            None
+            if len(ctx.grads)
+            else "no gradient statistics in the run (watch(..., grads=False), or no backward pass)"
+        )
     if need == "params":
         return None if len(ctx.params) else "no parameter statistics in the run (no optimizer step or scope.step())"
     if need == "updates":
@@ -64,11 +70,21 @@ def missing(ctx: Context, need: str) -> str | None:
             return "no parameter updates recorded (no optimizer step, or watch(..., track_updates=False))"
         return None
     if need == "eval-loss":
-        return None if len(ctx.loss_series("eval")) else "no eval loss logged: give the recipe eval_data, or call scope.log(phase='eval', loss=...)"
+        return (
+            None
+            if len(ctx.loss_series("eval"))
+            else "no eval loss logged: give the recipe eval_data, or call scope.log(phase='eval', loss=...)"
+        )
     if need == "train-loss":
-        return None if len(ctx.loss_series("train")) else "no train loss logged: call scope.log(loss=...) after each step"
+        return (
+            None if len(ctx.loss_series("train")) else "no train loss logged: call scope.log(loss=...) after each step"
+        )
     if need == "graph":
-        return None if ctx.graph is not None else "no module graph: pass model= to analyze(), or record the run with normscope.probe"
+        return (
+            None
+            if ctx.graph is not None
+            else "no module graph: pass model= to analyze(), or record the run with normscope.probe"
+        )
     if need == "probe-bn":
         return _probe_reason(ctx, "bn", "BatchNorm population statistics")
     if need == "probe-inputs":

@@ -8,23 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-# The type-name sets and predicates live in normscope.roles (one home, shared with collect and
-# reports); re-exported here for the checks.
-from normscope.roles import (  # noqa: E402,F401
-    ALPHA_DROPOUT,
-    BATCHNORM,
-    DROPOUT,
-    EMBEDDING,
-    INSTANCENORM,
-    LINEAR_LIKE,
-    LRN,
-    SEQUENCE,
-    family,
-    is_bn,
-    is_norm,
-    relu_layers,
-)
-from normscope.roles import NORM_TYPES as NORMS  # noqa: E402,F401
+from normscope.roles import family
 
 
 def module_info(module) -> dict[str, Any]:

@@ -156,7 +156,6 @@ def signal_propagation(run, level: str = "auto") -> pd.DataFrame:
 RELS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 
 
-
 def weight_sparsity(model, rels=RELS) -> dict[str, dict]:
     """{param: {layer, numel, max_abs, frac_below: {"1e-03": f, ...}}} for weight tensors with ndim ≥ 2."""
     import torch

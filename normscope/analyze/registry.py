@@ -158,7 +158,9 @@ def get_check(check_id: str) -> CheckSpec:
 
     reg = registry()
     if check_id not in reg:
-        raise NormscopeError(f"unknown check {check_id!r}: run `normscope checks` to list the ids ({', '.join(sorted(reg))}).")
+        raise NormscopeError(
+            f"unknown check {check_id!r}: run `normscope checks` to list the ids ({', '.join(sorted(reg))})."
+        )
     return reg[check_id]
 
 

@@ -15,7 +15,7 @@ from normscope.store.writer import FORMAT
 
 def initial_meta(model, name: str, plans, options: dict) -> dict:
     """meta.json at the start of a run: model summary, options, histogram edges, versions."""
-    import normscope
+    from normscope._version import __version__
     from normscope.roles import family
 
     hooked = {p.name for p in plans}
@@ -34,7 +34,7 @@ def initial_meta(model, name: str, plans, options: dict) -> dict:
         "status": "running",
         "created": _now(),
         "versions": {
-            "normscope": normscope.__version__,
+            "normscope": __version__,
             "torch": torch.__version__,
             "python": platform.python_version(),
         },
@@ -52,7 +52,6 @@ def initial_meta(model, name: str, plans, options: dict) -> dict:
         "threads": torch.get_num_threads(),
         "steps_recorded": 0,
     }
-
 
 
 def _to_host(tensors: list[torch.Tensor]) -> np.ndarray:
@@ -88,5 +87,3 @@ def _sel_json(sel) -> list[str] | None:
     if isinstance(sel, (str, type)):
         sel = [sel]
     return [s if isinstance(s, str) else f"type:{s.__module__}.{s.__qualname__}" for s in sel]
-
-

@@ -386,7 +386,9 @@ class Scope:
         msg = f"{where}: {type(e).__name__}: {e}"
         if msg not in self._hook_errors:
             self._hook_errors.append(msg)
-            warnings.warn(f"normscope stopped recording {where} after an error ({msg}); training goes on.", stacklevel=3)
+            warnings.warn(
+                f"normscope stopped recording {where} after an error ({msg}); training goes on.", stacklevel=3
+            )
 
     # --- step end: one transfer, decode, buffer, flush -------------------------------------------
     def _finish_step(self, updated: bool, params: bool) -> None:

@@ -50,9 +50,7 @@ def _matches(name: str, module: nn.Module, selectors: Sequence[Selector]) -> boo
             if isinstance(module, sel):
                 return True
         else:
-            raise NormscopeError(
-                f"include/exclude entries must be name globs (str) or module types, got {sel!r}."
-            )
+            raise NormscopeError(f"include/exclude entries must be name globs (str) or module types, got {sel!r}.")
     return False
 
 

@@ -26,7 +26,9 @@ from normscope.probe import measure as M
 def parametrised_layers(model: nn.Module, x: Any) -> list[str]:
     """Modules with their own trainable parameters, in execution order of one forward (on a copy)."""
     m = copy.deepcopy(model)
-    owners = {mod: name for name, mod in m.named_modules() if any(p.requires_grad for p in mod.parameters(recurse=False))}
+    owners = {
+        mod: name for name, mod in m.named_modules() if any(p.requires_grad for p in mod.parameters(recurse=False))
+    }
     order: list[str] = []
     hs = [mod.register_forward_hook(lambda mod, a, o: order.append(owners[mod]) if owners[mod] not in order else None)
           for mod in owners]  # fmt: skip
@@ -54,7 +56,9 @@ def _grads(model: nn.Module, loss_fn, x, y, seed: int) -> nn.Module:
 
 
 def _flat(params: list[nn.Parameter]) -> torch.Tensor:
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).double() for p in params])
+    return torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).double() for p in params]
+    )
 
 
 def measure_ics(model: nn.Module, loss_fn: Callable, batch, optimizer: float | Callable | None = None,
@@ -81,7 +85,9 @@ def measure_ics(model: nn.Module, loss_fn: Callable, batch, optimizer: float | C
     elif callable(optimizer):
         factory = optimizer
     else:
-        raise NormscopeError(f"optimizer must be a learning rate or a factory params → optimizer, got {type(optimizer).__name__}.")
+        raise NormscopeError(
+            f"optimizer must be a learning rate or a factory params → optimizer, got {type(optimizer).__name__}."
+        )
     order = parametrised_layers(model, x)
     if layers is None:
         chosen = list(order)
@@ -89,7 +95,9 @@ def measure_ics(model: nn.Module, loss_fn: Callable, batch, optimizer: float | C
         chosen = list(layers)
         unknown = [l for l in chosen if l not in order]
         if unknown:
-            raise NormscopeError(f"measure_ics: {', '.join(map(repr, unknown))} have no trainable parameters of their own; choose from {', '.join(order)}.")
+            raise NormscopeError(
+                f"measure_ics: {', '.join(map(repr, unknown))} have no trainable parameters of their own; choose from {', '.join(order)}."
+            )
     # Wᵗ and G (full gradient at Wᵗ)
     net_t = _grads(copy.deepcopy(model), loss_fn, x, y, seed)
     g_full = {l: _flat(_own(net_t, l)) for l in order}

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from normscope.analyze.graph import Graph
-from normscope.analyze.modinfo import DROPOUT
+from normscope.roles import DROPOUT
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -282,7 +282,12 @@ def _branch_module(g: Graph, block: str) -> str | None:
         return block in n.scope
 
     for n in g.nodes.values():
-        if n.op == "function" and n.type in ("add", "iadd", "__add__", "__iadd__", "add_") and n.scope and n.scope[-1] == block:
+        if (
+            n.op == "function"
+            and n.type in ("add", "iadd", "__add__", "__iadd__", "add_")
+            and n.scope
+            and n.scope[-1] == block
+        ):
             best, best_k = None, -1
             for pred in g.producers(n.id):
                 k = sum(1 for u in g.upstream(pred.id, stop=lambda u: not inside(u)) if u.op == "module" and inside(u))
@@ -305,6 +310,7 @@ def measure_signal(model: nn.Module, x: Any, graph: Graph | None, when: str, ste
     found: dict[str, torch.Tensor] = {}
     branch_found: dict[str, torch.Tensor] = {}
     handles = []
+
     def keep(store: dict, key: str):
         def hook(mod, args, out):  # returns None: never replaces the module's output
             t = first_tensor(out)

@@ -53,12 +53,16 @@ class Recipe:
         if self.eval_data is not None:
             _check_reiterable("eval_data", self.eval_data)
         if not callable(self.loss_fn):
-            raise NormscopeError(f"Recipe.loss_fn must be callable as loss_fn(outputs, targets), got {type(self.loss_fn).__name__}.")
+            raise NormscopeError(
+                f"Recipe.loss_fn must be callable as loss_fn(outputs, targets), got {type(self.loss_fn).__name__}."
+            )
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise NormscopeError(f"Recipe.steps must be a whole number ≥ 1, got {self.steps!r}.")
         import torch
 
-        if self.optimizer is not None and not (isinstance(self.optimizer, torch.optim.Optimizer) or callable(self.optimizer)):
+        if self.optimizer is not None and not (
+            isinstance(self.optimizer, torch.optim.Optimizer) or callable(self.optimizer)
+        ):
             raise NormscopeError(
                 f"Recipe.optimizer must be a torch.optim.Optimizer, a factory params → optimizer, or None (SGD), "
                 f"got {type(self.optimizer).__name__}."
@@ -72,7 +76,9 @@ class Recipe:
         elif not isinstance(self.optimizer, torch.optim.Optimizer):
             opt = self.optimizer(self.model.parameters())
             if not isinstance(opt, torch.optim.Optimizer):
-                raise NormscopeError(f"Recipe.optimizer factory returned {type(opt).__name__}, expected a torch.optim.Optimizer.")
+                raise NormscopeError(
+                    f"Recipe.optimizer factory returned {type(opt).__name__}, expected a torch.optim.Optimizer."
+                )
             self.optimizer = opt
         return self.optimizer
 
@@ -81,7 +87,9 @@ def _check_reiterable(label: str, data: Any) -> None:
     try:
         it = iter(data)
     except TypeError:
-        raise NormscopeError(f"Recipe.{label} must be an iterable of (inputs, targets) batches, got {type(data).__name__}.") from None
+        raise NormscopeError(
+            f"Recipe.{label} must be an iterable of (inputs, targets) batches, got {type(data).__name__}."
+        ) from None
     if it is data:
         raise NormscopeError(
             f"Recipe.{label} is a one-shot iterator ({type(data).__name__}): pass something that can be iterated "
@@ -162,13 +170,17 @@ def resolve_callable(spec: str | os.PathLike, defaults: tuple[str, ...], what: s
         where = str(path)
     else:
         if func_name is None and not allow_bare_module:
-            raise NormscopeError(f"{what} spec {target!r} is neither a .py file nor 'module:function': pass e.g. path/to/{what}.py or package.module:{defaults[0]}.")
+            raise NormscopeError(
+                f"{what} spec {target!r} is neither a .py file nor 'module:function': pass e.g. path/to/{what}.py or package.module:{defaults[0]}."
+            )
         try:
             module = importlib.import_module(target)
         except NormscopeError:
             raise
         except Exception as e:
-            raise NormscopeError(f"{what} module {target} could not be imported ({type(e).__name__}: {_first_line(e)}).") from e
+            raise NormscopeError(
+                f"{what} module {target} could not be imported ({type(e).__name__}: {_first_line(e)})."
+            ) from e
         where = target
     names = (func_name,) if func_name else defaults
     for name in names:

@@ -97,7 +97,9 @@ def probe(recipe: Recipe | str | os.PathLike, steps: int | None = None, run_dir:
         eval_every = every * max(1, round(steps / (20 * every)))
     eval_every = _check_int("eval_every", eval_every)
     if eval_every % every:
-        raise NormscopeError(f"eval_every ({eval_every}) must be a multiple of every ({every}) so eval losses land on sampled steps.")
+        raise NormscopeError(
+            f"eval_every ({eval_every}) must be a multiple of every ({every}) so eval losses land on sampled steps."
+        )
     model = recipe.model
     opt = recipe.make_optimizer()
     name = recipe.name or type(model).__name__
@@ -213,16 +215,22 @@ def probe_model(model_or_factory: nn.Module | Callable[[], nn.Module], input_sha
     model = model_or_factory
     if not isinstance(model, nn.Module):
         if not callable(model):
-            raise NormscopeError(f"probe_model() needs an nn.Module or a factory returning one, got {type(model).__name__}.")
+            raise NormscopeError(
+                f"probe_model() needs an nn.Module or a factory returning one, got {type(model).__name__}."
+            )
         model = model()
         if not isinstance(model, nn.Module):
             raise NormscopeError(f"the model factory returned {type(model).__name__}, expected a torch.nn.Module.")
     try:
         shape = tuple(int(s) for s in input_shape)
     except (TypeError, ValueError):
-        raise NormscopeError(f"input_shape must be a sequence of ints including the batch size, e.g. (32, 3, 32, 32); got {input_shape!r}.") from None
+        raise NormscopeError(
+            f"input_shape must be a sequence of ints including the batch size, e.g. (32, 3, 32, 32); got {input_shape!r}."
+        ) from None
     if len(shape) < 1 or any(s < 1 for s in shape):
-        raise NormscopeError(f"input_shape must be positive sizes including the batch size, e.g. (32, 3, 32, 32); got {input_shape!r}.")
+        raise NormscopeError(
+            f"input_shape must be positive sizes including the batch size, e.g. (32, 3, 32, 32); got {input_shape!r}."
+        )
     steps = _check_int("steps", steps)
     every = _check_int("every", every)
     name = name or type(model).__name__

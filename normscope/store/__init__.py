@@ -16,5 +16,19 @@ def load(run_dir: str | Path) -> Run:
     return Run(run_dir)
 
 
-__all__ = ["FOLD_FILE", "FORMAT", "PROBE_FILE", "SCHEMA", "TABLES", "Run", "RunWriter", "load", "read_fold",
-           "read_probe", "read_table", "write_fold", "write_json", "write_probe"]
+__all__ = [
+    "FOLD_FILE",
+    "FORMAT",
+    "PROBE_FILE",
+    "SCHEMA",
+    "TABLES",
+    "Run",
+    "RunWriter",
+    "load",
+    "read_fold",
+    "read_probe",
+    "read_table",
+    "write_fold",
+    "write_json",
+    "write_probe",
+]

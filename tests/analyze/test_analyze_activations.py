@@ -72,7 +72,7 @@ def test_dead_channels_equal_brute_force_conv_and_died_step(tmp_path):
     ctx = Context(load(tmp_path / "c"))
     p = get_check("dead-units").thresholds | {"min_samples": 64}
     prof = dead_profile(ctx, "1", 0, p)
-    outs = torch.cat(store["1"][-prof["window_rows"]:])
+    outs = torch.cat(store["1"][-prof["window_rows"] :])
     brute = ~(outs > 0).flatten(2).any(2).any(0).numpy()
     np.testing.assert_array_equal(prof["dead"], brute)
     assert prof["dead"][:3].all() and not prof["dead"][3:].any()

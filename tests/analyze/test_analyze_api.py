@@ -67,7 +67,10 @@ def test_defaults_follow_checks_md():
     assert cfg.get("vanishing-gradients", "ratio") == 1e-3 and cfg.get("exploding-gradients", "ratio") == 1e3
     ur = cfg.thresholds("update-ratio")
     assert (ur["low_warn"], ur["high_warn"], ur["low_info"], ur["high_info"]) == (1e-5, 1e-1, 1e-4, 1e-2)
-    assert cfg.thresholds("unnormalized-inputs")["std_ratio"] == 100 and cfg.thresholds("unnormalized-inputs")["mean_std"] == 3
+    assert (
+        cfg.thresholds("unnormalized-inputs")["std_ratio"] == 100
+        and cfg.thresholds("unnormalized-inputs")["mean_std"] == 3
+    )
     assert cfg.get("weight-sparsity", "rel") == 1e-3
 
 

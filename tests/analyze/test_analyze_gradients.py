@@ -24,7 +24,11 @@ def test_depth_profile_equals_brute_force(tmp_path, gain, check):
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     with watch(model, tmp_path / "g", every=1):
         for _ in range(6):
-            loss = model(torch.randn(32, 16)).pow(2).mean() if gain >= 1 else (model(torch.randn(32, 16)) - 1).pow(2).mean()
+            loss = (
+                model(torch.randn(32, 16)).pow(2).mean()
+                if gain >= 1
+                else (model(torch.randn(32, 16)) - 1).pow(2).mean()
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -79,7 +79,9 @@ def test_backward_nan_names_the_module_whose_output_gradient_broke(tmp_path, aft
     a = run_with(tmp_path, model, steps=2)
     (f,) = [f for f in a.findings if f.check == "non-finite"]
     assert f.step == 0 and f.layer == str(2 * after)
-    assert f.evidence["first_backward_step"] == 0 and f.evidence["first_forward_step"] == 1  # NaN weights after the step
+    assert (
+        f.evidence["first_backward_step"] == 0 and f.evidence["first_forward_step"] == 1
+    )  # NaN weights after the step
     assert "backward" in f.message
 
 

@@ -18,7 +18,9 @@ def chan(t: torch.Tensor, axis: int):
 @pytest.fixture
 def conv_run(tmp_path):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 16, 3))
+    model = nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 16, 3)
+    )
     store: dict = {}
     capture(model, ["0", "2", "4"], store)
     opt = torch.optim.SGD(model.parameters(), lr=0.2)

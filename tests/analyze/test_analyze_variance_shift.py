@@ -10,7 +10,9 @@ from normscope.analyze.formulas import shift_factor, variance_shift_closed_form
 from normscope.probe import Recipe, probe
 
 
-def synthetic_recipe(q: float, c: float, v: float, channels: int = 16, n: int = 4096, batch: int = 256, steps: int = 64):
+def synthetic_recipe(
+    q: float, c: float, v: float, channels: int = 16, n: int = 4096, batch: int = 256, steps: int = 64
+):
     g = torch.Generator().manual_seed(1)
     x = c + v**0.5 * torch.randn(n, channels, generator=g)
     y = torch.zeros(n, 1)

@@ -78,8 +78,12 @@ def test_fail_on_levels(dead):
 
 def test_model_factory_with_input_shape(tmp_path):
     f = tmp_path / "factory.py"
-    f.write_text("from torch import nn\n\ndef model():\n    return nn.Sequential(nn.Linear(6, 16), nn.Sigmoid(), nn.Linear(16, 3))\n")
-    r = invoke("inspect", f"{f}:model", "--input-shape", "32,6", "--steps", "3", "--out", tmp_path / "m", "--format", "json")
+    f.write_text(
+        "from torch import nn\n\ndef model():\n    return nn.Sequential(nn.Linear(6, 16), nn.Sigmoid(), nn.Linear(16, 3))\n"
+    )
+    r = invoke(
+        "inspect", f"{f}:model", "--input-shape", "32,6", "--steps", "3", "--out", tmp_path / "m", "--format", "json"
+    )
     assert r.exit_code == 0, r.stderr
     doc = json.loads(r.stdout)
     assert (tmp_path / "m" / "meta.json").exists() and isinstance(doc["findings"], list)
@@ -172,7 +176,9 @@ def test_installed_console_script(dead, tmp_path):
     exe = Path(sys.executable).parent / "normscope"
     assert exe.exists()
     env = {**os.environ, "NO_COLOR": "1"}
-    ok = subprocess.run([str(exe), "inspect", str(dead[0]), "--format", "json"], capture_output=True, text=True, env=env)
+    ok = subprocess.run(
+        [str(exe), "inspect", str(dead[0]), "--format", "json"], capture_output=True, text=True, env=env
+    )
     assert ok.returncode == 0 and json.loads(ok.stdout)["run_dir"] == str(dead[0])
     bad = subprocess.run([str(exe), "inspect", str(tmp_path / "x.py")], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr

@@ -1,6 +1,6 @@
 """One rank of a 2-process gloo run (started by test_distributed.py), or the single-process baseline.
 
-    python ddp_worker.py MODE RUN_DIR RANK WORLD PORT
+python ddp_worker.py MODE RUN_DIR RANK WORLD PORT
 """
 
 import os
@@ -25,7 +25,9 @@ def make_model(bn: bool):
 
 def batches():
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(FULL_BATCH, 8, generator=g), torch.randint(0, 3, (FULL_BATCH,), generator=g)) for _ in range(STEPS)]
+    return [
+        (torch.randn(FULL_BATCH, 8, generator=g), torch.randint(0, 3, (FULL_BATCH,), generator=g)) for _ in range(STEPS)
+    ]
 
 
 def main():

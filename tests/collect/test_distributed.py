@@ -22,8 +22,12 @@ def free_port() -> str:
 def run_ranks(mode, run_dirs, world=2, timeout=120):
     port = free_port()
     procs = [
-        subprocess.Popen([sys.executable, str(WORKER), mode, str(run_dirs[r]), str(r), str(world), port],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, str(WORKER), mode, str(run_dirs[r]), str(r), str(world), port],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
         for r in range(world)
     ]
     out = []

@@ -84,13 +84,17 @@ def test_act_stats_match_numpy(x, axis, kind, masked):
 
 
 @settings(max_examples=60, deadline=None)
-@given(x=tensors(), frac=st.sampled_from([0.01, 0.3]), kind=st.sampled_from(["plain", "tanh"]), seed=st.integers(0, 999))
+@given(
+    x=tensors(), frac=st.sampled_from([0.01, 0.3]), kind=st.sampled_from(["plain", "tanh"]), seed=st.integers(0, 999)
+)
 def test_non_finite_counted_and_excluded(x, frac, kind, seed):
     g = torch.Generator().manual_seed(seed)
     x = x.float()
     r = torch.rand(x.shape, generator=g)
     x = torch.where(r < frac / 2, torch.full_like(x, math.nan), x)
-    x = torch.where((r >= frac / 2) & (r < frac), torch.full_like(x, math.inf) * torch.sign(torch.randn(x.shape, generator=g)), x)
+    x = torch.where(
+        (r >= frac / 2) & (r < frac), torch.full_like(x, math.inf) * torch.sign(torch.randn(x.shape, generator=g)), x
+    )
     axis = 1 if x.dim() >= 2 else -1
     got = run_reducer(x, axis, kind)  # CPU: aminmax sees the NaN/Inf and takes the masked path
     want = ref.act_stats(x.numpy(), axis, *SPECS[kind], 65536)

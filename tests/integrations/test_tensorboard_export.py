@@ -1,6 +1,5 @@
 """TensorBoard export: event files read back with TensorBoard's own reader."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -47,7 +46,9 @@ def test_export_reads_back(run_dir, tmp_path):
     g = run.grads[run.grads.layer == "2"].sort_values("step")
     np.testing.assert_allclose([e.value for e in acc.Scalars("grad/2/rms")], g.rms, rtol=1e-6)
     p = run.params[run.params.param == "0.weight"].sort_values("step")
-    np.testing.assert_allclose([e.value for e in acc.Scalars("param/0.weight/update_ratio")], p.update_norm / p.norm, rtol=1e-6)
+    np.testing.assert_allclose(
+        [e.value for e in acc.Scalars("param/0.weight/update_ratio")], p.update_norm / p.norm, rtol=1e-6
+    )
     h = acc.Histograms("act/3")
     assert len(h) == 3
     want = run.stats[(run.stats.layer == "3")].sort_values("step")["hist"].iloc[0]

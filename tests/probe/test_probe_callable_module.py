@@ -11,7 +11,9 @@ from normscope.probe import Recipe
 
 
 def test_callable_packages(tmp_path):
-    rec = Recipe(nn.Linear(3, 2), [(torch.randn(8, 3), torch.randint(0, 2, (8,)))], nn.functional.cross_entropy, steps=3)
+    rec = Recipe(
+        nn.Linear(3, 2), [(torch.randn(8, 3), torch.randint(0, 2, (8,)))], nn.functional.cross_entropy, steps=3
+    )
     run = normscope.probe(rec, run_dir=tmp_path / "r")
     assert run.meta["status"] == "complete"
     findings = normscope.analyze(run)

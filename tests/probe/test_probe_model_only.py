@@ -58,6 +58,7 @@ def test_signal_propagation_at_init_for_a_resnet(tmp_path):
     # brute force: the block outputs of the same forward (train mode, first synthetic batch)
     x = torch.randn((8, 3, 8, 8), generator=torch.Generator().manual_seed(0))
     got = {}
+
     def keep(n):
         def hook(m, a, o):
             got[n] = o.detach().double().clone()

@@ -67,7 +67,9 @@ def page(browser, fixture_report):
 
 @pytest.fixture(scope="module")
 def xss_page(browser, small_run, tmp_path_factory):
-    yield from _open(browser, build_report(small_run, findings=FINDINGS, out=tmp_path_factory.mktemp("xss") / "report.html"))
+    yield from _open(
+        browser, build_report(small_run, findings=FINDINGS, out=tmp_path_factory.mktemp("xss") / "report.html")
+    )
 
 
 def test_no_console_errors_no_network(page):
@@ -118,6 +120,8 @@ def test_sorting_the_table_reorders_rows(page):
 
 def test_filter_hides_rows(page):
     page.fill("#layer-filter", "batchnorm")
-    visible = page.eval_on_selector_all("#layer-table tbody tr", "rows => rows.filter(r => r.style.display !== 'none').length")
+    visible = page.eval_on_selector_all(
+        "#layer-table tbody tr", "rows => rows.filter(r => r.style.display !== 'none').length"
+    )
     assert visible == 1
     page.fill("#layer-filter", "")

@@ -27,7 +27,9 @@ def _curves(ctx, min_points: int):
     ev = ctx.loss_series("eval")
     tr = ctx.loss_series("train")
     if len(ev) < min_points:
-        raise SkipCheck(f"fewer than {min_points} eval-loss points (give the recipe eval_data, or log phase='eval' losses)")
+        raise SkipCheck(
+            f"fewer than {min_points} eval-loss points (give the recipe eval_data, or log phase='eval' losses)"
+        )
     if len(tr) < min_points:
         raise SkipCheck(f"fewer than {min_points} train-loss points")
     ts, tv = tr.step.to_numpy(), tr.value.to_numpy(float)

@@ -25,7 +25,6 @@ def _bn_input_length(ctx, layer: str) -> float | None:
     return float(r["count"]) / max(float(r.samples) * c, 1.0)
 
 
-
 @register(
     id=ID, severity="warning",
     summary="BatchNorm in a recurrent/attention model: statistics mix time steps and padding; LayerNorm normalises each sample on its own.",
@@ -49,11 +48,14 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         ev = {"sequence_modules": seq, "embedding_modules": emb, "bn_type": types[bn],
               "positions_per_sample": length}  # fmt: skip
         kind = ", ".join(seq or emb)
-        msg = (f"{bn} ({types[bn]}) normalises over the batch{' and time' if length and length > 1 else ''} axes of a "
-               f"sequence model ({kind}): its statistics mix time steps and padding, and change with sequence length "
-               f"between training and inference.")
-        rec = ("Use LayerNorm (Ba et al. 2016), which normalises each sample — each time step — on its own and is the "
-               "standard in RNNs and Transformers; if BatchNorm must stay, mask padded positions out of its statistics.")
+        msg = (
+            f"{bn} ({types[bn]}) normalises over the batch{' and time' if length and length > 1 else ''} axes of a "
+            f"sequence model ({kind}): its statistics mix time steps and padding, and change with sequence length "
+            f"between training and inference."
+        )
+        rec = (
+            "Use LayerNorm (Ba et al. 2016), which normalises each sample — each time step — on its own and is the "
+            "standard in RNNs and Transformers; if BatchNorm must stay, mask padded positions out of its statistics."
+        )
         out.append(Finding(ID, "warning", bn, None, msg, ev, rec))
     return out
-

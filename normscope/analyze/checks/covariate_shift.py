@@ -47,8 +47,9 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
            f"median symmetric KL between steps {t['lag']} apart up to {num(top[3])}.")  # fmt: skip
     ev = {"layers": [{"layer": l, "call": c, "output": o, "late_sym_kl": k, "late_w2": w} for l, c, o, k, w in late],
           "lag": t["lag"], "late_frac": t["late_frac"]}  # fmt: skip
-    rec = ("A measurement, not a fault (Santurkar et al. 2018: this shift does not by itself slow training). If "
-           "training is unstable, a lower learning rate or a normalisation layer before these layers steadies "
-           "their inputs.")
+    rec = (
+        "A measurement, not a fault (Santurkar et al. 2018: this shift does not by itself slow training). If "
+        "training is unstable, a lower learning rate or a normalisation layer before these layers steadies "
+        "their inputs."
+    )
     return [Finding(ID, "info", top[0], None, msg, ev, rec)]
-

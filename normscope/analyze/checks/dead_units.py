@@ -53,7 +53,6 @@ def dead_profile(ctx, layer: str, call: int, p: dict) -> dict | None:
     }  # fmt: skip
 
 
-
 @register(
     id=ID, severity="error",
     summary="ReLU units that output ≤ 0 for every sample over a window of steps (born dead or died); dormant units as info.",
@@ -95,26 +94,35 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
             msg = (f"{pct(frac)} of the units of {where} ({int(dead.sum())}/{n}) output ≤ 0 for every one of "
                    f"{prof['window_samples']} samples in {steps_span(prof['window'])}: {', '.join(how)}.")  # fmt: skip
             if nb >= nd:
-                rec = ("Check the initialisation: a unit that starts with all pre-activations ≤ 0 (a negative bias, "
-                       "a badly scaled init, unnormalised inputs) never receives a gradient. Use He init with zero "
-                       "biases, normalise the inputs, or use LeakyReLU/ELU, which keep a gradient below zero.")
+                rec = (
+                    "Check the initialisation: a unit that starts with all pre-activations ≤ 0 (a negative bias, "
+                    "a badly scaled init, unnormalised inputs) never receives a gradient. Use He init with zero "
+                    "biases, normalise the inputs, or use LeakyReLU/ELU, which keep a gradient below zero."
+                )
             else:
-                rec = ("Lower the learning rate or add warmup/gradient clipping: one large update can push a unit's "
-                       "pre-activations below zero for every input, after which ReLU passes back no gradient and the "
-                       "unit never recovers (CS231n: up to 40 % of a network can die this way). LeakyReLU/ELU or a "
-                       "BatchNorm before the ReLU also keep units alive.")
+                rec = (
+                    "Lower the learning rate or add warmup/gradient clipping: one large update can push a unit's "
+                    "pre-activations below zero for every input, after which ReLU passes back no gradient and the "
+                    "unit never recovers (CS231n: up to 40 % of a network can die this way). LeakyReLU/ELU or a "
+                    "BatchNorm before the ReLU also keep units alive."
+                )
             out.append(Finding(ID, sev, layer, prof["window"], msg, ev, rec))
         dormant = prof["dormant"]
         dfrac = float(dormant.mean())
         if dfrac >= t["dormant_info"]:
             ev2 = {"dormant_fraction": dfrac, "dormant_units": int(dormant.sum()), "units": n, "tau": t["dormant_tau"],
                    "window_steps": list(prof["window"]), "call": call}  # fmt: skip
-            msg = (f"{pct(dfrac)} of the units of {where} are dormant (alive, but with a mean activation ≤ "
-                   f"{t['dormant_tau']} × the layer average in {steps_span(prof['window'])}).")
-            rec = ("Dormant units add little capacity; Sokar et al. (2023) recycle them (re-initialise incoming "
-                   "weights, zero outgoing ones). Usually no action is needed unless the fraction keeps growing.")
+            msg = (
+                f"{pct(dfrac)} of the units of {where} are dormant (alive, but with a mean activation ≤ "
+                f"{t['dormant_tau']} × the layer average in {steps_span(prof['window'])})."
+            )
+            rec = (
+                "Dormant units add little capacity; Sokar et al. (2023) recycle them (re-initialise incoming "
+                "weights, zero outgoing ones). Usually no action is needed unless the fraction keeps growing."
+            )
             out.append(Finding(ID, "info", layer, prof["window"], msg, ev2, rec))
     if too_few and len(too_few) == len(pairs):
-        raise SkipCheck(f"fewer than {t['min_judge_samples']} samples recorded per ReLU layer: too few to call a unit dead")
+        raise SkipCheck(
+            f"fewer than {t['min_judge_samples']} samples recorded per ReLU layer: too few to call a unit dead"
+        )
     return out
-

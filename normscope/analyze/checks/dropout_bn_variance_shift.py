@@ -83,10 +83,11 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         msg = (f"{name} (dropout t={num(p_drop)}) feeds {bn.module} with no normalisation in between, so BN's running "
                f"variance is learned with dropout on: at test time the variance it normalises is off by ×{num(shift)} "
                f"({how}).")  # fmt: skip
-        rec = ("Move dropout after the last BatchNorm (e.g. only before the classifier), lower its rate, use a "
-               "variance-stable dropout (Uout: x·(1+r), r ~ U(−β, β), Δ = 3/(3+β²)), or re-estimate the BN statistics "
-               "with dropout off before evaluating (normscope.recalibrate_bn). Li et al. 2019: with retain "
-               "probability q, Var_test/Var_train = v/((c²+v)/q − c²).")
+        rec = (
+            "Move dropout after the last BatchNorm (e.g. only before the classifier), lower its rate, use a "
+            "variance-stable dropout (Uout: x·(1+r), r ~ U(−β, β), Δ = 3/(3+β²)), or re-estimate the BN statistics "
+            "with dropout off before evaluating (normscope.recalibrate_bn). Li et al. 2019: with retain "
+            "probability q, Var_test/Var_train = v/((c²+v)/q − c²)."
+        )
         out.append(Finding(ID, sev, bn.module, None, msg, ev, rec))
     return out
-

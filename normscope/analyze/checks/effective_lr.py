@@ -35,7 +35,6 @@ def scale_invariant_weights(ctx, g) -> list[str]:
     return out
 
 
-
 @register(
     id=ID, severity="info",
     summary="Effective learning rate η/‖w‖² of weights followed by a normaliser (scale-invariant): it drifts as ‖w‖ grows or shrinks.",
@@ -71,12 +70,15 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     med = float(np.nanmedian(ratios))
     moved = [n for n, r in changes if np.isfinite(r) and (r > t["change"] or r < 1 / t["change"])]
     worst = max(changes, key=lambda c: abs(np.log(c[1])) if np.isfinite(c[1]) and c[1] > 0 else 0)
-    msg = (f"{len(series)} weight(s) feed a normaliser, so only their direction matters and the effective step is "
-           f"η/‖w‖²: it changed by a median ×{num(med)} over the run"
-           + (f" ({len(moved)} by more than ×{num(t['change'])}, most {worst[0]}: ×{num(worst[1])})." if moved else "."))
-    rec = ("A measurement: for scale-invariant weights, L(αw) = L(w) and ∇L(αw) = ∇L(w)/α, so as ‖w‖ grows without "
-           "weight decay training silently slows (van Laarhoven 2017; Hoffer et al. 2018). Weight decay on these "
-           "weights, or a schedule that accounts for it, keeps the effective step steady.")
+    msg = (
+        f"{len(series)} weight(s) feed a normaliser, so only their direction matters and the effective step is "
+        f"η/‖w‖²: it changed by a median ×{num(med)} over the run"
+        + (f" ({len(moved)} by more than ×{num(t['change'])}, most {worst[0]}: ×{num(worst[1])})." if moved else ".")
+    )
+    rec = (
+        "A measurement: for scale-invariant weights, L(αw) = L(w) and ∇L(αw) = ∇L(w)/α, so as ‖w‖ grows without "
+        "weight decay training silently slows (van Laarhoven 2017; Hoffer et al. 2018). Weight decay on these "
+        "weights, or a schedule that accounts for it, keeps the effective step steady."
+    )
     layer = worst[0].rsplit(".", 1)[0] if "." in worst[0] else "<root>"
     return [Finding(ID, "info", layer, None, msg, {"weights": series, "median_change": med, "graph": g.source}, rec)]
-

@@ -29,11 +29,14 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         return []
     sev = "error" if r > t["error_ratio"] else "warning"
     first, last = prof["pairs"][0][0], prof["pairs"][-1][0]
-    msg = (f"Gradients explode along depth: the gradient RMS at {first} is {num(r)} × the one at {last} "
-           f"(median over steps {prof['window_steps'][0]}–{prof['window_steps'][1]}; it grows about ×{num(1 / prof['rate_per_layer'])} "
-           f"per layer towards the input).")
-    rec = ("Scale the initialisation so each layer keeps the signal's variance (He/Xavier: Var(w) = 2/fan_in or "
-           "1/fan_in; Glorot & Bengio 2010; He et al. 2015), add normalisation layers, and clip gradients "
-           "(torch.nn.utils.clip_grad_norm_) to keep single steps bounded.")
+    msg = (
+        f"Gradients explode along depth: the gradient RMS at {first} is {num(r)} × the one at {last} "
+        f"(median over steps {prof['window_steps'][0]}–{prof['window_steps'][1]}; it grows about ×{num(1 / prof['rate_per_layer'])} "
+        f"per layer towards the input)."
+    )
+    rec = (
+        "Scale the initialisation so each layer keeps the signal's variance (He/Xavier: Var(w) = 2/fan_in or "
+        "1/fan_in; Glorot & Bengio 2010; He et al. 2015), add normalisation layers, and clip gradients "
+        "(torch.nn.utils.clip_grad_norm_) to keep single steps bounded."
+    )
     return [Finding(ID, sev, first, tuple(prof["window_steps"]), msg, _evidence(prof, t), rec)]
-

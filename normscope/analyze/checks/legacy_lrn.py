@@ -27,9 +27,13 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     has_bn = any(info.get("type") in BATCHNORM for info in ctx.modules.values())
     for name in sorted(lrns, key=ctx.order):
         msg = f"{name} is a LocalResponseNorm, a legacy normaliser from AlexNet (2012)" + (
-            " in a model that also uses BatchNorm." if has_bn else "; BatchNorm superseded it.")
-        rec = ("Replace it with BatchNorm after the convolution (Ioffe & Szegedy 2015 found LRN unnecessary once "
-               "BN is used), or drop it; keep it only to reproduce a historical model.")
-        out.append(Finding(ID, "info", name, None, msg, {"type": ctx.modules[name].get("type"), "model_has_bn": has_bn}, rec))
+            " in a model that also uses BatchNorm." if has_bn else "; BatchNorm superseded it."
+        )
+        rec = (
+            "Replace it with BatchNorm after the convolution (Ioffe & Szegedy 2015 found LRN unnecessary once "
+            "BN is used), or drop it; keep it only to reproduce a historical model."
+        )
+        out.append(
+            Finding(ID, "info", name, None, msg, {"type": ctx.modules[name].get("type"), "model_has_bn": has_bn}, rec)
+        )
     return out
-

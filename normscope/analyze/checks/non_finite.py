@@ -25,11 +25,9 @@ _REC = ("Look at what this module computes at that step: lower the learning rate
         "to get the exact operation.")  # fmt: skip
 
 
-
 def _row_stats(r) -> dict:
     return {"mean": float(r["mean"]), "std": float(r["std"]), "min": float(r["min"]), "max": float(r["max"]),
             "nan_count": int(r["nan_count"]), "inf_count": int(r["inf_count"]), "count": int(r["count"])}  # fmt: skip
-
 
 
 def _input_row(ctx, rows_at_step, layer: str, call: int, output: str):
@@ -52,11 +50,12 @@ def _input_row(ctx, rows_at_step, layer: str, call: int, output: str):
     k = ctx.call_order.get((layer, call))
     if k is not None and k > 0:
         prev = (ctx.meta.get("execution_order") or [])[k - 1]
-        r = rows_at_step[(rows_at_step.layer == prev["layer"]) & (rows_at_step.call == prev["call"]) & (rows_at_step.output == "")]
+        r = rows_at_step[
+            (rows_at_step.layer == prev["layer"]) & (rows_at_step.call == prev["call"]) & (rows_at_step.output == "")
+        ]
         if len(r):
             return r.iloc[0], f"output of {prev['layer']}, the previous module in execution order"
     return None, "unknown (first module, or its producer is not hooked)"
-
 
 
 @register(
@@ -89,12 +88,21 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         first = rows.sort_values(["_o", "_in"]).iloc[0]
         layer, call, output, phase = str(first.layer), int(first.call), str(first.output), str(first.phase)
         at = s[(s.step == sf) & (s.phase == phase)]
-        ev = dict(common, step=sf, phase=phase, call=call, output=output, module_type=ctx.type_of(layer), **{
-            "nan_count": int(first.nan_count), "inf_count": int(first.inf_count), "count": int(first["count"])})
+        ev = dict(
+            common,
+            step=sf,
+            phase=phase,
+            call=call,
+            output=output,
+            module_type=ctx.type_of(layer),
+            **{"nan_count": int(first.nan_count), "inf_count": int(first.inf_count), "count": int(first["count"])},
+        )
         if output == "input":
-            msg = (f"The input of {layer} ({ctx.type_of(layer)}) is the first non-finite tensor in the forward pass at "
-                   f"step {sf} ({int(first.nan_count)} NaN, {int(first.inf_count)} Inf of {int(first['count'])} values): "
-                   f"it comes from code between the hooked modules.")
+            msg = (
+                f"The input of {layer} ({ctx.type_of(layer)}) is the first non-finite tensor in the forward pass at "
+                f"step {sf} ({int(first.nan_count)} NaN, {int(first.inf_count)} Inf of {int(first['count'])} values): "
+                f"it comes from code between the hooked modules."
+            )
             ev["input_source"] = "recorded input of the normalisation layer"
         else:
             inp, src = _input_row(ctx, at, layer, call, output)
@@ -103,11 +111,17 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
                 ev["input"] = _row_stats(inp)
             clean = inp is not None and int(inp.nan_count) == 0 and int(inp.inf_count) == 0
             what = f"{layer}" + (f" (call {call})" if call else "") + (f", output {output!r}" if output else "")
-            tail = (f"; its input was finite (mean {num(inp['mean'])}, std {num(inp['std'])}, max |x| "
-                    f"{num(max(abs(inp['min']), abs(inp['max'])))})" if clean else "")
-            msg = (f"{what} ({ctx.type_of(layer)}) is the first module whose output holds NaN/Inf in the "
-                   f"{phase} forward pass, at step {sf} ({int(first.nan_count)} NaN, {int(first.inf_count)} Inf of "
-                   f"{int(first['count'])} values){tail}.")
+            tail = (
+                f"; its input was finite (mean {num(inp['mean'])}, std {num(inp['std'])}, max |x| "
+                f"{num(max(abs(inp['min']), abs(inp['max'])))})"
+                if clean
+                else ""
+            )
+            msg = (
+                f"{what} ({ctx.type_of(layer)}) is the first module whose output holds NaN/Inf in the "
+                f"{phase} forward pass, at step {sf} ({int(first.nan_count)} NaN, {int(first.inf_count)} Inf of "
+                f"{int(first['count'])} values){tail}."
+            )
         return [Finding(ID, "error", layer, sf, msg, ev, _REC)]
     if sb is not None:
         rows = bad_b[bad_b.step == sb].copy()
@@ -118,20 +132,27 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         ev = dict(common, step=sb, call=call, module_type=ctx.type_of(layer), nan_count=int(first.nan_count),
                   inf_count=int(first.inf_count), count=int(first["count"]))  # fmt: skip
         if last_key is not None and last_key[0] == layer:
-            msg = (f"The gradient of the loss w.r.t. the output of {layer}, the last module, is non-finite at step {sb} "
-                   f"while the forward pass was finite: the loss or its gradient produced the NaN/Inf.")
-            rec = ("Check the loss function: log of 0 (use log_softmax / cross_entropy on logits, or clamp), division "
-                   "by zero, sqrt at 0; " + _REC)
+            msg = (
+                f"The gradient of the loss w.r.t. the output of {layer}, the last module, is non-finite at step {sb} "
+                f"while the forward pass was finite: the loss or its gradient produced the NaN/Inf."
+            )
+            rec = (
+                "Check the loss function: log of 0 (use log_softmax / cross_entropy on logits, or clamp), division "
+                "by zero, sqrt at 0; " + _REC
+            )
         else:
-            msg = (f"The gradient w.r.t. the output of {layer} ({ctx.type_of(layer)}) is the first non-finite one in the "
-                   f"backward pass at step {sb}, while the forward pass was finite: the NaN/Inf arises in the backward "
-                   f"of the module after it.")
+            msg = (
+                f"The gradient w.r.t. the output of {layer} ({ctx.type_of(layer)}) is the first non-finite one in the "
+                f"backward pass at step {sb}, while the forward pass was finite: the NaN/Inf arises in the backward "
+                f"of the module after it."
+            )
             rec = _REC
         return [Finding(ID, "error", layer, sb, msg, ev, rec)]
     if sl is not None or sp is not None:
         step = min(x for x in (sl, sp) if x is not None)
         what = "the logged loss" if sl is not None and (sp is None or sl <= sp) else "a parameter norm"
-        msg = f"{what[0].upper() + what[1:]} became non-finite at step {step} while every recorded activation was finite."
+        msg = (
+            f"{what[0].upper() + what[1:]} became non-finite at step {step} while every recorded activation was finite."
+        )
         return [Finding(ID, "error", None, step, msg, common, _REC)]
     return []
-

@@ -39,7 +39,6 @@ def _decay_by_param(ctx) -> tuple[dict[str, float], str]:
     raise SkipCheck("no weight-decay information: record with an optimizer, or pass optimizer= and model=")
 
 
-
 @register(
     id=ID, severity="warning",
     summary="Weight decay applied to normalisation γ/β (warning) or to biases (info); they are usually excluded.",
@@ -58,19 +57,24 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         elif name.rsplit(".", 1)[-1] == "bias":
             bias_params[name] = v
     out = []
-    rec = ("Put normalisation parameters and biases in a param group with weight_decay=0 (e.g. torchvision's "
-           "--norm-weight-decay 0, or split model.named_parameters() by ndim <= 1): γ/β and biases are few and not "
-           "scale-invariant, so decaying them only pulls them to 0 and, for the weights before a normaliser, L2 just "
-           "moves the effective learning rate.")
+    rec = (
+        "Put normalisation parameters and biases in a param group with weight_decay=0 (e.g. torchvision's "
+        "--norm-weight-decay 0, or split model.named_parameters() by ndim <= 1): γ/β and biases are few and not "
+        "scale-invariant, so decaying them only pulls them to 0 and, for the weights before a normaliser, L2 just "
+        "moves the effective learning rate."
+    )
     ev = {"normalisation_params": norm_params, "bias_params": bias_params, "source": source}
     if norm_params:
         first = min(norm_params, key=lambda n: ctx.order(n.rsplit(".", 1)[0]))
-        msg = (f"Weight decay ({num(max(norm_params.values()))}) is applied to {len(norm_params)} normalisation "
-               f"parameter(s) (γ/β, e.g. {first})" + (f" and {len(bias_params)} bias(es)." if bias_params else "."))
+        msg = (
+            f"Weight decay ({num(max(norm_params.values()))}) is applied to {len(norm_params)} normalisation "
+            f"parameter(s) (γ/β, e.g. {first})" + (f" and {len(bias_params)} bias(es)." if bias_params else ".")
+        )
         out.append(Finding(ID, "warning", first.rsplit(".", 1)[0], None, msg, ev, rec))
     elif bias_params and t["biases"]:
         first = min(bias_params, key=lambda n: ctx.order(n.rsplit(".", 1)[0]))
-        msg = f"Weight decay ({num(max(bias_params.values()))}) is applied to {len(bias_params)} bias(es) (e.g. {first})."
+        msg = (
+            f"Weight decay ({num(max(bias_params.values()))}) is applied to {len(bias_params)} bias(es) (e.g. {first})."
+        )
         out.append(Finding(ID, "info", first.rsplit(".", 1)[0], None, msg, ev, rec))
     return out
-

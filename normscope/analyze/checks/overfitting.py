@@ -40,9 +40,12 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     evd = {"best_step": best, "eval_loss_min": e_min, "eval_loss_end": e_end, "train_loss_at_best": t_best,
            "train_loss_end": t_end, "gap_at_best": e_min - t_best, "gap_end": e_end - t_end,
            "eval_points": n, "thresholds": dict(t)}  # fmt: skip
-    msg = (f"The eval loss bottomed out at {num(e_min)} at step {best} and rose to {num(e_end)} by the end, while the "
-           f"train loss kept falling ({num(t_best)} → {num(t_end)}): the model is overfitting.")
-    rec = (f"Stop near step {best}, where the eval loss was lowest (early stopping acts like L2 regularisation), add "
-           "data or augmentation, add L2 weight decay or dropout, or use a smaller model.")
+    msg = (
+        f"The eval loss bottomed out at {num(e_min)} at step {best} and rose to {num(e_end)} by the end, while the "
+        f"train loss kept falling ({num(t_best)} → {num(t_end)}): the model is overfitting."
+    )
+    rec = (
+        f"Stop near step {best}, where the eval loss was lowest (early stopping acts like L2 regularisation), add "
+        "data or augmentation, add L2 weight decay or dropout, or use a smaller model."
+    )
     return [Finding(ID, "warning", None, (best, int(es[-1])), msg, evd, rec)]
-

@@ -48,11 +48,18 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         decay = wd.get(bias)
         ev = {"producer": n.module, "producer_type": ctx.node_type(n), "norm": cons[0].module, "norm_type": ctype,
               "graph": g.source, "bias_weight_decay": decay}  # fmt: skip
-        tail = f" (and weight decay {decay:g} pulls on it)" if decay is not None and np.isfinite(decay) and decay > 0 else ""
-        msg = (f"The bias of {n.module} ({ctx.node_type(n)}) feeds {cons[0].module} ({ctype}) directly: the mean "
-               f"subtraction cancels it, so it is a wasted parameter{tail}.")
-        rec = (f"Create {n.module} with bias=False; the BatchNorm's shift β already provides the per-channel offset "
-               "(Ioffe & Szegedy 2015).")
+        tail = (
+            f" (and weight decay {decay:g} pulls on it)"
+            if decay is not None and np.isfinite(decay) and decay > 0
+            else ""
+        )
+        msg = (
+            f"The bias of {n.module} ({ctx.node_type(n)}) feeds {cons[0].module} ({ctype}) directly: the mean "
+            f"subtraction cancels it, so it is a wasted parameter{tail}."
+        )
+        rec = (
+            f"Create {n.module} with bias=False; the BatchNorm's shift β already provides the per-channel offset "
+            "(Ioffe & Szegedy 2015)."
+        )
         out.append(Finding(ID, "warning", n.module, None, msg, ev, rec))
     return out
-

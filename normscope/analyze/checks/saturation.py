@@ -21,9 +21,7 @@ _DESC = {"sigmoid": "sigmoid outputs < 0.01 or > 0.99", "tanh": "tanh outputs wi
          "bounds": "outputs at the clamp bounds"}  # fmt: skip
 
 
-
 _PRE = {"sigmoid": "|z| > 4.6", "tanh": "|z| > 2.1"}
-
 
 
 def episodes(steps, saturated) -> list[list]:
@@ -39,7 +37,6 @@ def episodes(steps, saturated) -> list[list]:
     if cur is not None:
         out.append(cur)
     return out
-
 
 
 @register(
@@ -76,10 +73,12 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
             "preactivation_equivalent": _PRE.get(kind), "upper_bound_only": lower_is_relu,
             "thresholds": {"warn": t["warn"], "error": t["error"]},
         }  # fmt: skip
-        rec = ("Scale the initialisation to the activation (Glorot/Xavier for tanh and sigmoid, gain 5/3 for tanh), "
-               "normalise pre-activations (BatchNorm/LayerNorm before the nonlinearity), lower the learning rate, or "
-               "use ReLU-family activations in hidden layers: a saturated unit passes back almost no gradient "
-               "(Glorot & Bengio 2010 saw the top sigmoid layer saturate at 0 early and recover only slowly).")
+        rec = (
+            "Scale the initialisation to the activation (Glorot/Xavier for tanh and sigmoid, gain 5/3 for tanh), "
+            "normalise pre-activations (BatchNorm/LayerNorm before the nonlinearity), lower the learning rate, or "
+            "use ReLU-family activations in hidden layers: a saturated unit passes back almost no gradient "
+            "(Glorot & Bengio 2010 saw the top sigmoid layer saturate at 0 early and recover only slowly)."
+        )
         if end >= t["warn"]:
             sev = "error" if end >= t["error"] else "warning"
             since = f" since step {eps[-1][0]}" if eps and eps[-1][1] is None else ""
@@ -88,9 +87,19 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         elif eps:
             e0 = eps[0]
             span = f"entered saturation at step {e0[0]} and left it at step {e0[1]}"
-            msg = (f"{where} {span} (peak {pct(ev['saturated_fraction_max'])} of {_DESC.get(kind, 'outputs')}); "
-                   f"it ends at {pct(end)}.")
-            out.append(Finding(ID, "info", layer, (e0[0], e0[1]), msg, ev,
-                               "No action needed if training recovered; watch the early steps' learning rate."))
+            msg = (
+                f"{where} {span} (peak {pct(ev['saturated_fraction_max'])} of {_DESC.get(kind, 'outputs')}); "
+                f"it ends at {pct(end)}."
+            )
+            out.append(
+                Finding(
+                    ID,
+                    "info",
+                    layer,
+                    (e0[0], e0[1]),
+                    msg,
+                    ev,
+                    "No action needed if training recovered; watch the early steps' learning rate.",
+                )
+            )
     return out
-

@@ -57,7 +57,9 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
             if rm.size == m.shape[1]:
                 ok = rv > 1e-12
                 with np.errstate(divide="ignore", invalid="ignore"):
-                    ev["batch_mean_rms_vs_running_sigma"] = float(np.sqrt(np.nanmean((m[:, ok] - rm[ok]) ** 2 / rv[ok])))
+                    ev["batch_mean_rms_vs_running_sigma"] = float(
+                        np.sqrt(np.nanmean((m[:, ok] - rm[ok]) ** 2 / rv[ok]))
+                    )
                     lv = np.log(v[:, ok] / rv[ok])
                     ev["batch_var_rms_log_ratio_vs_running"] = float(np.sqrt(np.nanmean(lv[np.isfinite(lv)] ** 2)))
         if b and b.get("running_mean") is not None:
@@ -70,9 +72,10 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         msg = (f"{layer} normalises with statistics of {num(batch)} sample(s) per replica (below {t['warn']}): batch "
                f"statistics are noisy and train/test behaviour diverges (Wu & He 2018: ResNet-50 top-1 error 23.6 % at "
                f"32 images per GPU, 34.7 % at 2).")  # fmt: skip
-        rec = ("Use GroupNorm (batch-independent: 24.1 % at 2 images per GPU in the same study), SyncBatchNorm under "
-               "DDP to pool statistics across replicas, batch renormalisation, or a larger per-replica batch (gradient "
-               "accumulation does not help: BN statistics stay per micro-batch).")
+        rec = (
+            "Use GroupNorm (batch-independent: 24.1 % at 2 images per GPU in the same study), SyncBatchNorm under "
+            "DDP to pool statistics across replicas, batch renormalisation, or a larger per-replica batch (gradient "
+            "accumulation does not help: BN statistics stay per micro-batch)."
+        )
         out.append(Finding(ID, sev, layer, None, msg, ev, rec))
     return out
-

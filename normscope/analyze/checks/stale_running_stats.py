@@ -72,19 +72,24 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         msg = (f"{name}'s running statistics do not match {src} (recomputed with {'dropout on, as in training' if key.endswith('drop') else 'dropout off'}): "
                f"{pct(frac)} of channels are off (median mean shift {num(ev['mean_shift_sigma_median'])} σ, median "
                f"running/population variance ratio {num(ev['var_ratio_median'])}).")  # fmt: skip
-        rec = ("Recalibrate the BN statistics on data from the distribution you evaluate on (normscope.recalibrate_bn: "
-               "a PreciseBN-style pass with equal weight per sample and dropout off), or check why the data changed "
-               "between training and evaluation; a very small or very large BN momentum also leaves stale statistics.")
+        rec = (
+            "Recalibrate the BN statistics on data from the distribution you evaluate on (normscope.recalibrate_bn: "
+            "a PreciseBN-style pass with equal weight per sample and dropout off), or check why the data changed "
+            "between training and evaluation; a very small or very large BN momentum also leaves stale statistics."
+        )
         out.append(Finding(ID, "warning", name, None, msg, ev, rec))
     gap = ctx.probe.get("bn_gap") or {}
     if not flagged and judged and gap.get("rel_gap") is not None and gap["rel_gap"] > t["output_gap"]:
-        msg = (f"The model's outputs differ by {pct(gap['rel_gap'])} (relative L2) between train-mode BatchNorm (batch "
-               f"statistics) and eval mode (running statistics) on {gap.get('samples')} samples of the {gap.get('data')} data.")
+        msg = (
+            f"The model's outputs differ by {pct(gap['rel_gap'])} (relative L2) between train-mode BatchNorm (batch "
+            f"statistics) and eval mode (running statistics) on {gap.get('samples')} samples of the {gap.get('data')} data."
+        )
         rec = "Recalibrate BN statistics (normscope.recalibrate_bn) on data like the evaluation data."
         out.append(Finding(ID, "warning", None, None, msg, dict(gap, threshold=t["output_gap"]), rec))
     if not judged and not out:
         if skipped_small:
-            raise SkipCheck(f"every BatchNorm sees fewer than {t['small_batch']} samples per batch: small-batch-bn reports them")
+            raise SkipCheck(
+                f"every BatchNorm sees fewer than {t['small_batch']} samples per batch: small-batch-bn reports them"
+            )
         raise SkipCheck("no BatchNorm layer tracks running statistics")
     return out
-

@@ -33,11 +33,23 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         batch = _bn_train_batch(ctx, layer)
         if batch is None or batch >= t["batch"]:
             continue
-        msg = (f"{layer} computes statistics from {num(batch)} samples on each of {world} ranks; SyncBatchNorm would "
-               f"use {num(batch * world)}.")
-        rec = ("model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) before wrapping it in "
-               "DistributedDataParallel (costs one all-reduce per BN layer per forward).")
-        out.append(Finding(ID, "warning", layer, None, msg,
-                           {"batch_per_rank": batch, "world_size": world, "threshold": t["batch"]}, rec))
+        msg = (
+            f"{layer} computes statistics from {num(batch)} samples on each of {world} ranks; SyncBatchNorm would "
+            f"use {num(batch * world)}."
+        )
+        rec = (
+            "model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) before wrapping it in "
+            "DistributedDataParallel (costs one all-reduce per BN layer per forward)."
+        )
+        out.append(
+            Finding(
+                ID,
+                "warning",
+                layer,
+                None,
+                msg,
+                {"batch_per_rank": batch, "world_size": world, "threshold": t["batch"]},
+                rec,
+            )
+        )
     return out
-

@@ -41,9 +41,12 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         return []
     evd = {"train_loss_start": t0, "train_loss_end": t1, "eval_loss_start": e0, "eval_loss_end": e1,
            "train_change_last_half": tflat, "eval_change_last_half": eflat, "thresholds": dict(t)}  # fmt: skip
-    msg = (f"Train and eval loss stay high and flat ({num(t0)} → {num(t1)} train, {num(e0)} → {num(e1)} eval, under "
-           f"{num(100 * max(tflat, eflat), 2)} % change over the last half): the model is underfitting.")
-    rec = ("Give the model more capacity (wider/deeper, a nonlinearity where it is missing) or better features, train "
-           "longer or with a higher learning rate, and reduce regularisation.")
+    msg = (
+        f"Train and eval loss stay high and flat ({num(t0)} → {num(t1)} train, {num(e0)} → {num(e1)} eval, under "
+        f"{num(100 * max(tflat, eflat), 2)} % change over the last half): the model is underfitting."
+    )
+    rec = (
+        "Give the model more capacity (wider/deeper, a nonlinearity where it is missing) or better features, train "
+        "longer or with a higher learning rate, and reduce regularisation."
+    )
     return [Finding(ID, "warning", None, (int(ts[0]), int(ts[-1])), msg, evd, rec)]
-

@@ -48,15 +48,18 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     if bad_scale:
         parts.append(f"their standard deviations span {num(std[scaled].min())} to {num(smax)} (ratio {num(ratio)})")
     if off.any():
-        parts.append(f"{int(off.sum())} of {mean.size} sit far from zero mean (feature {i_off}: mean "
-                     f"{num(mean[i_off])}, std {num(std[i_off])})")
+        parts.append(
+            f"{int(off.sum())} of {mean.size} sit far from zero mean (feature {i_off}: mean "
+            f"{num(mean[i_off])}, std {num(std[i_off])})"
+        )
     msg = f"The model's {mean.size} input features are not normalised: " + " and ".join(parts) + "."
     ev = {"features": int(mean.size), "axis": inp.get("axis"), "samples": inp.get("samples"), "std_ratio": ratio,
           "off_centre": np.flatnonzero(off).tolist(), "constant_features": np.flatnonzero(const).tolist(),
           "near_constant_features": np.flatnonzero(rare).tolist(),
           "mean": mean.tolist()[:256], "std": std.tolist()[:256], "thresholds": dict(t)}  # fmt: skip
-    rec = ("Standardise each feature with the training set's mean and std (z-score, e.g. sklearn StandardScaler), "
-           "min-max scale bounded features, or log-transform heavy-tailed ones: features on different scales make the "
-           "loss surface elongated and gradient descent zig-zag (LeCun et al., Efficient BackProp §4.3).")
+    rec = (
+        "Standardise each feature with the training set's mean and std (z-score, e.g. sklearn StandardScaler), "
+        "min-max scale bounded features, or log-transform heavy-tailed ones: features on different scales make the "
+        "loss surface elongated and gradient descent zig-zag (LeCun et al., Efficient BackProp §4.3)."
+    )
     return [Finding(ID, "warning", first, None, msg, ev, rec)]
-

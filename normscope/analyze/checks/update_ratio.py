@@ -23,12 +23,10 @@ def _param_dims(ctx) -> dict[str, int]:
     return {n: p.dim() for n, p in ctx.model.named_parameters()}
 
 
-
 def _is_vector(ctx, dims, name: str, layer: str) -> bool:
     if name in dims:
         return dims[name] <= 1
     return name.rsplit(".", 1)[-1] == "bias" or is_norm(ctx.type_of(layer or "<root>"))
-
 
 
 @register(
@@ -79,17 +77,23 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
                f"{span[0]}–{span[1]} (e.g. {worst}), {decades} {'below' if side == 'low' else 'above'} the ~1e-3 that "
                f"is healthy for SGD.")  # fmt: skip
         if frozen:
-            msg = msg[:-1] + f"; {len(frozen)} did not move at all" + (
-                " and are in no optimizer param group." if not_in_opt else ".")
+            msg = (
+                msg[:-1]
+                + f"; {len(frozen)} did not move at all"
+                + (" and are in no optimizer param group." if not_in_opt else ".")
+            )
         if side == "low":
-            rec = ("Raise the learning rate (or check the scheduler), and check that these parameters are in the "
-                   "optimizer and not frozen by accident (requires_grad, param groups). CS231n: updates of about "
-                   "1e-3 of the weight scale are healthy for SGD; Adam at lr 1e-3 sits near 1e-2 early on.")
+            rec = (
+                "Raise the learning rate (or check the scheduler), and check that these parameters are in the "
+                "optimizer and not frozen by accident (requires_grad, param groups). CS231n: updates of about "
+                "1e-3 of the weight scale are healthy for SGD; Adam at lr 1e-3 sits near 1e-2 early on."
+            )
         else:
-            rec = ("Lower the learning rate or add warmup: each step moves these weights by a large fraction of their "
-                   "size, which destabilises training (CS231n: ~1e-3 is healthy for SGD).")
+            rec = (
+                "Lower the learning rate or add warmup: each step moves these weights by a large fraction of their "
+                "size, which destabilises training (CS231n: ~1e-3 is healthy for SGD)."
+            )
         ev = {"params": {k: {"median_ratio": v[0], "layer": v[1], "lr": v[2]} for k, v in sel.items()},
               "frozen": frozen, "not_in_optimizer": not_in_opt, "window_steps": list(span), "thresholds": dict(t)}  # fmt: skip
         out.append(Finding(ID, sev, layer or None, span, msg, ev, rec))
     return out
-

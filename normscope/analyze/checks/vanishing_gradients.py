@@ -29,11 +29,14 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         return []
     sev = "error" if r < t["error_ratio"] else "warning"
     first, last = prof["pairs"][0][0], prof["pairs"][-1][0]
-    msg = (f"Gradients vanish along depth: the gradient RMS at {first} is {num(r)} × the one at {last} "
-           f"(median over steps {prof['window_steps'][0]}–{prof['window_steps'][1]}; it shrinks about ×{num(1 / prof['rate_per_layer'])} "
-           f"per layer towards the input).")
-    rec = ("Keep the backward gain near 1 (Glorot & Bengio 2010; He et al. 2015): use an init matched to the "
-           "activation (He for ReLU, Xavier for tanh), non-saturating activations, normalisation layers, or residual "
-           "connections; saturated sigmoid/tanh units are the usual cause.")
+    msg = (
+        f"Gradients vanish along depth: the gradient RMS at {first} is {num(r)} × the one at {last} "
+        f"(median over steps {prof['window_steps'][0]}–{prof['window_steps'][1]}; it shrinks about ×{num(1 / prof['rate_per_layer'])} "
+        f"per layer towards the input)."
+    )
+    rec = (
+        "Keep the backward gain near 1 (Glorot & Bengio 2010; He et al. 2015): use an init matched to the "
+        "activation (He for ReLU, Xavier for tanh), non-saturating activations, normalisation layers, or residual "
+        "connections; saturated sigmoid/tanh units are the usual cause."
+    )
     return [Finding(ID, sev, first, tuple(prof["window_steps"]), msg, _evidence(prof, t), rec)]
-

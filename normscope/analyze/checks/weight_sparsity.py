@@ -34,11 +34,14 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     if not sparse:
         return []
     worst = max(sparse, key=sparse.get)
-    msg = (f"{len(sparse)} weight tensor(s) are mostly near zero: up to {pct(sparse[worst])} of {worst} lies below "
-           f"{t['rel']:g} × its largest magnitude.")
-    rec = ("Expected with L1 regularisation, which drives weights to exactly zero (L2 only shrinks them): prune or "
-           "store these layers sparsely. Unintended sparsity can mean dead inputs upstream.")
+    msg = (
+        f"{len(sparse)} weight tensor(s) are mostly near zero: up to {pct(sparse[worst])} of {worst} lies below "
+        f"{t['rel']:g} × its largest magnitude."
+    )
+    rec = (
+        "Expected with L1 regularisation, which drives weights to exactly zero (L2 only shrinks them): prune or "
+        "store these layers sparsely. Unintended sparsity can mean dead inputs upstream."
+    )
     ev = {"sparse": sparse, "all": {n: d["frac_below"][key] for n, d in data.items()}, "rel": t["rel"],
           "source": "model" if ctx.model is not None else "probe"}  # fmt: skip
     return [Finding(ID, "info", data[worst]["layer"], None, msg, ev, rec)]
-
