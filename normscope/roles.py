@@ -14,6 +14,8 @@ Importing this module costs only torch (already imported by anything that has a 
 
 from __future__ import annotations
 
+import fnmatch
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,6 +52,11 @@ def is_norm(type_name: str | None) -> bool:
     return type_name in NORM_TYPES
 
 
+def is_norm_info(info: Mapping[str, Any]) -> bool:
+    """A normalisation module, from its description (recorded role, else its type name)."""
+    return info.get("role") == "norm" or is_norm(info.get("type"))
+
+
 # --- module classes: what a live model tells -----------------------------------------------------
 def _classes():
     from torch import nn
@@ -79,15 +86,106 @@ def _classes():
 ACTIVATIONS, NORMS, DROPOUTS = _classes()
 
 
-def role(module: Any) -> str | None:
-    """ "activation", "norm", "dropout" or None for a live module."""
+ROLES = ("activation", "norm", "dropout")
+# class names that say "activation" for a parameter-free module of another library
+_ACT_NAME = re.compile(r"(Activation|GELU|ReLU|SiLU|Swish|Sigmoid|Tanh|Mish|Softplus|Hardswish|ELU)")
+_NORM_NAME = re.compile(r"Norm(?!al)")  # LayerNorm, RMSNorm, FrozenBatchNorm2d; not Normal/Normalize
+_DROPOUT_NAME = re.compile(r"Dropout")
+
+
+def _own_params(module) -> list:
+    return list(module.parameters(recurse=False))
+
+
+def _is_leaf(module) -> bool:
+    return not any(True for _ in module.children())
+
+
+def role(module: Any, name: str = "", user_roles: Mapping | None = None) -> str | None:
+    """ "activation", "norm", "dropout" or None: what ``module`` is, by what it is built from.
+
+    In order: the user's ``roles`` mapping ({module type or name glob: role}); the module's type
+    hierarchy (torch's activation, normalisation and dropout classes, and any class defined in
+    ``torch.nn.modules.activation`` or ``transformers.activations``); then its class name, for
+    leaf modules of other libraries: ``*Norm*`` with at most vector parameters (LlamaRMSNorm,
+    T5LayerNorm, ConvNextLayerNorm, FrozenBatchNorm2d with buffers only), and parameter-free
+    modules named like an activation (``*GELU*``, ``*SiLU*``, ``*Activation*``, ...) or a dropout.
+    """
+    if user_roles:
+        for key, r in user_roles.items():
+            if (isinstance(key, type) and isinstance(module, key)) or (
+                isinstance(key, str) and fnmatch.fnmatchcase(name, key)
+            ):
+                return r
     if isinstance(module, NORMS):
         return "norm"
     if isinstance(module, ACTIVATIONS):
         return "activation"
     if isinstance(module, DROPOUTS):
         return "dropout"
+    cls = type(module)
+    origin = cls.__module__ or ""
+    if origin == "torch.nn.modules.activation" or origin.startswith("transformers.activations"):
+        return "activation"
+    if not _is_leaf(module):
+        return None
+    cname = cls.__name__
+    params = _own_params(module)
+    if _NORM_NAME.search(cname) and all(p.dim() <= 1 for p in params):
+        return "norm"
+    if params:
+        return None
+    if _DROPOUT_NAME.search(cname):
+        return "dropout"
+    if _ACT_NAME.search(cname):
+        return "activation"
     return None
+
+
+def check_roles(user_roles: Mapping | None) -> dict:
+    """Validate a ``roles=`` mapping: keys are module types or name globs, values a role."""
+    from normscope.errors import NormscopeError
+
+    out = {}
+    for key, r in (user_roles or {}).items():
+        if not isinstance(key, (str, type)):
+            raise NormscopeError(f"roles keys must be module types or name globs, got {key!r}.")
+        if r not in ROLES and r is not None:
+            raise NormscopeError(f"roles[{key!r}] must be one of {', '.join(ROLES)} (or None), got {r!r}.")
+        out[key] = r
+    return out
+
+
+def channels_first_norm(module) -> bool | None:
+    """True for a norm that normalises channels on axis 1 (BatchNorm, GroupNorm, InstanceNorm,
+    ``data_format="channels_first"`` LayerNorms), False for last-axis norms (LayerNorm, RMSNorm),
+    None when the module does not say."""
+    from torch import nn
+
+    fmt = getattr(module, "data_format", None)
+    if isinstance(fmt, str):
+        return fmt.replace("-", "_").lower() in ("channels_first", "nchw", "ncl", "ncdhw")
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm,
+                           nn.LocalResponseNorm)):  # fmt: skip
+        return True
+    if isinstance(module, NORMS):
+        return False  # LayerNorm, RMSNorm: normalised over the trailing dims
+    if getattr(module, "running_mean", None) is not None:  # frozen BN: buffers only
+        return True
+    return None
+
+
+def feature_size(module) -> int | None:
+    """The channel count a module's own parameters (or normalized_shape) declare, if any."""
+    ns = getattr(module, "normalized_shape", None)
+    if isinstance(ns, (tuple, list)) and len(ns) >= 1 and isinstance(ns[-1], int):
+        return int(ns[-1])
+    for attr in ("weight", "running_mean", "bias"):
+        t = getattr(module, attr, None)
+        if t is not None and hasattr(t, "dim") and t.dim() == 1:
+            return int(t.numel())
+    vec = [p for p in _own_params(module) if p.dim() == 1]
+    return int(vec[0].numel()) if len(vec) == 1 else None
 
 
 def family(module: Any) -> str | None:
@@ -104,6 +202,8 @@ def family(module: Any) -> str | None:
         return RELU if float(module.min_val) == 0.0 else BOUNDED
     if isinstance(module, nn.Hardsigmoid):
         return BOUNDED
+    if type(module).__name__ == "ReLUSquaredActivation":  # transformers: relu(x)², zero gradient below 0
+        return RELU
     return None
 
 

@@ -62,7 +62,8 @@ class Context:
             return model_modules(self.model)
         if self.probe.get("modules"):
             return dict(self.probe["modules"])
-        return {name: {"type": m["type"], "own_params": m.get("params", 0)} | ({"family": m["family"]} if "family" in m else {})
+        keep = ("family", "role")
+        return {name: {"type": m["type"], "own_params": m.get("params", 0)} | {k: m[k] for k in keep if k in m}
                 for name, m in self.run.modules.items()}  # fmt: skip
 
     def type_of(self, layer: str | None) -> str | None:
@@ -141,8 +142,24 @@ class Context:
         return d.groupby("step", as_index=False)["value"].mean()
 
     @cached_property
+    def acts_phase(self) -> str:
+        """The phase the activation checks judge: "train", or "eval" for an inference-only run."""
+        s = self.stats
+        return "eval" if len(s) and not (s.phase == "train").any() else "train"
+
+    @cached_property
+    def acts(self) -> pd.DataFrame:
+        """Activation rows the activation checks judge (dead units, saturation): the train rows, or
+        for an inference-only run (eval + no_grad, nothing trained) the eval rows; before the
+        first non-finite step."""
+        if self.acts_phase == "train":
+            return self.train
+        s = self.stats
+        return self._finite(s[s.phase == "eval"])
+
+    @cached_property
     def _train_groups(self) -> dict:
-        tr = self.train
+        tr = self.acts
         if not len(tr):
             return {}
         return {
@@ -151,16 +168,16 @@ class Context:
         }
 
     def layer_series(self, layer: str, call: int = 0, output: str = "", df=None) -> pd.DataFrame:
-        """Rows of one layer call (train phase by default), sorted by step."""
+        """Rows of one layer call (:attr:`acts` by default: train rows), sorted by step."""
         if df is None:
             d = self._train_groups.get((layer, int(call), output))
-            return d if d is not None else self.train.iloc[:0]
+            return d if d is not None else self.acts.iloc[:0]
         d = df[(df.layer == layer) & (df.call == call) & (df.output == output)]
         return d.sort_values("step")
 
     def layer_calls(self, df=None, output: str = "") -> list[tuple[str, int]]:
-        """(layer, call) pairs present in ``df`` (train rows by default), in execution order."""
-        df = self.train if df is None else df
+        """(layer, call) pairs present in ``df`` (:attr:`acts` by default), in execution order."""
+        df = self.acts if df is None else df
         if not len(df):
             return []
         keys = df[df.output == output][["layer", "call"]].drop_duplicates()

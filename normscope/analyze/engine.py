@@ -53,9 +53,13 @@ def _probe_reason(ctx: Context, key: str, what: str) -> str | None:
 def missing(ctx: Context, need: str) -> str | None:
     """Why ``need`` (one of registry.NEEDS) is not met on this run, or None when it is."""
     if need == "training":
-        return "model-only probe (synthetic data, no training): nothing to judge here" if ctx.model_only else None
+        if ctx.model_only:
+            return "model-only probe (synthetic data, no training): nothing to judge here"
+        if ctx.acts_phase == "eval" and not len(ctx.params_all):
+            return "inference-only run (eval mode, no gradient, no step): nothing trained to judge"
+        return None
     if need == "stats":
-        return None if len(ctx.train) else "no train-phase activation statistics in the run"
+        return None if len(ctx.acts) else "no activation statistics in the run"
     if need == "grads":
         return (
             None

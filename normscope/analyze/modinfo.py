@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from normscope.roles import family
+from normscope.roles import family, role
 
 
 def module_info(module) -> dict[str, Any]:
@@ -31,6 +31,9 @@ def module_info(module) -> dict[str, Any]:
     fam = family(module)
     if fam is not None:
         info["family"] = fam
+    r = role(module)
+    if r is not None:
+        info["role"] = r
     info["own_params"] = sum(p.numel() for p in module.parameters(recurse=False))
     info["leaf"] = not any(True for _ in module.children())
     return info

@@ -16,17 +16,32 @@ from normscope.store.writer import FORMAT
 def initial_meta(model, name: str, plans, options: dict) -> dict:
     """meta.json at the start of a run: model summary, options, histogram edges, versions."""
     from normscope._version import __version__
-    from normscope.roles import family
+    from normscope.collect.select import canonical_names
+    from normscope.roles import family, role
 
     hooked = {p.name for p in plans}
-    modules = []
-    for mname, m in model.named_modules():
-        modules.append({
-            "name": mname or "<root>", "type": type(m).__name__,
+    roles = {p.name: p.role for p in plans}
+    names = canonical_names(model)
+    by_name: dict[str, dict] = {}  # canonical name → entry; a wrapper and the model it wraps share "<root>"
+    for raw, m in model.named_modules():
+        cname = names[raw] or "<root>"
+        entry = {
+            "name": cname, "type": type(m).__name__,
             "params": sum(p.numel() for p in m.parameters(recurse=False)),
             "trainable": sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad),
-            "hooked": (mname or "<root>") in hooked,
-        } | ({"family": fam} if (fam := family(m)) is not None else {}))  # fmt: skip
+            "hooked": cname in hooked,
+        }  # fmt: skip
+        if raw != names[raw]:
+            entry["raw"] = raw or "<root>"  # the name as the wrapped model spells it
+        r = roles.get(cname) if cname in roles else role(m, cname)
+        if r is not None:
+            entry["role"] = r
+        fam = family(m)
+        if fam is not None:
+            entry["family"] = fam
+        by_name.pop(cname, None)
+        by_name[cname] = entry
+    modules = list(by_name.values())
     total = sum(p.numel() for p in model.parameters())
     return {
         "format": FORMAT,

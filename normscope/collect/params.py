@@ -16,9 +16,12 @@ class ParamTracker:
     ``after_step`` (post-hook) takes ‖w‖ and ‖w_before − w_after‖.
     """
 
-    def __init__(self, model: nn.Module, track_updates: bool = True):
-        self.entries = []  # (name, param, layer)
-        for name, p in model.named_parameters():
+    def __init__(self, model: nn.Module, track_updates: bool = True, names: dict[str, str] | None = None):
+        from normscope.collect.select import canonical_param_name
+
+        self.entries = []  # (canonical name, param, layer)
+        for raw, p in model.named_parameters():
+            name = canonical_param_name(raw, names) if names else raw
             layer = name.rsplit(".", 1)[0] if "." in name else ""
             self.entries.append((name, p, layer))
         self.track_updates = track_updates
@@ -36,12 +39,23 @@ class ParamTracker:
         out = [next(norms).float().to(dev) if t is not None else self._nan(like[0]) for t in tensors]
         return torch.stack(out) if out else torch.empty(0, device=dev)
 
+    @property
+    def has_snapshot(self) -> bool:
+        return self._snap is not None
+
+    def snapshot(self) -> None:
+        """Copy the trainable weights now (a manual update loop: before its first forward)."""
+        self._take_snapshot([p for _, p, _ in self.entries])
+
     def before_step(self) -> None:
         params = [p for _, p, _ in self.entries]
         if not params:
             return
         self._grad_norms = self._norms([p.grad for p in params], params)
-        if self.track_updates:
+        self._take_snapshot(params)
+
+    def _take_snapshot(self, params) -> None:
+        if self.track_updates and params:
             # Allocated here and freed in after_step: during the optimizer step the activations
             # are already freed, so the copy reuses their memory instead of raising peak memory
             # (on CPU a fresh allocation page-faults, ~2 ms per 4 MB: measured in the benchmark).

@@ -32,7 +32,7 @@ from normscope.collect.decode import PendingEntry, StepAccumulator, entry_signat
 from normscope.collect.meta import _model_device, _now, _sel_json, _to_host, initial_meta
 from normscope.collect.outputs import iter_float_tensors
 from normscope.collect.params import ParamTracker, group_hparams
-from normscope.collect.select import HookPlan, Selector, plan_hooks, resolve_axis
+from normscope.collect.select import HookPlan, Selector, canonical_names, plan_hooks, resolve_axis
 from normscope.errors import NormscopeError
 from normscope.store.writer import RunWriter, write_json
 
@@ -55,6 +55,17 @@ class CachedReduction:
 
     def matches(self, t: torch.Tensor, specs: tuple | None = None) -> bool:
         return self.ref() is t and (specs is None or (self.version == t._version and self.specs == specs))
+
+
+_AXES = 4096  # outputs of one forward whose channel axis a consumer may inherit
+
+
+def _functorch_level() -> int | None:
+    """The functorch transform level when inside torch.func.grad/vmap/..., else None."""
+    try:
+        return torch._C._functorch.maybe_current_level()
+    except AttributeError:  # pragma: no cover - older torch
+        return None
 
 
 def _in_backward() -> bool:
@@ -80,6 +91,7 @@ class Scope:
         track_updates: bool = True,
         grads: bool = True,
         name: str | None = None,
+        roles: dict | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise NormscopeError(f"watch() needs a torch.nn.Module, got {type(model).__name__}.")
@@ -98,11 +110,12 @@ class Scope:
         self.name = name or type(model).__name__
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"{self.name}-{stamp}"
-        self._plans: list[HookPlan] = plan_hooks(model, include, exclude, channel_axis)
+        self._plans: list[HookPlan] = plan_hooks(model, include, exclude, channel_axis, roles)
         self._options = {
             "every": every, "include": _sel_json(include), "exclude": _sel_json(exclude),
             "flush_every": flush_every, "flush_seconds": flush_seconds, "hist_max": hist_max,
             "channel_axis": dict(channel_axis or {}), "track_updates": track_updates, "grads": grads,
+            "roles": {(k if isinstance(k, str) else _sel_json(k)[0]): v for k, v in (roles or {}).items()},
         }  # fmt: skip
         optimizer = _unwrap_optimizer(optimizer)
         self._explicit_opt = optimizer
@@ -115,6 +128,11 @@ class Scope:
         self._scalars: list[tuple[str, str, Any]] = []
         self._calls: dict[str, int] = defaultdict(int)
         self._recent: dict[int, CachedReduction] = {}
+        self._axes: dict[int, tuple] = {}  # id(tensor) → (ref, axis, shape) of outputs reduced in this forward
+        self._root_phase: str | None = None  # the phase of the root forward running now
+        self._await_grad: dict[str, list] = defaultdict(list)  # train calls whose outputs had no grad yet
+        self._snapped = False
+        self._warned_functorch = False
         self._exec_order: list[dict] | None = []
         self._order_seen: set = set()
         self._disabled: set[str] = set()
@@ -123,7 +141,7 @@ class Scope:
         self._forward_since_advance = False
         self._warned_manual = False
         self._scratch = R.Scratch()
-        self._params = ParamTracker(model, track_updates=track_updates)
+        self._params = ParamTracker(model, track_updates=track_updates, names=canonical_names(model))
         self._param_pre_done = False
         self._steps_recorded = 0
         self._last_flush = time.monotonic()
@@ -228,7 +246,8 @@ class Scope:
                 self._warned_manual = True
             return
         if self._sampling:
-            self._guard(self._params.after_step, False)
+            # a manual update loop: ‖Δw‖ against the snapshot taken at the step's first forward
+            self._guard(self._params.after_step, self._params.has_snapshot)
             self._finish_step(updated=False, params=True)
         self._advance()
 
@@ -286,6 +305,9 @@ class Scope:
         self._sampling = self.step_index % self.every == 0
         self._calls.clear()
         self._recent.clear()
+        self._axes.clear()
+        self._await_grad.clear()
+        self._snapped = False
         self._forward_since_advance = False
 
     def _guard(self, fn, *args) -> None:
@@ -299,8 +321,20 @@ class Scope:
         self._forward_since_advance = True
         self._calls.clear()
         self._recent.clear()
+        self._axes.clear()
+        if _in_backward():  # a checkpointed root recomputed: keep the phase of the original forward
+            return
+        # the phase of the whole forward: modules inside a reentrant checkpoint run with grad off
+        # in its first pass, yet belong to this training forward
+        self._root_phase = "train" if (module.training and torch.is_grad_enabled()) else "eval"
+        if self._sampling and not self._snapped and not self._optimizer_steps and self.track_updates:
+            # no optimizer seen (yet): snapshot now so that scope.step() can measure ‖Δw‖ of a manual update
+            self._snapped = True
+            self._guard(self._params.snapshot)
 
     def _on_root_post(self, module, args, output) -> None:
+        if not _in_backward():
+            self._root_phase = None
         if self._writer is not None and self._exec_order is not None and self._exec_order:
             self._meta["execution_order"] = self._exec_order
             self._exec_order = None
@@ -316,9 +350,13 @@ class Scope:
             scope = scope_ref()
             if scope is None or not scope._sampling or plan.name in scope._disabled:
                 return None
-            if _in_backward():  # gradient checkpointing recomputes the forward: not a new call
-                return None
             try:
+                if _in_backward():  # gradient checkpointing recomputes the forward: not a new call,
+                    scope._recomputed(plan, output)  # but a reentrant one gives its outputs' gradients here
+                    return None
+                if _functorch_level() is not None:
+                    scope._skip_functorch(plan)
+                    return None
                 scope._record(plan, args, output)
             except Exception as e:  # never break the user's training
                 scope._disabled.add(plan.name)
@@ -329,7 +367,7 @@ class Scope:
 
     def _record(self, plan: HookPlan, args, output) -> None:
         self._forward_since_advance = True
-        phase = "train" if (self.model.training and torch.is_grad_enabled()) else "eval"
+        phase = self._root_phase or ("train" if (self.model.training and torch.is_grad_enabled()) else "eval")
         call = self._calls[plan.name]
         self._calls[plan.name] = call + 1
         if self._exec_order is not None:
@@ -337,20 +375,25 @@ class Scope:
             if k not in self._order_seen:
                 self._order_seen.add(k)
                 self._exec_order.append({"layer": plan.name, "call": call, "type": plan.type_name})
-        inherited = None
-        if plan.record_input and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
-            x = args[0]
-            self._reduce_output(plan, phase, call, "input", x, None, grad=False)
-        if args and isinstance(args[0], torch.Tensor):
-            hit = self._recent.get(id(args[0]))
-            if hit is not None and hit.matches(args[0]):
-                inherited = hit.axis
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        src = self._axes.get(id(x)) if x is not None else None
+        src_axis = src[1] if src is not None and src[0]() is x else None
+        if plan.record_input and x is not None and x.is_floating_point():
+            self._reduce_output(plan, phase, call, "input", x, src_axis, grad=False)
         for path, t in iter_float_tensors(output):
+            # the consumed tensor's axis carries over through layout-preserving modules (same rank)
+            # and through blocks whose output has the input's shape
+            inherited = None
+            if src_axis is not None and x is not None:
+                same = t.dim() == x.dim() if plan.preserves_layout else t.shape == x.shape
+                inherited = src_axis if same else None
             self._reduce_output(plan, phase, call, path, t, inherited, grad=True)
 
     def _reduce_output(self, plan, phase, call, path, t, inherited, grad: bool) -> None:
         key = (phase, plan.name, call, path)
         hit = self._recent.get(id(t))
+        if hit is not None and not hit.matches(t):
+            hit = None  # a dead tensor whose id was reused: not this one
         specs = (plan.hist, plan.sat)
         if hit is not None and hit.matches(t, specs):
             axis, layout, pack, fast = hit.axis, hit.layout, hit.pack, hit.fast  # same tensor, unchanged: reuse
@@ -361,9 +404,36 @@ class Scope:
             if len(self._recent) >= _RECENT:
                 self._recent.pop(next(iter(self._recent)))
             self._recent[id(t)] = CachedReduction(weakref.ref(t), t._version, axis, layout, pack, fast, specs)
+        if len(self._axes) >= _AXES:
+            self._axes.pop(next(iter(self._axes)))
+        self._axes[id(t)] = (weakref.ref(t), axis)
         self._pending.append(PendingEntry("act", key, layout, fast, pack, plan.type_name))
-        if grad and self.record_grads and phase == "train" and t.requires_grad:
-            t.register_hook(self._make_grad_hook(key, self.step_index))
+        if grad and self.record_grads and phase == "train":
+            if t.requires_grad:
+                t.register_hook(self._make_grad_hook(key, self.step_index))
+            elif not torch.is_grad_enabled():  # first pass of a reentrant checkpoint: the gradient comes
+                self._await_grad[plan.name].append(key)  # with the recomputation in the backward
+
+    def _recomputed(self, plan: HookPlan, output) -> None:
+        """A forward recomputed during the backward (gradient checkpointing): statistics were taken
+        in the first pass; a reentrant checkpoint's first pass had no graph, so the gradient hooks
+        go on the recomputed outputs, under the first pass's keys."""
+        waiting = self._await_grad.get(plan.name)
+        if not waiting or not self.record_grads:
+            return
+        key0 = waiting.pop(0)
+        for path, t in iter_float_tensors(output):
+            if t.requires_grad:
+                t.register_hook(self._make_grad_hook((key0[0], key0[1], key0[2], path), self.step_index))
+
+    def _skip_functorch(self, plan: HookPlan) -> None:
+        if not self._warned_functorch:
+            self._warned_functorch = True
+            msg = ("forwards inside torch.func transforms (grad, vjp, vmap, jacrev, ...) are not recorded: "
+                   "their tensors are functorch wrappers whose values the hooks cannot read")  # fmt: skip
+            self._meta.setdefault("notes", []).append(msg)
+            warnings.warn(f"normscope: {msg}; call the model outside the transform (torch.func.functional_call "
+                          "alone is recorded).", stacklevel=3)  # fmt: skip
 
     def _make_grad_hook(self, key: tuple, step: int):
         scope_ref = weakref.ref(self)

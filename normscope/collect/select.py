@@ -1,44 +1,102 @@
-"""Which modules to hook, and how to read their outputs (channel axis, saturation, histogram)."""
+"""Which modules to hook, and how to read their outputs (channel axis, saturation, histogram).
+
+What a module *is* (activation, normalisation, dropout) comes from :mod:`normscope.roles`; the
+channel axis of an output comes from the data: the module's own weight (or normalized_shape)
+against the tensor's shape, else the axis of the tensor it consumed, else the tensor's rank.
+Layer names are canonical: wrapper prefixes (``_orig_mod.`` from torch.compile, ``module.`` from
+DDP/DataParallel, FSDP's and checkpoint wrappers') are stripped, so a model wrapped or not gives
+the same names.
+"""
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Union
 
 import torch
 from torch import nn
 
+from normscope import roles as ROLES
 from normscope.collect.reducers import HistSpec, SatSpec
 from normscope.errors import NormscopeError
 
 Selector = Union[str, type]
 
-from normscope.roles import ACTIVATIONS, DROPOUTS, NORMS  # noqa: E402  (one home for roles)
-
-# Modules whose outputs put channels on axis 1 (N, C, ...).
+# Modules whose outputs put channels on axis 1 (N, C, ...) whatever their parameters say.
 CHANNEL_FIRST: tuple[type, ...] = (
     nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
     nn.GroupNorm, nn.LocalResponseNorm, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
     nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
     nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.FeatureAlphaDropout, nn.Upsample, nn.PixelShuffle,
 )  # fmt: skip
-# Modules that keep the layout of their input (activations, dropout): inherit the producer's axis.
-LAYOUT_PRESERVING: tuple[type, ...] = ACTIVATIONS + (nn.Dropout, nn.AlphaDropout, nn.Identity)
+# Modules whose output features are the last axis.
+CHANNEL_LAST: tuple[type, ...] = (nn.Linear, nn.Bilinear, nn.Embedding, nn.EmbeddingBag)
+
+# Name components that wrappers insert: private, so never a user's own submodule name.
+_WRAPPER_PARTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_forward_module")
+_WRAPPER_RE = re.compile(r"(^|\.)(" + "|".join(_WRAPPER_PARTS) + r")(?=\.|$)")
+
+
+def _root_prefixes(model: nn.Module) -> list[str]:
+    """Attribute chain of the wrappers around the real model (``module`` of DDP, ``_orig_mod``...)."""
+    out = []
+    m = model
+    for _ in range(8):
+        cls = type(m).__name__
+        if cls in ("DistributedDataParallel", "DataParallel") and isinstance(getattr(m, "module", None), nn.Module):
+            out.append("module")
+            m = m.module
+        elif isinstance(getattr(m, "_orig_mod", None), nn.Module):
+            out.append("_orig_mod")
+            m = m._orig_mod
+        elif isinstance(getattr(m, "_fsdp_wrapped_module", None), nn.Module):
+            out.append("_fsdp_wrapped_module")
+            m = m._fsdp_wrapped_module
+        else:
+            break
+    return out
+
+
+def canonical_names(model: nn.Module) -> dict[str, str]:
+    """raw ``named_modules()`` name → canonical name (wrapper prefixes stripped; the real root is "")."""
+    prefixes = _root_prefixes(model)
+    root = ".".join(prefixes)
+    out = {}
+    for raw, _ in model.named_modules():
+        name = raw
+        if root and (name == root or name.startswith(root + ".")):
+            name = name[len(root) + 1 :] if name != root else ""
+        name = _WRAPPER_RE.sub(lambda m: m.group(1), name).strip(".")
+        name = re.sub(r"\.{2,}", ".", name)
+        out[raw] = name
+    return out
+
+
+def canonical_param_name(raw: str, names: Mapping[str, str]) -> str:
+    """A parameter's name with the canonical name of its module."""
+    mod, _, leaf = raw.rpartition(".")
+    cmod = names.get(mod, mod)
+    return f"{cmod}.{leaf}" if cmod else leaf
 
 
 @dataclass
 class HookPlan:
-    name: str
+    name: str  # canonical
     module: nn.Module
     type_name: str
     hist: HistSpec
     sat: SatSpec | None
     record_input: bool  # normalisation layers: statistics of their input as well
     axis_override: int | None
-    channel_first: bool
-    preserves_layout: bool
+    channel_first: bool  # channels on axis 1 whatever the shape says (conv, BN, channels-first norms)
+    channel_last: bool  # features on the last axis (Linear, Embedding, last-axis norms)
+    features: int | None  # channel count the module's own parameters declare
+    preserves_layout: bool  # activations, dropout, identity: the producer's axis carries over
+    role: str | None = None
+    raw_name: str = ""
 
 
 def _matches(name: str, module: nn.Module, selectors: Sequence[Selector]) -> bool:
@@ -54,14 +112,13 @@ def _matches(name: str, module: nn.Module, selectors: Sequence[Selector]) -> boo
     return False
 
 
-def is_default_target(module: nn.Module) -> bool:
-    """Leaf modules with parameters, modules with their own parameters, activations, norms, dropout."""
-    if isinstance(module, ACTIVATIONS + NORMS + DROPOUTS):
+def is_default_target(module: nn.Module, role: str | None = None) -> bool:
+    """Activations, norms and dropout (by role); modules with their own parameters; leaves with parameters."""
+    if role is not None:
         return True
-    has_own = any(True for _ in module.parameters(recurse=False))
+    if any(True for _ in module.parameters(recurse=False)):
+        return True
     is_leaf = not any(True for _ in module.children())
-    if has_own:
-        return True
     return is_leaf and any(True for _ in module.parameters())
 
 
@@ -86,28 +143,49 @@ def _as_list(x: Iterable[Selector] | Selector | None) -> list[Selector]:
     return list(x)
 
 
+def _layout_rule(module: nn.Module, role: str | None) -> tuple[bool, bool, int | None, bool]:
+    """(channel_first, channel_last, features, preserves_layout) for a module."""
+    if role == "norm":
+        cf = ROLES.channels_first_norm(module)
+        return cf is True, cf is False, ROLES.feature_size(module), False
+    if isinstance(module, CHANNEL_FIRST):
+        return True, False, None, False
+    if isinstance(module, CHANNEL_LAST):
+        return False, True, None, False
+    if role in ("activation", "dropout") or isinstance(module, nn.Identity):
+        return False, False, None, True
+    return False, False, ROLES.feature_size(module), False
+
+
 def plan_hooks(
     model: nn.Module,
     include: Iterable[Selector] | Selector | None = None,
     exclude: Iterable[Selector] | Selector | None = None,
     channel_axis: dict[str, int] | None = None,
+    roles: Mapping | None = None,
 ) -> list[HookPlan]:
     if not isinstance(model, nn.Module):
         raise NormscopeError(f"watch() needs a torch.nn.Module, got {type(model).__name__}.")
     inc, exc = _as_list(include), _as_list(exclude)
     axes = dict(channel_axis or {})
+    user_roles = ROLES.check_roles(roles)
+    names = canonical_names(model)
     plans = []
-    for name, module in model.named_modules():
+    for raw, module in model.named_modules():
+        name = names[raw]
         if inc:
             chosen = _matches(name, module, inc)
         else:
             # the root counts only when it is itself a leaf (watch(nn.Linear(...)))
             is_root_leaf = name == "" and not any(True for _ in module.children())
-            chosen = (name != "" or is_root_leaf) and is_default_target(module)
+            role = ROLES.role(module, name, user_roles)
+            chosen = (name != "" or is_root_leaf) and is_default_target(module, role) and not _is_wrapper(module)
         if not chosen or (exc and _matches(name, module, exc)):
             continue
+        role = ROLES.role(module, name, user_roles)
         hist, sat = hist_and_sat(module)
         override = next((ax for pat, ax in axes.items() if fnmatch.fnmatchcase(name, pat)), None)
+        cf, cl, feats, keep = _layout_rule(module, role)
         plans.append(
             HookPlan(
                 name=name or "<root>",
@@ -115,11 +193,15 @@ def plan_hooks(
                 type_name=type(module).__name__,
                 hist=hist,
                 sat=sat,
-                record_input=isinstance(module, NORMS),
+                record_input=role == "norm",
                 axis_override=override,
-                channel_first=isinstance(module, CHANNEL_FIRST),
-                preserves_layout=isinstance(module, LAYOUT_PRESERVING),
-            )
+                channel_first=cf,
+                channel_last=cl,
+                features=feats,
+                preserves_layout=keep,
+                role=role,
+                raw_name=raw,
+            )  # fmt: skip
         )
     if not plans:
         raise NormscopeError(
@@ -129,8 +211,19 @@ def plan_hooks(
     return plans
 
 
+def _is_wrapper(module: nn.Module) -> bool:
+    """Wrapper modules (checkpoint wrappers, compiled wrappers) hold no parameter of their own."""
+    return type(module).__name__ in ("CheckpointWrapper", "OptimizedModule", "OffloadWrapper")
+
+
 def resolve_axis(plan: HookPlan, t: torch.Tensor, inherited: int | None) -> int:
-    """Channel axis of an output: override > producer's axis > module kind > rank heuristic."""
+    """Channel axis of an output, from the data.
+
+    Order: the user's override; the module kind (conv/BN: 1, Linear: last); the module's own
+    feature count against the tensor's axes (a norm's weight, a block's layer-scale vector);
+    the axis of the tensor it consumed (activations, dropout, shape-preserving blocks); the rank
+    (N×C×H×W images: 1; sequences and features: last).
+    """
     nd = t.dim()
     if nd <= 1:
         return -1 if nd == 1 else 0
@@ -138,8 +231,17 @@ def resolve_axis(plan: HookPlan, t: torch.Tensor, inherited: int | None) -> int:
         return plan.axis_override
     if plan.channel_first:
         return 1
-    if plan.preserves_layout and inherited is not None:
+    if plan.channel_last:
+        return -1
+    c = plan.features
+    if c is not None:
+        first, last = t.shape[1] == c, t.shape[-1] == c
+        if first and not last:
+            return 1
+        if last and not first:
+            return -1
+        if first and last and inherited is not None:
+            return inherited
+    if inherited is not None:
         return inherited
-    if nd >= 4 and plan.preserves_layout:
-        return 1  # activations on images follow a conv/BN
-    return -1  # Linear, attention, embeddings, LayerNorm, sequence outputs
+    return 1 if nd >= 4 else -1

@@ -253,7 +253,28 @@ def test_manual_step_without_optimizer(tmp_path):
     assert run.steps == [0, 2]
     sig = run.stats[run.stats.layer == "1"]
     assert (sig.frac_sat > 0).all()
-    assert run.params.update_norm.isna().all()  # no optimizer: no update to measure
+    assert (run.params.update_norm == 0).all()  # weights never changed: ‖Δw‖ = 0, measured
+
+
+def test_manual_update_loop_records_update_norms(tmp_path):
+    """Regression (zoo issue): scope.step() with a hand-written update recorded no ‖Δw‖."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    want = {}
+    with watch(model, tmp_path / "u", every=2) as scope:
+        for step in range(4):
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+                    p.grad = None
+            want[step] = {n: float((before[n] - p.detach()).norm()) for n, p in model.named_parameters()}
+            scope.step()
+    p = load(tmp_path / "u").params
+    assert sorted(p.step.unique()) == [0, 2]
+    for r in p.itertuples():
+        assert r.update_norm == pytest.approx(want[r.step][r.param], rel=1e-5) and r.update_norm > 0
 
 
 def test_memory_bounded_between_flushes(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 
 from normscope.analyze.formulas import geometric_rate
 from normscope.analyze.registry import SkipCheck
-from normscope.roles import is_norm
+from normscope.roles import is_norm_info
 
 
 def depth_profile(ctx, window_frac: float) -> dict:
@@ -15,7 +15,7 @@ def depth_profile(ctx, window_frac: float) -> dict:
     pairs = []
     for layer, call in ctx.layer_calls(g):
         info = ctx.modules.get(layer, {})
-        if info.get("own_params", 0) > 0 and not is_norm(info.get("type")):
+        if info.get("own_params", 0) > 0 and not is_norm_info(info):
             pairs.append((layer, call))
     if len(pairs) < 2:
         raise SkipCheck("fewer than two parametrised layers with recorded output gradients")

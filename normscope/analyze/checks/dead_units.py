@@ -82,7 +82,7 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
             "died_at_median": float(np.median(prof["died_at"])) if prof["died_at"] else None,
             "window_steps": list(prof["window"]), "window_rows": prof["window_rows"],
             "window_samples": prof["window_samples"], "dead_unit_indices": np.flatnonzero(dead)[:64].tolist(),
-            "call": call, "thresholds": {"warn": t["warn"], "error": t["error"]},
+            "call": call, "phase": ctx.acts_phase, "thresholds": {"warn": t["warn"], "error": t["error"]},
         }  # fmt: skip
         if dead.any():
             sev = "error" if frac >= t["error"] else "warning" if frac >= t["warn"] else "info"

@@ -71,7 +71,7 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
             "window_steps": [int(steps[n_rows - w]), int(steps[-1])], "call": call,
             "series": {"step": steps[:: max(1, n_rows // 50)].tolist(), "frac": frac[:: max(1, n_rows // 50)].tolist()},
             "preactivation_equivalent": _PRE.get(kind), "upper_bound_only": lower_is_relu,
-            "thresholds": {"warn": t["warn"], "error": t["error"]},
+            "phase": ctx.acts_phase, "thresholds": {"warn": t["warn"], "error": t["error"]},
         }  # fmt: skip
         rec = (
             "Scale the initialisation to the activation (Glorot/Xavier for tanh and sigmoid, gain 5/3 for tanh), "
