@@ -118,7 +118,9 @@ def findings_table(findings: list[dict], title: str = "Findings"):
     t.add_column("message", overflow="fold", ratio=1)
     t.add_column("key number", overflow="fold", max_width=28)
     for f in sorted(findings, key=lambda f: RANK.get(f["severity"], 9)):
-        t.add_row(f"[{STYLE.get(f['severity'], '')}]{f['severity']}[/]", f["check"], _esc(f.get("layer") or ""),
+        n = (f.get("evidence") or {}).get("affected_layers") or 1
+        where = (f.get("layer") or "") + (f" (+{n - 1} more)" if n > 1 else "")
+        t.add_row(f"[{STYLE.get(f['severity'], '')}]{f['severity']}[/]", f["check"], _esc(where),
                   _esc(f["message"]), key_number(f.get("evidence") or {}))  # fmt: skip
     return t
 

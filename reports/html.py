@@ -101,6 +101,11 @@ def build_report(
     for (layer, _call), i in index.items():
         first_index.setdefault(layer, i)
     flagged = {f["layer"] for f in fl if f.get("layer")}
+    for f in fl:  # a grouped finding: one cause in several layers, every one flagged
+        grouped = (f.get("evidence") or {}).get("layers") if isinstance(f.get("evidence"), dict) else None
+        if isinstance(grouped, list):
+            f["affected"] = [{"layer": r.get("layer"), "severity": r.get("severity")} for r in grouped if r.get("layer")]
+            flagged |= {r["layer"] for r in f["affected"]}
     table = D.layer_table(run, flagged)
 
     # details for flagged layers (severity order), capped; the table keeps every layer
@@ -115,6 +120,8 @@ def build_report(
     for f in fl:
         lay = f.get("layer")
         f["anchor"] = anchors.get(lay) or (f"row-{first_index[lay]}" if lay in first_index else "layers")
+        for r in f.get("affected", []):
+            r["anchor"] = f"row-{first_index[r['layer']]}" if r["layer"] in first_index else "layers"
         f["step_text"] = _step_text(f.get("step"))
         ev = f.get("evidence")
         f["evidence"] = json.dumps(ev, indent=1, default=str, allow_nan=True) if ev else ""

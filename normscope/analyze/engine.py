@@ -100,18 +100,54 @@ def missing(ctx: Context, need: str) -> str | None:
     raise ValueError(f"unknown need {need!r}")  # registry.register refuses these
 
 
+MAX_LISTED = 8  # layers named in a grouped finding's message (all are in its evidence)
+
+
+def group_findings(ctx: Context, findings: list[Finding]) -> list[Finding]:
+    """One finding per check and cause: findings of one check that share their fix text are one
+    cause seen in several layers. The worst (highest severity, then the check's ``score`` in the
+    evidence, then execution order) speaks for the group; every affected layer is listed in its
+    evidence (``layers``, worst first) and named in the message; the fix text appears once."""
+    groups: dict[tuple, list[Finding]] = {}
+    for f in findings:
+        groups.setdefault((f.check, f.recommendation), []).append(f)
+    out = []
+    for (_, _), fs in groups.items():
+        if len(fs) == 1:
+            out.append(fs[0])
+            continue
+
+        def rank(f: Finding):
+            score = f.evidence.get("score") if isinstance(f.evidence, dict) else None
+            score = float(score) if isinstance(score, (int, float)) else 0.0
+            return (SEVERITY_RANK[f.severity], -score, ctx.order(f.layer))
+
+        fs = sorted(fs, key=rank)
+        worst = fs[0]
+        others = [f.layer or "the model" for f in fs[1:]]
+        named = ", ".join(others[:MAX_LISTED]) + (f" and {len(others) - MAX_LISTED} more" if len(others) > MAX_LISTED else "")
+        msg = f"{worst.message} The same in {len(others)} more layer(s): {named}."
+        layers = [{"layer": f.layer, "severity": f.severity, "step": list(f.step) if isinstance(f.step, tuple) else f.step,
+                   "message": f.message, **({"score": f.evidence["score"]} if "score" in f.evidence else {})}
+                  for f in fs]  # fmt: skip
+        ev = dict(worst.evidence, layers=layers, affected_layers=len(fs))
+        out.append(Finding(worst.check, worst.severity, worst.layer, worst.step, msg, ev, worst.recommendation))
+    return out
+
+
 def _sort_key(ctx: Context, f: Finding):
     step = f.step[0] if isinstance(f.step, tuple) else (f.step if f.step is not None else -1)
     return (SEVERITY_RANK[f.severity], ctx.order(f.layer), f.check, step)
 
 
 def analyze_full(run, model=None, config: Config | Mapping | None = None, optimizer=None,
-                 checks: Iterable[str] | None = None) -> Analysis:  # fmt: skip
+                 checks: Iterable[str] | None = None, group: bool = True) -> Analysis:  # fmt: skip
     """Run the checks on ``run`` (a Run or a run directory); findings plus skipped checks.
 
     ``model`` enables the structural checks from the live model (fx graph, biases, dropout
     rates); ``optimizer`` lets norm-weight-decay read param groups directly; ``checks``
-    restricts to some ids.
+    restricts to some ids; ``group=False`` keeps one finding per layer instead of one per check
+    and cause.
     """
     run = as_run(run)
     cfg = as_config(config)
@@ -144,16 +180,16 @@ def analyze_full(run, model=None, config: Config | Mapping | None = None, optimi
             skipped.append(Skipped(cid, msg))
             continue
         ran.append(cid)
-        findings.extend(out)
+        findings.extend(group_findings(ctx, out) if group else out)
     findings.sort(key=lambda f: _sort_key(ctx, f))
     src = ctx.__dict__.get("graph")
     return Analysis(findings, skipped, ran, str(run.run_dir), src.source if src is not None else None)
 
 
 def analyze(run, model=None, config: Config | Mapping | None = None, optimizer=None,
-            checks: Iterable[str] | None = None) -> list[Finding]:  # fmt: skip
+            checks: Iterable[str] | None = None, group: bool = True) -> list[Finding]:  # fmt: skip
     """Findings for ``run``, sorted by severity (error, warning, info) then execution order.
 
     Use :func:`analyze_full` to also see which checks were skipped and why.
     """
-    return analyze_full(run, model=model, config=config, optimizer=optimizer, checks=checks).findings
+    return analyze_full(run, model=model, config=config, optimizer=optimizer, checks=checks, group=group).findings

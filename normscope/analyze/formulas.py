@@ -137,6 +137,31 @@ def stale_stats(running_mean, running_var, pop_mean, pop_var, eps: float = 1e-5)
     return dmu, ratio
 
 
+def bn_running_ema(batch_means, batch_vars, counts, momentum, steps=None, init_mean=0.0, init_var=1.0):
+    """The running statistics BatchNorm would hold after seeing these batches (rows: steps).
+
+    BN updates r ← (1 − m)·r + m·b per forward, with the unbiased batch variance v·n/(n − 1);
+    ``momentum=None`` is the cumulative average. ``steps`` (sampled step indices) lets rows be
+    sparser than every step: a gap of k steps applies the momentum k times with the sampled
+    batch standing for the unseen ones (exact when every step is sampled)."""
+    m_ = np.asarray(batch_means, dtype=np.float64)
+    v_ = np.asarray(batch_vars, dtype=np.float64)
+    n = np.asarray(counts, dtype=np.float64).reshape(-1, 1)
+    v_ = v_ * n / np.maximum(n - 1, 1)
+    t = len(m_)
+    rm = np.full(m_.shape[1], init_mean, dtype=np.float64)
+    rv = np.full(m_.shape[1], init_var, dtype=np.float64)
+    if momentum is None:
+        return (m_.mean(0), v_.mean(0)) if t else (rm, rv)
+    steps = np.arange(t) if steps is None else np.asarray(steps)
+    gaps = np.diff(np.concatenate([[steps[0] - 1], steps])) if t else []
+    for i in range(t):
+        keep = (1.0 - momentum) ** max(int(gaps[i]), 1)
+        rm = keep * rm + (1 - keep) * m_[i]
+        rv = keep * rv + (1 - keep) * v_[i]
+    return rm, rv
+
+
 def geometric_rate(values) -> float:
     """Per-step factor of a geometric trend: exp of the least-squares slope of ln(values)."""
     v = np.asarray(values, dtype=np.float64)

@@ -42,6 +42,16 @@ def initial_meta(model, name: str, plans, options: dict) -> dict:
         by_name.pop(cname, None)
         by_name[cname] = entry
     modules = list(by_name.values())
+    init_rms = {}  # what a weight started at: a ratio to a norm that starts at zero means nothing
+    try:
+        from normscope.collect.select import canonical_param_name
+
+        with torch.no_grad():
+            for raw, p in model.named_parameters():
+                if p.numel():
+                    init_rms[canonical_param_name(raw, names)] = float(p.detach().float().pow(2).mean().sqrt())
+    except Exception:  # noqa: BLE001 - sharded or lazy parameters: the checks fall back to the first step
+        init_rms = {}
     total = sum(p.numel() for p in model.parameters())
     return {
         "format": FORMAT,
@@ -60,6 +70,7 @@ def initial_meta(model, name: str, plans, options: dict) -> dict:
             "hooked_layers": len(plans),
         },
         "modules": modules,
+        "param_init_rms": init_rms,
         "execution_order": [],
         "options": options,
         "histograms": {p.name: p.hist.to_json() for p in plans},

@@ -106,3 +106,21 @@ def group_hparams(optimizer) -> dict[int, tuple[float, float]]:
         for p in g["params"]:
             out[id(p)] = (lr, wd)
     return out
+
+
+def describe_optimizer(optimizer) -> dict:
+    """Type and the hyperparameters that set the healthy update size (meta.json's ``optimizer``)."""
+    g = optimizer.param_groups[0] if optimizer.param_groups else {}
+
+    def plain(v):
+        if isinstance(v, torch.Tensor):
+            return float(v) if v.numel() == 1 and v.device.type == "cpu" else None
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        return v if isinstance(v, (int, float, bool)) or v is None else str(v)
+
+    out = {"type": type(optimizer).__name__, "groups": len(optimizer.param_groups)}
+    for k in ("lr", "momentum", "nesterov", "betas", "weight_decay", "eps"):
+        if k in g:
+            out[k] = plain(g[k])
+    return out

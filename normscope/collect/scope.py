@@ -31,7 +31,7 @@ from normscope.collect import reducers as R
 from normscope.collect.decode import PendingEntry, StepAccumulator, entry_signature, expand_pending
 from normscope.collect.meta import _model_device, _now, _sel_json, _to_host, initial_meta
 from normscope.collect.outputs import iter_float_tensors
-from normscope.collect.params import ParamTracker, group_hparams
+from normscope.collect.params import ParamTracker, describe_optimizer, group_hparams
 from normscope.collect.select import HookPlan, Selector, canonical_names, plan_hooks, resolve_axis
 from normscope.errors import NormscopeError
 from normscope.store.writer import RunWriter, write_json
@@ -497,6 +497,8 @@ class Scope:
             vals = host[off : off + 3 * n].reshape(3, n)
             off += 3 * n
             hp = group_hparams(self._opt)
+            if self._opt is not None and "optimizer" not in self._meta:
+                self._meta["optimizer"] = describe_optimizer(self._opt)
             for i, (pname, p, layer) in enumerate(self._params.entries):
                 lr, wd = hp.get(id(p), (math.nan, math.nan))
                 w.append("params", {

@@ -66,7 +66,9 @@ def test_defaults_follow_checks_md():
     assert (st["mean_sigma"], st["var_lo"], st["var_hi"]) == (0.1, 0.8, 1.25)
     assert cfg.get("vanishing-gradients", "ratio") == 1e-3 and cfg.get("exploding-gradients", "ratio") == 1e3
     ur = cfg.thresholds("update-ratio")
-    assert (ur["low_warn"], ur["high_warn"], ur["low_info"], ur["high_info"]) == (1e-5, 1e-1, 1e-4, 1e-2)
+    # relative to the optimizer's healthy centre: SGD 1e-3 → warn outside 1e-5 … 1e-1 as CHECKS.md; Adam 1e-2
+    assert (ur["low_warn"], ur["high_warn"], ur["low_info"], ur["high_info"]) == (1e-2, 1e2, 1e-1, 1e1)
+    assert (ur["sgd_center"], ur["adam_center"]) == (1e-3, 1e-2)
     assert (
         cfg.thresholds("unnormalized-inputs")["std_ratio"] == 100
         and cfg.thresholds("unnormalized-inputs")["mean_std"] == 3
@@ -134,7 +136,11 @@ def test_analyze_sorts_by_severity_then_execution_order_and_reports_skips(tmp_pa
     a = analyze_full(str(run), config={"dead-units": {"min_judge_samples": 64}})
     assert isinstance(a, Analysis)
     dead = [(f.severity, f.layer) for f in a.findings if f.check == "dead-units"]
-    assert dead == [("error", "1"), ("warning", "3")]
+    assert dead == [("error", "1")]  # one finding per check and cause, the worst layer first
+    layers = [(r["severity"], r["layer"]) for r in a.findings[0].evidence["layers"]]
+    assert layers == [("error", "1"), ("warning", "3")] and "1 more layer(s): 3" in a.findings[0].message
+    per_layer = analyze_full(str(run), config={"dead-units": {"min_judge_samples": 64}}, group=False)
+    assert [(f.severity, f.layer) for f in per_layer.findings if f.check == "dead-units"] == layers
     ranks = [("error", "warning", "info").index(f.severity) for f in a.findings]
     assert ranks == sorted(ranks)
     reasons = {s.check: s.reason for s in a.skipped}

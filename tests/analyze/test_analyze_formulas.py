@@ -93,3 +93,22 @@ def test_stale_stats_units():
 def test_geometric_rate():
     assert F.geometric_rate([1.0, 0.1, 0.01, 0.001]) == pytest.approx(0.1)
     assert math.isnan(F.geometric_rate([1.0]))
+
+
+def test_bn_running_ema_equals_batchnorm_running_statistics():
+    """The rebuild of BN's running statistics from the batch statistics it saw equals BatchNorm's own."""
+    import torch
+
+    torch.manual_seed(0)
+    for momentum in (0.1, 0.3, None):
+        bn = torch.nn.BatchNorm2d(3, momentum=momentum)
+        means, vars_, counts = [], [], []
+        for k in range(12):
+            x = torch.randn(8, 3, 4, 5) * (1 + k / 5) + k / 3
+            bn(x)
+            means.append(x.double().mean((0, 2, 3)).numpy())
+            vars_.append(x.double().var((0, 2, 3), unbiased=False).numpy())
+            counts.append(8 * 4 * 5)
+        rm, rv = F.bn_running_ema(means, vars_, counts, momentum)
+        np.testing.assert_allclose(rm, bn.running_mean.double().numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(rv, bn.running_var.double().numpy(), rtol=1e-5, atol=1e-6)

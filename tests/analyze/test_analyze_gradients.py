@@ -1,4 +1,10 @@
-"""vanishing/exploding-gradients: the depth profile against brute-force gradient RMS."""
+"""vanishing/exploding-gradients: size-independent depth profiles against brute force.
+
+vanishing-gradients reads the relative weight gradient ‖∇W‖/‖W‖ per layer, exploding-gradients the
+whole-tensor norm of the gradient w.r.t. each layer's output; both compare the medians of the
+first and last eighth of the layers. A pooled CNN, whose per-element gradient RMS shrinks as 1/(H·W) by
+construction, must not look like vanishing gradients (regression: the RMS measure fired on it).
+"""
 
 import numpy as np
 import pytest
@@ -6,44 +12,119 @@ import torch
 from analyze_testlib import capture
 from torch import nn
 
-from normscope import watch
+from normscope import load, watch
 from normscope.analyze import analyze_full
 
+STEPS = 6
+WINDOW = slice(3, 6)  # last half of 6 sampled steps
 
-@pytest.mark.parametrize("gain,check", [(2.5, "exploding-gradients"), (0.3, "vanishing-gradients"), (1.0, None)])
-def test_depth_profile_equals_brute_force(tmp_path, gain, check):
+
+def _train(model, run_dir, make_loss):
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # fixed weights: the profile is the init's
+    wgrads = {n: [] for n, _ in model.named_parameters()}
+    with watch(model, run_dir, every=1):
+        for _ in range(STEPS):
+            loss = make_loss()
+            opt.zero_grad()
+            loss.backward()
+            for n, p in model.named_parameters():
+                wgrads[n].append(float(p.grad.double().norm()))
+            opt.step()
+    return analyze_full(run_dir), wgrads
+
+
+def _ends(values):
+    k = max(1, len(values) // 8)
+    return np.median(values[:k]) / np.median(values[-k:])
+
+
+def test_exploding_profile_is_the_output_gradient_norm(tmp_path):
     torch.manual_seed(0)
     layers = [nn.Linear(16, 16) for _ in range(9)]
     for lin in layers:
-        nn.init.orthogonal_(lin.weight, gain=gain)
+        nn.init.orthogonal_(lin.weight, gain=2.5)
         nn.init.zeros_(lin.bias)
     model = nn.Sequential(*layers)
     names = [str(i) for i in range(9)]
     store, grads = {}, {}
     capture(model, names, store, grads)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    with watch(model, tmp_path / "g", every=1):
+    a, _ = _train(model, tmp_path / "g", lambda: model(torch.randn(32, 16)).pow(2).mean())
+    norms = {n: np.median([float(g.double().norm()) for _, g in sorted(grads[n].items())][WINDOW]) for n in names}
+    want = _ends(np.array([norms[n] for n in names]))
+    (f,) = [f for f in a.findings if f.check in ("exploding-gradients", "vanishing-gradients")]
+    assert f.check == "exploding-gradients" and f.layer == "0" and f.step == (3, 5) and want > 1e3
+    assert f.evidence["ratio_first_over_last"] == pytest.approx(want, rel=1e-5)
+    per = {r["layer"]: r["value"] for r in f.evidence["per_layer"]}
+    assert per == pytest.approx(norms, rel=1e-5)
+    assert f.evidence["backward_gain"][0] == pytest.approx(per["0"] / per["1"])
+
+
+def test_vanishing_profile_is_the_relative_weight_gradient(tmp_path):
+    torch.manual_seed(0)
+    mods = []
+    for _ in range(9):
+        lin = nn.Linear(16, 16)
+        nn.init.normal_(lin.weight, 0.0, 1.0 / 4)
+        nn.init.zeros_(lin.bias)
+        mods += [lin, nn.Sigmoid()]
+    model = nn.Sequential(*mods)
+    a, wgrads = _train(model, tmp_path / "v", lambda: (model(torch.randn(32, 16)) - 1).pow(2).mean())
+    lin_names = [str(i) for i in range(0, 18, 2)]
+    rho = np.array([np.median(wgrads[f"{n}.weight"][WINDOW]) / float(model[int(n)].weight.double().norm())
+                    for n in lin_names])  # fmt: skip
+    want = _ends(rho)
+    found = {f.check: f for f in a.findings}
+    f = found["vanishing-gradients"]
+    assert want < 1e-3 and f.layer == "0" and f.evidence["ratio_first_over_last"] == pytest.approx(want, rel=1e-5)
+    per = {r["layer"]: r["value"] for r in f.evidence["per_layer"]}
+    assert [per[n] for n in lin_names] == pytest.approx(rho.tolist(), rel=1e-5)
+    assert f.evidence["measure"].startswith("relative weight gradient")
+
+
+def test_balanced_deep_linear_network_fires_neither(tmp_path):
+    torch.manual_seed(0)
+    layers = [nn.Linear(16, 16) for _ in range(9)]
+    for lin in layers:
+        nn.init.orthogonal_(lin.weight, gain=1.0)
+    model = nn.Sequential(*layers)
+    a, _ = _train(model, tmp_path / "h", lambda: model(torch.randn(32, 16)).pow(2).mean())
+    assert not [f for f in a.findings if f.check in ("exploding-gradients", "vanishing-gradients")]
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_pooled_cnn_is_not_vanishing(tmp_path, size):
+    """Regression: a healthy conv-BN-ReLU CNN with global average pooling (the RMS measure: 6.4e-4 at 32×32)."""
+    torch.manual_seed(0)
+    blocks = []
+    c = 3
+    for w in (16, 16, 32, 32):
+        blocks += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
+        c = w
+    model = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
+    y = torch.randint(0, 10, (16,))
+    a, _ = _train(model, tmp_path / "p", lambda: nn.functional.cross_entropy(model(torch.randn(16, 3, size, size)), y))
+    g = load(tmp_path / "p").grads
+    rms = g[g.output == ""].groupby("layer").rms.median()
+    assert rms["0"] / rms["14"] < 1e-3  # the old per-element measure would have fired
+    assert not [f for f in a.findings if f.check == "vanishing-gradients"]
+
+
+def test_zero_initialised_head_is_left_out_of_the_relative_gradient(tmp_path):
+    """A zero-init head has ‖∇W‖/‖W‖ → ∞ after one step: it must not make the network look vanishing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    nn.init.zeros_(model[4].weight)
+    nn.init.zeros_(model[4].bias)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    with watch(model, tmp_path / "z", every=1):
         for _ in range(6):
-            loss = (
-                model(torch.randn(32, 16)).pow(2).mean()
-                if gain >= 1
-                else (model(torch.randn(32, 16)) - 1).pow(2).mean()
-            )
+            loss = nn.functional.cross_entropy(model(torch.randn(32, 16)), torch.randint(0, 4, (32,)))
             opt.zero_grad()
             loss.backward()
             opt.step()
-    a = analyze_full(tmp_path / "g")
-    rms = {n: [float(g.double().pow(2).mean().sqrt()) for _, g in sorted(grads[n].items())] for n in names}
-    window = slice(3, 6)  # last half of 6 sampled steps
-    want = np.median(rms["0"][window]) / np.median(rms["8"][window])
-    found = [f for f in a.findings if f.check in ("exploding-gradients", "vanishing-gradients")]
-    if check is None:
-        assert not found and 0.1 < want < 10
-        return
-    (f,) = found
-    assert f.check == check and f.layer == "0" and f.step == (3, 5)
-    assert f.evidence["ratio_first_over_last"] == pytest.approx(want, rel=1e-5)
-    per = {r["layer"]: r["grad_rms"] for r in f.evidence["per_layer"]}
-    for n in names:
-        assert per[n] == pytest.approx(np.median(rms[n][window]), rel=1e-5)
-    assert f.evidence["backward_gain"][0] == pytest.approx(per["0"] / per["1"])
+    from normscope.analyze.checks._gradflow import weight_profile
+    from normscope.analyze.context import Context
+
+    prof = weight_profile(Context(load(tmp_path / "z")), 0.5)
+    assert "4.weight" not in prof["params"] and prof["left_out_near_zero_init"] == ["4.bias", "4.weight"]
+    assert not [f for f in analyze_full(tmp_path / "z").findings if f.check == "vanishing-gradients"]

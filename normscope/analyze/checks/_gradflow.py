@@ -1,50 +1,150 @@
-"""Gradient flow along depth, shared by vanishing-gradients and exploding-gradients."""
+"""Gradient flow along depth, shared by vanishing-gradients and exploding-gradients.
+
+Two measures, both independent of tensor size and pooling (per-element RMS is not: a layer before
+global average pooling over H×W positions gets 1/(H·W) of the head's per-element gradient by
+construction, and a class-token head touches one position of many):
+
+- :func:`weight_profile` (vanishing): the relative weight gradient ρ_l = ‖∇W_l‖ / ‖W_l‖ of each
+  conv/linear weight, in execution order. ∇W sums over positions, so pooling's 1/(H·W) cancels
+  against the H·W positions it sums; ρ is what a step of SGD changes relative to the weight.
+- :func:`output_profile` (exploding): the whole-tensor norm of the gradient w.r.t. each
+  parametrised layer's output (not per element), whose growth towards the input is the backward
+  gain > 1 of Pascanu et al. (2013) — it grows geometrically in a deep network with too large an
+  initialisation, while ρ can stay balanced (activations shrink towards the input as fast).
+
+Both compare the two ends of the network: the median over the first ``L/8`` layers (at least
+one) against the median over the last ``L/8``. Weights initialised at or near zero (a zero-init
+head or layer scale, RMS below 1e-4 at the first recorded step) are left out of ρ: their ratio to
+a norm that starts at zero says nothing about gradient flow. The per-layer factor of a Theil–Sen
+fit (median pairwise slope of log(value) along depth) is reported beside it.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-from normscope.analyze.formulas import geometric_rate
 from normscope.analyze.registry import SkipCheck
-from normscope.roles import is_norm_info
+from normscope.roles import EMBEDDING, is_norm_info
 
 
-def depth_profile(ctx, window_frac: float) -> dict:
+def _window(df, window_frac: float):
+    steps = np.sort(df.step.unique())
+    w = max(1, int(np.ceil(window_frac * len(steps))))
+    return df[df.step >= steps[-w]], [int(steps[-w]), int(steps[-1])]
+
+
+NEAR_ZERO_RMS = 1e-4
+
+
+def ends_ratio(values) -> tuple[float, int]:
+    """Median of the first ``L/8`` layers over the median of the last ``L/8`` (at least one each)."""
+    v = np.asarray(values, dtype=np.float64)
+    k = max(1, len(v) // 8)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.nanmedian(v[:k]) / np.nanmedian(v[-k:])), k
+
+
+def near_zero_init(ctx) -> set[str]:
+    """Parameters initialised at (or near) zero: RMS below 1e-4 when the run started (meta.json), or,
+    for runs without that record, a first recorded norm no larger than twice the first update
+    (a weight that started at 0 ends its first step with ‖w‖ = ‖Δw‖)."""
+    init = ctx.meta.get("param_init_rms")
+    if init:
+        return {k for k, v in init.items() if v is not None and v < NEAR_ZERO_RMS}
+    p = ctx.params_all
+    if not len(p):
+        return set()
+    first = p[p.step == p.step.min()]
+    rms = first.norm.to_numpy(float) / np.sqrt(np.maximum(first.numel.to_numpy(float), 1))
+    upd = first.update_norm.to_numpy(float)
+    near = (rms < NEAR_ZERO_RMS) | (np.isfinite(upd) & (upd > 0) & (first.norm.to_numpy(float) <= 2 * upd))
+    return set(first.param[near])
+
+
+def trend_ratio(values) -> tuple[float, float]:
+    """(first/last along the fitted trend, factor per layer towards the output) by Theil–Sen on log values."""
+    v = np.asarray(values, dtype=np.float64)
+    idx = np.flatnonzero(np.isfinite(v) & (v > 0))
+    if len(idx) < 2:
+        return float("nan"), float("nan")
+    y = np.log(v[idx])
+    i, j = np.triu_indices(len(idx), 1)
+    slope = float(np.median((y[j] - y[i]) / (idx[j] - idx[i])))
+    return float(np.exp(-slope * (idx[-1] - idx[0]))), float(np.exp(slope))
+
+
+def weight_profile(ctx, window_frac: float) -> dict:
+    """ρ_l = ‖∇W_l‖/‖W_l‖ per conv/linear weight along depth (median over the window)."""
+    p = ctx.params
+    if not len(p):
+        raise SkipCheck("no parameter statistics in the run")
+    keep = []
+    zero = near_zero_init(ctx)
+    for name in p.param.unique():
+        if name in zero:
+            continue
+        layer = name.rsplit(".", 1)[0] if "." in name else ""
+        info = ctx.modules.get(layer or "<root>", {})
+        if not name.endswith("weight") or is_norm_info(info) or info.get("type") in EMBEDDING:
+            continue
+        keep.append((ctx.order(layer or "<root>"), name, layer))
+    keep.sort()
+    win, span = _window(p[p.param.isin([k[1] for k in keep])], window_frac)
+    rho, names, layers = [], [], []
+    for _, name, layer in keep:
+        d = win[win.param == name]
+        n, g = d.norm.to_numpy(float), d.grad_norm.to_numpy(float)
+        ok = (n > 1e-12) & np.isfinite(g)  # a weight at exactly zero has no relative gradient
+        if not ok.any():
+            continue
+        rho.append(float(np.median(g[ok] / n[ok])))
+        names.append(name)
+        layers.append(layer)
+    if len(rho) < 2:
+        raise SkipCheck("fewer than two conv/linear weights with a recorded gradient and non-zero norm")
+    ratio, k = ends_ratio(rho)
+    _, rate = trend_ratio(rho)
+    return {"measure": "relative weight gradient ‖∇W‖/‖W‖", "params": names, "layers": layers,
+            "values": rho, "ratio": ratio, "group": k, "window_steps": span, "rate_per_layer": rate,
+            "left_out_near_zero_init": sorted(zero)}  # fmt: skip
+
+
+def output_profile(ctx, window_frac: float) -> dict:
+    """‖∂L/∂h_l‖ (whole tensor) per parametrised layer output along depth (median over the window)."""
     g = ctx.grads
     g = g[g.output == ""]
     pairs = []
     for layer, call in ctx.layer_calls(g):
         info = ctx.modules.get(layer, {})
-        if info.get("own_params", 0) > 0 and not is_norm_info(info):
+        if info.get("own_params", 0) > 0 and not is_norm_info(info) and info.get("type") not in EMBEDDING:
             pairs.append((layer, call))
     if len(pairs) < 2:
         raise SkipCheck("fewer than two parametrised layers with recorded output gradients")
-    steps = np.sort(g.step.unique())
-    w = max(1, int(np.ceil(window_frac * len(steps))))
-    win = g[g.step >= steps[-w]]
+    win, span = _window(g, window_frac)
     med = []
     for layer, call in pairs:
         d = win[(win.layer == layer) & (win.call == call)]
-        med.append(float(np.nanmedian(d.rms.to_numpy(float))) if len(d) else float("nan"))
+        med.append(float(np.nanmedian(d.norm.to_numpy(float))) if len(d) else float("nan"))
     med = np.asarray(med)
-    first0 = g[g.step == steps[0]]
-    init = []
-    for layer, call in (pairs[0], pairs[-1]):
-        d = first0[(first0.layer == layer) & (first0.call == call)]
-        init.append(float(d.rms.iloc[0]) if len(d) else float("nan"))
+    ratio, k = ends_ratio(med)
+    _, rate = trend_ratio(med)
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = med[0] / med[-1]
         gains = (med[:-1] / med[1:]).tolist()
-    return {"pairs": pairs, "rms": med.tolist(), "ratio": float(ratio), "gains": gains,
-            "rate_per_layer": geometric_rate(med), "window_steps": [int(steps[-w]), int(steps[-1])],
-            "ratio_first_step": init[0] / init[1] if init[1] else float("nan")}  # fmt: skip
+    return {"measure": "output-gradient norm ‖∂L/∂h‖", "layers": [p[0] for p in pairs], "calls": [p[1] for p in pairs],
+            "values": med.tolist(), "ratio": ratio, "group": k, "window_steps": span, "backward_gain": gains,
+            "rate_per_layer": rate}  # fmt: skip
 
 
-def _evidence(prof, p) -> dict:
-    return {
-        "first_layer": prof["pairs"][0][0], "last_layer": prof["pairs"][-1][0], "ratio_first_over_last": prof["ratio"],
-        "ratio_first_step": prof["ratio_first_step"],
-        "per_layer": [{"layer": l, "call": c, "grad_rms": r} for (l, c), r in zip(prof["pairs"], prof["rms"])],
-        "backward_gain": prof["gains"], "geometric_rate_per_layer": prof["rate_per_layer"],
-        "window_steps": prof["window_steps"], "thresholds": dict(p),
+def evidence(prof: dict, t) -> dict:
+    ev = {
+        "measure": prof["measure"], "first_layer": prof["layers"][0], "last_layer": prof["layers"][-1],
+        "ratio_first_over_last": prof["ratio"], "layers_per_end": prof["group"],
+        "per_layer": [{"layer": lay, "value": v} for lay, v in zip(prof["layers"], prof["values"])],
+        "geometric_rate_per_layer": prof["rate_per_layer"], "window_steps": prof["window_steps"],
+        "thresholds": dict(t),
     }  # fmt: skip
+    if prof.get("left_out_near_zero_init"):
+        ev["left_out_near_zero_init"] = prof["left_out_near_zero_init"]
+    if "backward_gain" in prof:
+        ev["backward_gain"] = prof["backward_gain"]
+    return ev

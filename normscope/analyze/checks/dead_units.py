@@ -77,7 +77,7 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         nb, nd = int(prof["born"].sum()), int(prof["died"].sum())
         where = f"{layer}" + (f" (call {call})" if call else "")
         ev = {
-            "dead_fraction": frac, "dead_units": int(dead.sum()), "units": n, "born_dead": nb, "died": nd,
+            "dead_fraction": frac, "score": frac, "dead_units": int(dead.sum()), "units": n, "born_dead": nb, "died": nd,
             "died_at_steps": sorted(prof["died_at"])[:20],
             "died_at_median": float(np.median(prof["died_at"])) if prof["died_at"] else None,
             "window_steps": list(prof["window"]), "window_rows": prof["window_rows"],

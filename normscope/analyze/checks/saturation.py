@@ -66,7 +66,7 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         eps = episodes(steps, frac >= t["warn"])
         where = layer + (f" (call {call})" if call else "")
         ev = {
-            "saturated_fraction_end": end, "saturated_fraction_max": float(np.nanmax(frac)),
+            "saturated_fraction_end": end, "score": end, "saturated_fraction_max": float(np.nanmax(frac)),
             "saturated_fraction_first": float(frac[0]), "kind": kind, "episodes": eps,
             "window_steps": [int(steps[n_rows - w]), int(steps[-1])], "call": call,
             "series": {"step": steps[:: max(1, n_rows // 50)].tolist(), "frac": frac[:: max(1, n_rows // 50)].tolist()},

@@ -43,7 +43,7 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         w = max(2, len(d) // 4)
         m = stack(d.ch_mean)[-w:]
         v = stack(d.ch_var)[-w:]
-        ev = {"batch_per_replica": batch, "world_size": world, "call": call, "wu_he_2018": WU_HE_2018,
+        ev = {"batch_per_replica": batch, "score": -batch, "world_size": world, "call": call, "wu_he_2018": WU_HE_2018,
               "thresholds": {"warn": t["warn"], "error": t["error"]}}  # fmt: skip
         if len(m) >= 2:
             sd = np.sqrt(np.nanmean(v, axis=0))

@@ -8,15 +8,51 @@ from __future__ import annotations
 import numpy as np
 
 from normscope.analyze.checks._bn import _bn_train_batch, _pass, dropouts_upstream
-from normscope.analyze.checks._util import num, pct
+from normscope.analyze.checks._util import num, pct, stack
 from normscope.analyze.context import Context
 from normscope.analyze.finding import Finding
-from normscope.analyze.formulas import (
-    stale_stats,
-)
+from normscope.analyze.formulas import bn_running_ema, stale_stats
 from normscope.analyze.registry import SkipCheck, Thresholds, register
 
 ID = "stale-running-stats"
+
+
+def _lag_only(ctx, name: str, b: dict, rm, rv, eps: float, t) -> dict | None:
+    """Is the running statistics' mismatch EMA lag? Rebuild the running statistics from the batch
+    statistics the layer actually saw (the collector's BN-input rows); when the real ones match
+    that rebuild, BN did exactly what it should with the data it saw, and the distance to the
+    population comes from weights that moved since (early training), not from stale statistics.
+    Returns the comparison, or None when the rows cannot tell (not every step recorded, no rows)."""
+    tr = ctx.train
+    d = tr[(tr.layer == name) & (tr.output == "input") & (tr.call == 0)].sort_values("step") if len(tr) else tr
+    if len(d) < 2:
+        return None
+    steps = d.step.to_numpy()
+    if steps[0] != 0 or (np.diff(steps) > 1).any():
+        return None  # sparse sampling: the rebuild would be an approximation; stay with the population test
+    means, vars_ = stack(d.ch_mean), stack(d.ch_var)
+    if means.shape[1] != rm.size or (d.forwards.to_numpy() != 1).any():
+        return None
+    counts = d["count"].to_numpy(float) / rm.size
+    momentum = b.get("momentum", 0.1)
+    # the share of the initial (0, 1) statistics still in the average: a momentum too small for the run
+    # leaves the statistics stale by construction, which is no lag
+    init_weight = 0.0 if momentum is None else (1.0 - float(momentum)) ** (int(steps[-1]) + 1)
+    ema_m, ema_v = bn_running_ema(means, vars_, counts, momentum, steps)
+    dmu, ratio = stale_stats(rm, rv, ema_m, ema_v, eps)
+    live = (ema_v > 10 * eps) | (rv > 10 * eps)
+    off = ((dmu > t["mean_sigma"]) | (ratio < t["var_lo"]) | (ratio > t["var_hi"])) & live
+    frac = float(off[live].mean()) if live.any() else 0.0
+    return {"lag_only": frac < t["channel_frac"] and init_weight < 0.05, "off_vs_seen_batches": frac,
+            "init_weight_in_running": init_weight,
+            "mean_shift_sigma_vs_seen_median": float(np.median(dmu[live])) if live.any() else 0.0}  # fmt: skip
+
+
+def _mismatch(rm, rv, pop, eps, t):
+    dmu, ratio = stale_stats(rm, rv, pop[0], pop[1], eps)
+    live = (pop[1] > 10 * eps) | (rv > 10 * eps)
+    bad = ((dmu > t["mean_sigma"]) | (ratio < t["var_lo"]) | (ratio > t["var_hi"])) & live
+    return dmu, ratio, live, bad
 
 
 @register(
@@ -31,6 +67,7 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     g = ctx.graph
     out = []
     flagged = []
+    lagging = []
     skipped_small = []
     judged = 0
     for name, b in bn.items():
@@ -51,20 +88,33 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         judged += 1
         rm, rv = np.asarray(b["running_mean"], float), np.asarray(b["running_var"], float)
         eps = float(b.get("eps", 1e-5))
-        dmu, ratio = stale_stats(rm, rv, pop[0], pop[1], eps)
-        live = (pop[1] > 10 * eps) | (rv > 10 * eps)
+        dmu, ratio, live, bad = _mismatch(rm, rv, pop, eps, t)
         if not live.any():
             continue
-        bad = ((dmu > t["mean_sigma"]) | (ratio < t["var_lo"]) | (ratio > t["var_hi"])) & live
         frac = float(bad[live].mean())
         if frac < t["channel_frac"]:
             continue
-        flagged.append(name)
+        # stale, or only lagging? Lag: the running statistics equal the EMA of the batches BN saw, and
+        # (for eval data) the eval population is the training population (no distribution shift).
+        lag = _lag_only(ctx, name, b, rm, rv, eps, t)
+        shift = None
+        train_pop = _pass(b, key.replace("eval/", "train/", 1)) if data == "eval" else None
+        if train_pop is not None:
+            _, _, live2, shifted = _mismatch(pop[0], pop[1], train_pop, eps, t)
+            shift = float(shifted[live2].mean()) if live2.any() else 0.0
+        is_lag = lag is not None and lag["lag_only"] and (shift is None or shift < t["channel_frac"])
+        severity = "info" if is_lag else "warning"
+        (lagging if is_lag else flagged).append(name)
         ev = {"population": key, "channels": int(live.sum()), "stale_channels": int(bad.sum()), "stale_fraction": frac,
               "mean_shift_sigma_median": float(np.median(dmu[live])), "mean_shift_sigma_max": float(np.max(dmu[live])),
               "var_ratio_median": float(np.median(ratio[live])), "var_ratio_min": float(np.min(ratio[live])),
               "var_ratio_max": float(np.max(ratio[live])), "dropout_upstream": drop_up,
-              "thresholds": {k: t[k] for k in ("mean_sigma", "var_lo", "var_hi", "channel_frac")}}  # fmt: skip
+              "thresholds": {k: t[k] for k in ("mean_sigma", "var_lo", "var_hi", "channel_frac")},
+              "score": frac}  # fmt: skip
+        if lag is not None:
+            ev.update(lag)
+        if shift is not None:
+            ev["eval_vs_train_population_off_fraction"] = shift
         gap = ctx.probe.get("bn_gap") or {}
         if gap.get("rel_gap") is not None:
             ev["train_eval_output_gap"] = gap["rel_gap"]
@@ -77,9 +127,15 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
             "a PreciseBN-style pass with equal weight per sample and dropout off), or check why the data changed "
             "between training and evaluation; a very small or very large BN momentum also leaves stale statistics."
         )
-        out.append(Finding(ID, "warning", name, None, msg, ev, rec))
+        if is_lag:
+            msg = (f"{name}'s running statistics lag the current weights: {pct(frac)} of channels differ from "
+                   f"{src} recomputed now, yet they are the exponential average of the batches the layer saw "
+                   f"(weights still moving fast, as early in training) — not stale.")  # fmt: skip
+            rec = ("Nothing is wrong with BN itself. Before evaluating a model stopped this early, re-estimate the "
+                   "statistics with the final weights (normscope.recalibrate_bn); with more training the lag fades.")
+        out.append(Finding(ID, severity, name, None, msg, ev, rec))
     gap = ctx.probe.get("bn_gap") or {}
-    if not flagged and judged and gap.get("rel_gap") is not None and gap["rel_gap"] > t["output_gap"]:
+    if not flagged and not lagging and judged and gap.get("rel_gap") is not None and gap["rel_gap"] > t["output_gap"]:
         msg = (
             f"The model's outputs differ by {pct(gap['rel_gap'])} (relative L2) between train-mode BatchNorm (batch "
             f"statistics) and eval mode (running statistics) on {gap.get('samples')} samples of the {gap.get('data')} data."

@@ -1,0 +1,75 @@
+"""Healthy training of the zoo, the standard way: AdamW 1e-3, batch 32, inputs standardised per
+channel, on data scikit-learn ships (digits: upsampled to 32×32 RGB for the vision models; its
+pixel rows as a token task for the text models). A warning or error here is a false positive."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import zoo_models as Z
+from torch import nn
+
+import normscope
+
+BATCH = 32
+STEPS = 40
+VOCAB = 64
+
+
+class Logits(nn.Module):
+    """HF model → a plain ``model(x) -> logits`` callable for a Recipe."""
+
+    def __init__(self, hf: nn.Module, key: str):
+        super().__init__()
+        self.hf = hf
+        self.key = key
+
+    def forward(self, x):
+        return self.hf(**{self.key: x}).logits
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.images.astype(np.float32), d.target.astype(np.int64)  # (1797, 8, 8) in 0..16
+
+
+def vision_data(n: int = 512):
+    img, y = _digits()
+    x = torch.from_numpy(img[:n]).unsqueeze(1)
+    x = nn.functional.interpolate(x, size=(Z.IMG, Z.IMG), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    # RGB from one plane: weight the channels differently, as real colour images differ per channel
+    x = x * torch.tensor([1.0, 0.8, 0.6]).view(1, 3, 1, 1) + torch.tensor([0.0, 2.0, 4.0]).view(1, 3, 1, 1)
+    mu = x.mean((0, 2, 3), keepdim=True)
+    sd = x.std((0, 2, 3), keepdim=True)
+    return (x - mu) / sd, torch.from_numpy(y[:n] % 3)  # per-channel standardisation; 3 classes
+
+
+def token_data(n: int = 512):
+    img, y = _digits()
+    ids = torch.from_numpy(np.clip(img[:n].reshape(n, -1)[:, ::4], 0, 16).astype(np.int64) + 1)  # 16 tokens
+    return ids, torch.from_numpy(y[:n] % 3)
+
+
+def _lm_loss(logits, ids):
+    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def recipe(name: str) -> normscope.Recipe:
+    z = Z.BY_NAME[name]
+    torch.manual_seed(0)
+    hf = z.build()
+    if z.family == "text":
+        ids, y = token_data()
+        lm = name != "bert"
+        model = Logits(hf, "input_ids")
+        data = [(ids[i : i + BATCH], (ids if lm else y)[i : i + BATCH]) for i in range(0, len(ids), BATCH)]
+        loss = _lm_loss if lm else nn.functional.cross_entropy
+    else:
+        x, y = vision_data()
+        model = Logits(hf, "pixel_values")
+        data = [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, len(x), BATCH)]
+        loss = nn.functional.cross_entropy
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return normscope.Recipe(model, data, loss, optimizer=opt, steps=STEPS, name=f"zoo-{name}")
