@@ -32,6 +32,27 @@ def as_inputs(example_inputs: Any) -> tuple:
     )
 
 
+def clone_model(model: nn.Module) -> nn.Module:
+    """copy.deepcopy, also for models holding non-leaf tensor attributes (pruning and the old
+    weight_norm keep ``weight`` as a computed tensor, recomputed by their pre-hook each forward)."""
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError as exc:
+        if "deepcopy" not in str(exc):
+            raise
+    saved = []
+    for m in model.modules():
+        for k, v in list(vars(m).items()):
+            if isinstance(v, Tensor) and not v.is_leaf:
+                saved.append((m, k, v))
+                m.__dict__[k] = v.detach()
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for m, k, v in saved:
+            m.__dict__[k] = v
+
+
 def _check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise NormscopeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -71,7 +92,7 @@ def compare(reference: Sequence[Tensor], candidate: Sequence[Tensor]) -> OutputE
 
 def output_error(reference: nn.Module, folded: nn.Module, inputs: tuple) -> OutputError:
     """Both models deep-copied to float64 and run on the example inputs with the same seed."""
-    return compare(reference_outputs(reference, inputs), _run(copy.deepcopy(folded).double(), _to_double(inputs)))
+    return compare(reference_outputs(reference, inputs), _run(clone_model(folded).double(), _to_double(inputs)))
 
 
 def _fp16(applied: Applied, tiny_var: float) -> Fp16Risk:
@@ -273,16 +294,16 @@ def _fold_bn(model: nn.Module, inputs: tuple, inplace: bool, opts: Options, veri
              tol: float) -> FoldResult:
     no_gate: Gate = lambda key: None  # noqa: E731
     if not verify:
-        a = _fold_once(model if inplace else copy.deepcopy(model), inputs, opts, inplace, no_gate)
+        a = _fold_once(model if inplace else clone_model(model), inputs, opts, inplace, no_gate)
         return _result(a, None, tiny_var)
     x64 = _to_double(inputs)
     expected = reference_outputs(model, inputs)
 
     def check(a: _Attempt) -> OutputError:
-        return compare(expected, _run(copy.deepcopy(a.model).double(), x64))
+        return compare(expected, _run(clone_model(a.model).double(), x64))
 
     def attempt(gate: Gate) -> tuple[_Attempt, OutputError]:
-        a = _fold_once(copy.deepcopy(model), inputs, opts, inplace, gate)
+        a = _fold_once(clone_model(model), inputs, opts, inplace, gate)
         return a, check(a)
 
     a, err = attempt(no_gate)
@@ -344,7 +365,7 @@ def _result(a: _Attempt, err: Optional[OutputError], tiny_var: float) -> FoldRes
 
 def reference_outputs(model: nn.Module, inputs: tuple) -> list[Tensor]:
     """The unfolded model's outputs in float64 on the example inputs (one forward of a copy)."""
-    ref = copy.deepcopy(model).double()
+    ref = clone_model(model).double()
     try:
         return _run(ref, _to_double(inputs))
     except Exception as exc:  # noqa: BLE001 - the user's model on the user's inputs

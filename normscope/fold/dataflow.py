@@ -262,7 +262,7 @@ def record(model: nn.Module, inputs: tuple) -> DataflowGraph:
     handles = []
     try:
         for m in model.modules():
-            handles.append(m.register_forward_pre_hook(rec.pre_hook, with_kwargs=True))
+            handles.append(m.register_forward_pre_hook(rec.pre_hook, with_kwargs=True, prepend=True))
             handles.append(m.register_forward_hook(rec.post_hook, with_kwargs=True, always_call=True))
         with eval_mode(model), rec:
             out = model(*inputs)

@@ -25,6 +25,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from normscope.fold.graph import is_bn, module_kind, shape_of
+from normscope.fold.prepare import hook_refusal
 from normscope.fold.remainder import bn_remainder
 
 _PERMUTES = {"permute", "transpose", "contiguous"}
@@ -291,7 +292,7 @@ def find_candidates(gm: GraphModule, opts: Options, shape_error: Optional[str]) 
         if node.op != "call_module" or not is_bn(gm.get_submodule(node.target)):
             continue
         bn = gm.get_submodule(node.target)
-        reason = bn_precheck(bn)
+        reason = bn_precheck(bn) or hook_refusal(bn, node.target)
         remainder = None
         if reason is None and module_kind(bn) != "bn":
             remainder, reason = bn_remainder(bn)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from normscope.errors import NormscopeError
-from normscope.fold.api import _check_model, _run, _to_double, as_inputs, fold_bn
+from normscope.fold.api import _check_model, _run, _to_double, as_inputs, clone_model, fold_bn
 from normscope.fold.graph import one_line
 from normscope.fold.onnx_util import compare_arrays, count_ops, quiet_export, require, session
 from normscope.fold.results import ExportResult, FoldResult
@@ -101,7 +101,7 @@ def export_onnx(
     result = ExportResult(str(path), used, count_ops(proto), tolerance=tolerance, fold=fold_result,
                           export_seconds=seconds, exporter_error=dynamo_error, notes=notes)
     if verify:
-        reference = _run(copy.deepcopy(model).double(), _to_double(inputs))
+        reference = _run(clone_model(model).double(), _to_double(inputs))
         got = [g for g in run_onnx(str(path), inputs) if np.issubdtype(np.asarray(g).dtype, np.floating)]
         if len(got) != len(reference):
             raise NormscopeError(f"the ONNX file returns {len(got)} outputs, the model {len(reference)}")

@@ -64,6 +64,11 @@ def materialize(mod: nn.Module) -> list[str]:
 
     dropped = []
     if parametrize.is_parametrized(mod):
+        # remove_parametrizations deletes the property from the module's class, which a deep
+        # copy shares with the original: give this module a class of its own first
+        cls = type(mod)
+        mod.__class__ = type(cls.__name__, cls.__bases__,
+                             {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")})
         for tname in list(mod.parametrizations.keys()):
             with torch.no_grad():
                 parametrize.remove_parametrizations(mod, tname, leave_parametrized=True)

@@ -186,7 +186,7 @@ class Rewriter:
             replacement = ChannelAdd(shift.to(device=mod.weight.device, dtype=dtype), mod.weight.dim() - 2)
         if cand.role == "reparam":
             replacement = ZeroBranch()
-        site = cand.bn_node.name
+        site = "" if self.mode == "eager" else cand.bn_node.name  # recorded node names are not stable
         if self.mode in ("modules", "eager"):
             _swap(self.root, bn, replacement)
         elif cand.role == "reparam":
