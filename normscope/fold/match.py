@@ -296,6 +296,7 @@ def find_candidates(gm: GraphModule, opts: Options, shape_error: Optional[str]) 
         remainder = None
         if reason is None and module_kind(bn) != "bn":
             remainder, reason = bn_remainder(bn)
+            reason = reason or None
         if reason is None and (len(node.args) != 1 or node.kwargs):
             reason = "BN is called with extra arguments"
         if reason is None and shape_error is not None:
@@ -344,10 +345,10 @@ def _through_identity(node: Node, gm: GraphModule) -> Node:
 def _summands(node: Node, gm: GraphModule, out: list[Node]) -> None:
     for a in node.args:
         src = _through_identity(a, gm)
-        if src is not a or not _is_add(a) or len(data_users(a)) != 1:
-            out.append(a)
+        if _is_add(src) and len(data_users(src)) == 1:
+            _summands(src, gm, out)
         else:
-            _summands(a, gm, out)
+            out.append(a)
 
 
 def find_reparam(bn_node: Node, gm: GraphModule) -> tuple[Optional[Candidate], str]:
