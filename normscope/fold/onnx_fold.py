@@ -513,9 +513,11 @@ def _fold_one(G: _Graph, bn: Any) -> tuple[Optional[FoldedPair], str]:
 
 
 def fold_onnx(path_in: str | Path, path_out: str | Path, verify: bool = True, *, tolerance: float = 1e-4,
-              seed: int = 0) -> OnnxFoldResult:
+              seed: int = 0, force: bool = False) -> OnnxFoldResult:
     """Fold BatchNormalization nodes of ``path_in`` into neighbouring Conv/ConvTranspose/Gemm/
-    MatMul nodes; write ``path_out``; verify outputs on random inputs of the declared shapes."""
+    MatMul nodes; write ``path_out``; verify outputs on random inputs of the declared shapes
+    (onnxruntime, optimisations off). A file that fails verification is removed again and
+    ``VerificationError`` raised, unless ``force=True``."""
     onnx = require("onnx")
     path_in, path_out = Path(path_in), Path(path_out)
     if not path_in.is_file():
@@ -553,4 +555,11 @@ def fold_onnx(path_in: str | Path, path_out: str | Path, verify: bool = True, *,
         feeds = random_feeds(before, seed)
         result.max_abs_err, result.max_rel_err = compare_arrays(before.run(None, feeds), after.run(None, feeds))
         result.verified = result.max_rel_err <= tolerance
+        if not result.verified and not force:
+            from normscope.fold.onnx_export import VerificationError
+
+            Path(path_out).unlink(missing_ok=True)
+            raise VerificationError(f"the folded file does not match {path_in} (max relative error "
+                                    f"{result.max_rel_err:.3g} > tolerance {tolerance:g}): {path_out} not written; "
+                                    "pass force=True to keep it anyway")
     return result
