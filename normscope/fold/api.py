@@ -33,24 +33,31 @@ def as_inputs(example_inputs: Any) -> tuple:
 
 
 def clone_model(model: nn.Module) -> nn.Module:
-    """copy.deepcopy, also for models holding non-leaf tensor attributes (pruning and the old
-    weight_norm keep ``weight`` as a computed tensor, recomputed by their pre-hook each forward)."""
+    """copy.deepcopy, also for models holding non-leaf tensors (pruning and the old weight_norm
+    keep ``weight`` as a computed tensor, recomputed by their pre-hook each forward; caches such
+    as LeViT's attention-bias cache keep tensors computed with grad): those are copied detached."""
     try:
         return copy.deepcopy(model)
     except RuntimeError as exc:
         if "deepcopy" not in str(exc):
             raise
-    saved = []
+    memo: dict = {}
+
+    def visit(value: Any, depth: int = 0) -> None:
+        if isinstance(value, Tensor):
+            if not value.is_leaf and id(value) not in memo:
+                memo[id(value)] = value.detach().clone()
+        elif depth < 4 and isinstance(value, dict):
+            for v in value.values():
+                visit(v, depth + 1)
+        elif depth < 4 and isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v, depth + 1)
+
     for m in model.modules():
-        for k, v in list(vars(m).items()):
-            if isinstance(v, Tensor) and not v.is_leaf:
-                saved.append((m, k, v))
-                m.__dict__[k] = v.detach()
-    try:
-        return copy.deepcopy(model)
-    finally:
-        for m, k, v in saved:
-            m.__dict__[k] = v
+        for v in vars(m).values():
+            visit(v)
+    return copy.deepcopy(model, memo)
 
 
 def _check_model(model: Any) -> None:
