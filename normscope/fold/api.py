@@ -176,11 +176,13 @@ def _fold_eager(work: nn.Module, inputs: tuple, opts: Options, gate: Gate) -> tu
     applied: list[Applied] = []
     skipped: list[tuple[Any, str]] = []
     called: set[str] = set()
-    for _ in range(MAX_PASSES):
+    for n_pass in range(MAX_PASSES):
         try:
             with torch.random.fork_rng(devices=[]):
                 dg = record(work, inputs)
         except Exception as exc:  # noqa: BLE001 - the user's model on the user's inputs
+            if n_pass:  # a fold of the previous pass broke the forward: the float64 gate undoes it
+                break
             raise NormscopeError(f"the model fails on the example inputs ({type(exc).__name__}: {one_line(exc)}): "
                                  "check their shapes and dtypes") from None
         called |= dg.called
@@ -307,7 +309,13 @@ def _fold_bn(model: nn.Module, inputs: tuple, inplace: bool, opts: Options, veri
     expected = reference_outputs(model, inputs)
 
     def check(a: _Attempt) -> OutputError:
-        return compare(expected, _run(clone_model(a.model).double(), x64))
+        try:
+            return compare(expected, _run(clone_model(a.model).double(), x64))
+        except Exception as exc:  # noqa: BLE001 - a fold broke the forward: the gate undoes it
+            failures.append(f"{type(exc).__name__}: {one_line(exc)}")
+            return OutputError(float("inf"), float("inf"), len(expected))
+
+    failures: list[str] = []
 
     def attempt(gate: Gate) -> tuple[_Attempt, OutputError]:
         a = _fold_once(clone_model(model), inputs, opts, inplace, gate)
@@ -315,7 +323,7 @@ def _fold_bn(model: nn.Module, inputs: tuple, inplace: bool, opts: Options, veri
 
     a, err = attempt(no_gate)
     if err.max_rel > tol and a.applied:
-        bad = _find_bad([(p.pair.bn, p.pair.site) for p in a.applied], attempt, tol)
+        bad = _find_bad([(p.pair.bn, p.pair.site) for p in a.applied], attempt, tol, failures)
         a, err = attempt(lambda key: bad.get(key))
         if err.max_rel > tol:
             why = (f"the float64 check failed with the folds that pass one by one together "
@@ -335,7 +343,8 @@ def s_key(s: SkippedBN) -> Key:
     return (s.bn, s.site)
 
 
-def _find_bad(keys: list[Key], attempt: Callable[[Gate], tuple[_Attempt, OutputError]], tol: float) -> dict[Key, str]:
+def _find_bad(keys: list[Key], attempt: Callable[[Gate], tuple[_Attempt, OutputError]], tol: float,
+              failures: list[str]) -> dict[Key, str]:
     """Bisect the applied folds for those whose float64 check fails; key -> refusal reason."""
     bad: dict[Key, str] = {}
 
@@ -346,8 +355,10 @@ def _find_bad(keys: list[Key], attempt: Callable[[Gate], tuple[_Attempt, OutputE
 
     def search(subset: list[Key], err: float) -> None:
         if len(subset) == 1:
-            bad[subset[0]] = (f"the float64 check failed: this fold changes the output by {err:.3g} (max relative "
-                              f"error on the example inputs) > tolerance {tol:g}; undone, left unfolded")
+            what = (f"the folded model fails on the example inputs ({failures[-1]})" if err == float("inf") and failures
+                    else f"this fold changes the output by {err:.3g} (max relative error on the example inputs) "
+                         f"> tolerance {tol:g}")
+            bad[subset[0]] = f"the float64 check failed: {what}; undone, left unfolded"
             return
         half = len(subset) // 2
         found = False

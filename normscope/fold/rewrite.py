@@ -128,6 +128,9 @@ class Rewriter:
         if self.calls[id(bn)] != 1:
             return (f"the BN module is called at {self.calls[id(bn)]} sites; "
                     f"swapping it out in place would change the others: {fix}")
+        if id(bn) in self.read:
+            return (f"the BN's parameters or buffers are read directly outside its call; swapping it out "
+                    f"would break those reads: {fix}")
         return None
 
     def apply(self, cand: Candidate) -> tuple[Optional[Applied], str]:

@@ -76,3 +76,30 @@ def test_fx_result_keeps_plain_attributes_across_deepcopy():
     assert res.tracing == "torch.fx"
     again = copy.deepcopy(res.model)
     assert again.scale == 0.5 and again.tag == "keep me"
+
+
+class ReadsBNAttribute(nn.Module):
+    """The forward reads a plain attribute of the BN module it calls: swapping the BN for
+    nn.Identity would raise AttributeError in the folded model."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if int(x.shape[1]) != 3:
+            raise ValueError("3 channels")
+        h = self.bn(self.conv(x)) * (self.bn.num_features / 4)
+        return self.bn2(self.conv2(h))
+
+
+def test_fold_that_breaks_the_forward_is_undone_with_the_reason():
+    model = randomize_all(ReadsBNAttribute(), "neg_gamma").double()
+    x = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    res = fold_bn(model, x)
+    assert [p.bn for p in res.folded] == ["bn2"]
+    (skip,) = res.skipped
+    assert skip.bn == "bn" and "fails on the example inputs (AttributeError" in skip.reason
+    with torch.no_grad():
+        assert rel_err(model(x), res.model(x)) <= 1e-12
