@@ -300,10 +300,15 @@ def speed(size: int) -> None:
     print(f"\ntransformers ResNet-50 at {size}×{size}: fold_bn with verification "
           f"{min(t for _, t in folds):.2f} s best of 3 ({len(res.folded)}/{len(res.folded) + len(res.skipped)} BN, "
           f"max rel {res.error.max_rel:.1e}, tracing {res.tracing}); target ≤ 2 s")
+    plains, ourses = [], []
     with tempfile.TemporaryDirectory(prefix="normscope-bench-") as tmpdir:
-        with quiet_export():
-            _, plain = _timed(lambda: torch.onnx.export(model, (x,), f"{tmpdir}/plain.onnx", dynamo=True))
-        out, ours = _timed(lambda: export_onnx(model, x, f"{tmpdir}/ours.onnx", exporter="dynamo"))
+        for _ in range(2):  # interleaved, best of 2 each: the machine may be shared
+            with quiet_export():
+                _, t = _timed(lambda: torch.onnx.export(model, (x,), f"{tmpdir}/plain.onnx", dynamo=True))
+            plains.append(t)
+            out, t = _timed(lambda: export_onnx(model, x, f"{tmpdir}/ours.onnx", exporter="dynamo"))
+            ourses.append(t)
+    plain, ours = min(plains), min(ourses)
     print(f"export_onnx (fold + dynamo export + onnxruntime check) {ours:.2f} s vs plain dynamo export "
           f"{plain:.2f} s: {ours / plain:.2f}× (target ≤ 1.3×); BN left {out.bn_nodes_left}, verified {out.verified}")
 

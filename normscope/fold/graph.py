@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
@@ -130,13 +130,6 @@ class ModuleScope:
 
     def full(self, local: str) -> str:
         return f"{self.prefix}.{local}" if self.prefix else local
-
-
-@dataclass
-class Tracing:
-    path: str  # "torch.fx" | "dataflow" | "none"
-    scopes: list[ModuleScope]
-    untraced: dict[str, str] = field(default_factory=dict)  # module path -> why not traced (fx)
 
 
 def trace_fx(model: nn.Module, inputs: tuple) -> tuple[Optional[ModuleScope], str]:

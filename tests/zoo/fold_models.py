@@ -1,5 +1,5 @@
 """Fold zoo: real architectures from tiny configs (random init, no downloads) plus test-local
-modules mirroring timm's ``BatchNormAct2d`` and a RepVGG block. Not a test module.
+modules mirroring timm's ``BatchNormAct2d``, RepVGG and MobileOne blocks. Not a test module.
 
 ``ZOO[name]() -> (model in eval mode with randomised BN statistics, example input, expected)``
 where ``expected`` is the number of BN modules that fold (all of them here)."""
@@ -134,6 +134,42 @@ class RepVggNet(nn.Module):
         return self.head(self.stages(x).mean((2, 3)))
 
 
+class MobileOneBlock(nn.Module):
+    """Mirror of timm's MobileOneBlock (training-time form): BN-only identity branch, 1x1 scale
+    branch and several kxk branches, summed with in-place adds."""
+
+    def __init__(self, cin, cout, k=3, stride=1, groups=1, branches=2):
+        super().__init__()
+        self.identity = nn.BatchNorm2d(cout) if cin == cout and stride == 1 else None
+        self.conv_kxk = nn.ModuleList([ConvNormAct(cin, cout, k, stride, groups=groups, apply_act=False)
+                                       for _ in range(branches)])
+        self.conv_scale = ConvNormAct(cin, cout, 1, stride, groups=groups, apply_act=False) if k > 1 else None
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        identity_out = 0
+        if self.identity is not None:
+            identity_out = self.identity(x)
+        scale_out = 0
+        if self.conv_scale is not None:
+            scale_out = self.conv_scale(x)
+        out = scale_out + identity_out
+        for ck in self.conv_kxk:
+            out += ck(x)
+        return self.act(out)
+
+
+class MobileOneNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.Sequential(MobileOneBlock(3, 8, stride=2), MobileOneBlock(8, 8, groups=8),
+                                    MobileOneBlock(8, 16, k=1), MobileOneBlock(16, 16))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.stages(x).mean((2, 3)))
+
+
 def _hf(build: Callable[[], nn.Module], size: int = 32) -> Callable:
     def make():
         torch.manual_seed(0)
@@ -198,4 +234,5 @@ ZOO: dict[str, Callable] = {
     "hf_levit": _hf(_levit),
     "timm_style_bnact": _hf(BNActNet, 16),
     "repvgg_blocks": _hf(RepVggNet, 16),
+    "mobileone_blocks": _hf(MobileOneNet, 16),
 }

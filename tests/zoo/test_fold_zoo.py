@@ -1,6 +1,6 @@
 """Fold zoo: every foldable BN of real architectures (transformers' ResNet, MobileNetV1/V2,
-EfficientNet, RegNet, LeViT from tiny configs; test-local timm-style BatchNormAct2d and RepVGG
-blocks) folds in PyTorch and in ONNX, on both exporters' files, with the counts asserted."""
+EfficientNet, RegNet, LeViT from tiny configs; test-local timm-style BatchNormAct2d, RepVGG and
+MobileOne blocks) folds in PyTorch and in ONNX, on both exporters' files, with the counts asserted."""
 
 import sys
 from collections import Counter
@@ -28,6 +28,8 @@ EXPECTED = {
     "timm_style_bnact": (3, 3, "torch.fx", {"Conv2d → BatchNormAct2d (BN part; the rest kept)": 3}),
     "repvgg_blocks": (13, 13, "torch.fx", {"BN identity branch + Conv2d branch → Conv2d (identity kernel)": 3,
                                            "Conv2d → BatchNormAct2d (BN part; the rest kept)": 10}),
+    "mobileone_blocks": (13, 13, "torch.fx", {"BN identity branch + Conv2d branch → Conv2d (identity kernel)": 2,
+                                              "Conv2d → BatchNormAct2d (BN part; the rest kept)": 11}),
 }
 
 
@@ -51,7 +53,7 @@ def test_pytorch_fold(name):
     assert float((ref - got).abs().max() / ref.abs().max()) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["timm_style_bnact", "repvgg_blocks"])
+@pytest.mark.parametrize("name", ["timm_style_bnact", "repvgg_blocks", "mobileone_blocks"])
 def test_pytorch_fold_on_the_recorded_data_flow(name):
     """The same models behind a forward fx cannot trace: the data-flow path folds them too."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fold"))
