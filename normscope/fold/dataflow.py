@@ -15,7 +15,7 @@ For models whose forward ``torch.fx`` cannot trace symbolically (control flow on
 - a parameter or buffer read outside its own module becomes a ``get_attr`` node (so its owner is
   known to be read directly);
 - reads of metadata only (``.shape``, ``.size()``, ``.dim()``, dtype, device) are not uses;
-- a tensor computed from the inputs turned into a Python value (``bool``, ``int``, ``float``,
+- a tensor computed from the inputs (or from a random draw) turned into a Python value (``bool``, ``int``, ``float``,
   ``item()``, ``tolist()``, ``numpy()``) is recorded with the module whose forward did it: the
   control flow there may depend on the data, so one run does not prove the data flow of other
   inputs, and folds inside that module are refused.
@@ -50,6 +50,9 @@ _META_METHODS = {"size", "dim", "numel", "ndimension", "is_floating_point", "is_
                  "element_size", "get_device", "__len__", "stride", "storage_offset", "is_signed",
                  "data_ptr", "nelement", "has_names", "is_nonzero_"}
 _TO_PYTHON = (bool, int, float, complex, list, tuple)
+# random draws count as data: a branch on them may go the other way on the next call
+_RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm", "bernoulli",
+           "bernoulli_", "multinomial", "normal", "normal_", "uniform_", "random_", "exponential_", "poisson"}
 
 
 def _is_leaf(m: nn.Module) -> bool:
@@ -180,7 +183,7 @@ class _Recorder(TorchFunctionMode):
         if kind == "method" and name in _META_METHODS:
             return
         n_args, n_kwargs = self.map_args(tuple(args)), self.map_args(dict(kwargs))
-        tainted = self.taint_of((n_args, n_kwargs))
+        tainted = self.taint_of((n_args, n_kwargs)) or (name or getattr(func, "__name__", "")) in _RANDOM
         tensors = [x for x in _pytree.tree_leaves((args, kwargs)) if isinstance(x, Tensor)]
         if not isinstance(out, Tensor) and not any(isinstance(x, Tensor) for x in _pytree.tree_leaves(out)):
             if tainted and (isinstance(out, _TO_PYTHON) or type(out).__module__.startswith("numpy")):

@@ -105,3 +105,25 @@ def test_export_falls_back_to_torchscript_and_says_so(tmp_path):
     assert res.exporter == "torchscript" and res.exporter_error
     assert any("TracerWarning" in n for n in res.notes)
     assert res.fold.tracing == "dataflow" and res.verified
+
+
+class RandomBranch(nn.Module):
+    """A branch on a random draw: the recorded run proves nothing about the other branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if int(x.shape[0]) >= 0 and torch.rand(()) < 2:  # always true, but fx/one run cannot know
+            return self.bn(y)
+        return y
+
+
+def test_branch_on_a_random_draw_is_refused():
+    model = randomize_all(RandomBranch(), "neg_gamma")
+    x = torch.randn(1, 3, 4, 4)
+    res = fold_bn(model, x)
+    assert res.tracing == "dataflow" and res.folded == []
+    assert "control flow may depend on the data" in res.skipped[0].reason
