@@ -4,6 +4,7 @@ measure the result against the unfolded model in float64."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree
 
 from normscope.errors import NormscopeError
-from normscope.fold.dataflow import record
+from normscope.fold.dataflow import DataflowGraph, record
 from normscope.fold.graph import ModuleScope, is_bn, one_line, propagate_shapes, script_modules, trace, trace_fx
 from normscope.fold.match import Options, find_candidates
 from normscope.fold.results import FP16_MAX, TINY_VAR, FoldResult, Fp16Risk, OutputError, SkippedBN
@@ -170,16 +171,21 @@ def _safe_apply(rw: Rewriter, cand: Any) -> tuple[Optional[Applied], str]:
         return None, f"folding raised {type(exc).__name__} ({one_line(exc)}): refused"
 
 
-def _fold_eager(work: nn.Module, inputs: tuple, opts: Options, gate: Gate) -> tuple[list[Applied], list[tuple[Any, str]], set[str]]:
+def _fold_eager(work: nn.Module, inputs: tuple, opts: Options, gate: Gate,
+                first: Optional[DataflowGraph] = None) -> tuple[list[Applied], list[tuple[Any, str]], set[str]]:
     """The data-flow path: record one forward, match, edit the module tree; again while
-    something folded (chains such as BN → BN → Conv, RepVGG branches after their BNs)."""
+    something folded (chains such as BN → BN → Conv, RepVGG branches after their BNs).
+    ``first``: the graph already recorded on an identical copy (the float64 reference run)."""
     applied: list[Applied] = []
     skipped: list[tuple[Any, str]] = []
     called: set[str] = set()
     for n_pass in range(MAX_PASSES):
         try:
-            with torch.random.fork_rng(devices=[]):
-                dg = record(work, inputs)
+            if n_pass == 0 and first is not None:
+                dg = dataclasses.replace(first, model=work)  # same module names, same shapes
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    dg = record(work, inputs)
         except Exception as exc:  # noqa: BLE001 - the user's model on the user's inputs
             if n_pass:  # a fold of the previous pass broke the forward: the float64 gate undoes it
                 break
@@ -204,8 +210,11 @@ def _fold_eager(work: nn.Module, inputs: tuple, opts: Options, gate: Gate) -> tu
     return applied, skipped, called
 
 
-def _fold_once(work: nn.Module, inputs: tuple, opts: Options, inplace: bool, gate: Gate) -> _Attempt:
-    scope, why = trace_fx(work, inputs)
+def _fold_once(work: nn.Module, inputs: tuple, opts: Options, inplace: bool, gate: Gate,
+               pre: Optional[tuple[str, DataflowGraph]] = None) -> _Attempt:
+    """One fold of ``work``. ``pre``: (why fx does not trace, the recorded graph) from the
+    reference run on an identical copy, to skip both."""
+    scope, why = (None, pre[0]) if pre is not None else trace_fx(work, inputs)
     skipped: list[SkippedBN] = []
     if scope is not None:
         mode = "modules" if inplace else "graph"
@@ -219,7 +228,7 @@ def _fold_once(work: nn.Module, inputs: tuple, opts: Options, inplace: bool, gat
             _keep_attributes(result_model, work)
         path, untraced, called = "torch.fx", {}, None
     else:
-        applied, skips, called = _fold_eager(work, inputs, opts, gate)
+        applied, skips, called = _fold_eager(work, inputs, opts, gate, None if pre is None else pre[1])
         for node, reason in skips:
             skipped.append(SkippedBN(node.target, reason))
         result_model, path, untraced = work, "dataflow", {"": why}
@@ -306,7 +315,24 @@ def _fold_bn(model: nn.Module, inputs: tuple, inplace: bool, opts: Options, veri
         a = _fold_once(model if inplace else clone_model(model), inputs, opts, inplace, no_gate)
         return _result(a, None, tiny_var)
     x64 = _to_double(inputs)
-    expected = reference_outputs(model, inputs)
+    pre = None
+    expected = None
+    if not any(m.training for m in model.modules()):
+        # the float64 reference run doubles as the data-flow recording when fx does not trace
+        ref64 = clone_model(model).double()
+        try:
+            trace(ref64)
+        except Exception as exc:  # noqa: BLE001 - fx raises many types on untraceable code
+            try:
+                dg = record(ref64, x64, seed=0)
+            except Exception:  # noqa: BLE001 - reported by reference_outputs below
+                dg = None
+            if dg is not None:
+                leaves, _ = _pytree.tree_flatten(dg.output)
+                expected = [v for v in leaves if isinstance(v, Tensor) and (v.is_floating_point() or v.is_complex())]
+                pre = (one_line(exc), dg)
+    if expected is None:
+        expected = reference_outputs(model, inputs)
 
     def check(a: _Attempt) -> OutputError:
         try:
@@ -318,7 +344,7 @@ def _fold_bn(model: nn.Module, inputs: tuple, inplace: bool, opts: Options, veri
     failures: list[str] = []
 
     def attempt(gate: Gate) -> tuple[_Attempt, OutputError]:
-        a = _fold_once(clone_model(model), inputs, opts, inplace, gate)
+        a = _fold_once(clone_model(model), inputs, opts, inplace, gate, pre)
         return a, check(a)
 
     a, err = attempt(no_gate)

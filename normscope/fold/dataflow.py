@@ -67,6 +67,7 @@ class DataflowGraph:
     model: nn.Module
     escapes: list[tuple[str, str]] = field(default_factory=list)  # (module path, conversion)
     called: set[str] = field(default_factory=set)
+    output: Any = None
 
     def get_submodule(self, target: str) -> nn.Module:
         return self.model.get_submodule(target)
@@ -251,9 +252,14 @@ def _output_leaves(out: Any) -> list[Any]:
     return leaves
 
 
-def record(model: nn.Module, inputs: tuple) -> DataflowGraph:
-    """Run ``model(*inputs)`` once (eval mode, no grad) and return its data-flow graph.
-    Raises whatever the forward raises."""
+def record(model: nn.Module, inputs: tuple, seed: Optional[int] = None) -> DataflowGraph:
+    """Run ``model(*inputs)`` once (eval mode, no grad; with ``seed``, under that random seed)
+    and return its data-flow graph (``.output``: what the forward returned). Raises whatever
+    the forward raises."""
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return record(model, inputs)
     rec = _Recorder(model)
     rec.broken = False
     for leaf in _pytree.tree_leaves(inputs):
@@ -275,6 +281,7 @@ def record(model: nn.Module, inputs: tuple) -> DataflowGraph:
     result = [rec.env.get(id(x)) if isinstance(x, Tensor) else None for x in _output_leaves(out)]
     rec.graph.output(tuple(r for r in result if r is not None))
     dg = DataflowGraph(rec.graph, model, rec.escapes, rec.called)
+    dg.output = out
     if rec.broken:
         dg.escapes.append(("", "an operation the recorder could not follow"))
     return dg

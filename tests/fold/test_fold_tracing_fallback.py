@@ -127,3 +127,14 @@ def test_branch_on_a_random_draw_is_refused():
     res = fold_bn(model, x)
     assert res.tracing == "dataflow" and res.folded == []
     assert "control flow may depend on the data" in res.skipped[0].reason
+
+
+def test_inplace_on_the_recorded_data_flow():
+    model = randomize_all(ShapeBranch(), "neg_gamma").double()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    res = fold_bn(model, x, inplace=True)
+    assert res.model is model and res.tracing == "dataflow" and res.all_folded
+    assert isinstance(model.stem_bn, nn.Identity) and isinstance(model.block.bn, nn.Identity)
+    with torch.no_grad():
+        assert rel_err(ref(x), model(x)) <= 1e-12
