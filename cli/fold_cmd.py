@@ -1,13 +1,14 @@
 """``normscope fold``: fold BN, export to ONNX, verify, and report.
 
     normscope fold TARGET --input-shape 1,3,224,224 -o model.onnx [--recalibrate RECIPE]
-                   [--format table|json] [--no-verify]
+                   [--format table|json] [--no-verify] [--force]
 
 TARGET is ``path.py[:function]`` or ``package.module[:function]``; the function (default
 ``model`` or ``build_model``) returns an ``nn.Module``, which is put in eval mode. RECIPE is a
 Python file (or module:function) whose ``recipe()`` returns a ``normscope.Recipe``; the inputs of its ``train_data`` (an
 iterable of ``(inputs, targets)`` batches) recalibrate BN first (PreciseBN).
-Exit codes: 0 success, 1 verification failed, 2 bad input.
+Exit codes: 0 success, 1 verification failed (the ONNX file is then not written, unless
+``--force``), 2 bad input.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def _recalibrate(model: Any, recipe_spec: str, max_batches: int) -> Any:
 
 
 def run_fold(target: str, shapes: list[str], output: Optional[Path], recalibrate: Optional[str],
-             recalibrate_batches: int, verify: bool, exporter: str, zero_padding: str) -> dict[str, Any]:
+             recalibrate_batches: int, verify: bool, exporter: str, zero_padding: str,
+             force: bool = False) -> dict[str, Any]:
     import torch
     from torch import nn
 
@@ -81,7 +83,7 @@ def run_fold(target: str, shapes: list[str], output: Optional[Path], recalibrate
     inputs = tuple(torch.randn(s, generator=gen) for s in parsed)
     if output is not None:
         res = export_onnx(model, inputs, output, fold=True, verify=verify, exporter=exporter,
-                          tolerance=TOLERANCE, zero_padding=zero_padding)
+                          tolerance=TOLERANCE, zero_padding=zero_padding, force=force)
         report["fold"] = res.fold.to_dict() if res.fold else None
         report["export"] = {k: v for k, v in res.to_dict().items() if k != "fold"}
         report["ok"] = res.verified is not False
@@ -163,8 +165,11 @@ def fold_command(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="compare against the unfolded model"),
     exporter: str = typer.Option("auto", "--exporter", help="auto, dynamo or torchscript"),
     zero_padding: str = typer.Option("add", "--zero-padding", help="BN → zero-padded conv: add or refuse"),
+    force: bool = typer.Option(False, "--force", help="write the ONNX file even when its verification fails"),
 ) -> None:
     """Fold BatchNorm exactly, export to ONNX and verify it; refused pairs come with a reason."""
+    from normscope.fold import VerificationError
+
     try:
         if fmt not in ("table", "json"):
             raise NormscopeError(f"--format must be table or json, got {fmt!r}")
@@ -175,7 +180,10 @@ def fold_command(
         quiet = contextlib.redirect_stdout(sys.stderr) if fmt == "json" else contextlib.nullcontext()
         with quiet:  # in JSON mode stdout carries only the JSON
             report = run_fold(target, input_shape, output, recalibrate, recalibrate_batches, verify,
-                              exporter, zero_padding)
+                              exporter, zero_padding, force)
+    except VerificationError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     except NormscopeError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

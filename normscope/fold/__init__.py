@@ -9,7 +9,7 @@ the functions that need them. See docs/fold.md.
 """
 
 from normscope.fold.api import fold_bn
-from normscope.fold.onnx_export import export_onnx
+from normscope.fold.onnx_export import VerificationError, export_onnx
 from normscope.fold.onnx_fold import fold_onnx
 from normscope.fold.recalibrate import recalibrate_bn
 from normscope.fold.results import (
@@ -34,6 +34,7 @@ __all__ = [
     "OutputError",
     "RecalibrationResult",
     "SkippedBN",
+    "VerificationError",
     "export_onnx",
     "fold_bn",
     "fold_onnx",

@@ -28,6 +28,7 @@ __all__ = [
     "fold_into_consumer",
     "pre_add_shift",
     "producer_channel_scale",
+    "add_identity_kernel",
 ]
 
 
@@ -137,3 +138,17 @@ def pre_add_shift(s: Tensor, t: Tensor) -> Tensor:
     """Shift a = t/s such that s·(x + a) = s·x + t; the scale then folds into a zero-padded
     conv and x + a stays as a small add before it. Non-finite where s = 0 (γ = 0)."""
     return t / s
+
+
+def add_identity_kernel(
+    weight: Tensor, bias: Optional[Tensor], s: Tensor, t: Tensor, groups: int = 1
+) -> tuple[Tensor, Tensor]:
+    """Conv(x) + BN(x) → Conv′(x) for a conv with C_in = C_out, stride 1, odd kernel and "same"
+    padding: W′[o, o mod (C/g), centre] = W[…] + s_o, b′ = b + t. Float64 out."""
+    w = _f64(weight).clone()
+    c_out, c_in_g = w.shape[0], w.shape[1]
+    centre = tuple(k // 2 for k in w.shape[2:])
+    o = torch.arange(c_out)
+    w[(o, o % c_in_g, *[torch.full_like(o, c) for c in centre])] += s.to(w.device)
+    b = torch.zeros(c_out, dtype=F64, device=w.device) if bias is None else _f64(bias)
+    return w, b + t.to(w.device)

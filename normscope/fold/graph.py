@@ -1,23 +1,23 @@
 """Tracing: turn a model into data-flow graphs that the matcher can reason about.
 
-The whole model is traced with ``torch.fx.symbolic_trace`` (path "torch.fx"). When its forward
-does not trace (data-dependent control flow, unsupported Python), each child module is traced on
-its own, recursively (path "torch.fx-partial"): folding inside a traced child preserves that
-child's function exactly, so it is sound whatever the untraced parent does with it. BNs called
-directly by an untraced forward are left alone, with the reason. Nothing is ever folded from
-module names alone.
+Two ways, tried in order:
 
-Shapes come from ``ShapeProp`` on the example inputs (child inputs are captured with forward
-pre-hooks in one eager run); shape-dependent proofs hold for inputs of the example's rank.
+- ``torch.fx.symbolic_trace`` of the whole model (path "torch.fx"), shapes from ``ShapeProp``
+  on the example inputs;
+- when the forward does not trace symbolically (control flow on shapes, ``int()`` of a proxy,
+  unsupported Python), a data-flow graph recorded from ONE real forward on the example inputs
+  (path "dataflow", :mod:`normscope.fold.dataflow`).
+
+Both produce a ``torch.fx.Graph`` whose nodes are module calls, tensor ops and parameter reads,
+so one matcher serves both. Nothing is ever folded from module names alone.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
@@ -61,10 +61,11 @@ def is_bn(m: nn.Module) -> bool:
 
 
 class FoldTracer(torch.fx.Tracer):
-    """Default fx tracer, plus: stock Conv/ConvTranspose/Linear/BN subclasses stay leaves."""
+    """Default fx tracer, plus: stock Conv/ConvTranspose/Linear modules and every BN (subclasses
+    included: :mod:`normscope.fold.remainder` decides whether an overriding one folds) stay leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_kind(m) is not None:
+        if module_kind(m) is not None or is_bn(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -118,7 +119,7 @@ def shape_of(node: Any) -> Optional[tuple[int, ...]]:
 
 
 @dataclass
-class Scope:
+class ModuleScope:
     """One traced region: ``prefix`` is the module path of ``module`` in the model."""
 
     prefix: str
@@ -131,91 +132,25 @@ class Scope:
         return f"{self.prefix}.{local}" if self.prefix else local
 
 
-@dataclass
-class Tracing:
-    path: str  # "torch.fx" | "torch.fx-partial" | "none"
-    scopes: list[Scope]
-    untraced: dict[str, str] = field(default_factory=dict)  # module path -> why not traced
-    called: Optional[set[str]] = None  # names of modules called in the eager run (partial only)
-
-
-def _capture_calls(model: nn.Module, inputs: tuple) -> tuple[dict[int, tuple], dict[int, str]]:
-    """One eager run: first positional-bound inputs of every module call, and modules whose
-    calls disagree in input ranks (their shape proofs are not reliable)."""
-    first: dict[int, tuple] = {}
-    ranks: dict[int, tuple] = {}
-    unstable: dict[int, str] = {}
-    handles = []
-
-    def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        try:
-            bound = inspect.signature(mod.forward).bind(*args, **kwargs)
-            bound.apply_defaults()
-            values = tuple(bound.arguments.values())
-        except (TypeError, ValueError):
-            values = tuple(args)
-        sig = tuple(v.dim() if isinstance(v, torch.Tensor) else None for v in values)
-        key = id(mod)
-        if key not in first:
-            first[key], ranks[key] = values, sig
-        elif ranks[key] != sig:
-            unstable[key] = "called with inputs of different ranks"
-
-    for m in model.modules():
-        handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with eval_mode(model):
-            model(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return first, unstable
-
-
-def trace_model(model: nn.Module, inputs: tuple) -> Tracing:
-    """Trace the whole model, or fall back to tracing its children one by one."""
+def trace_fx(model: nn.Module, inputs: tuple) -> tuple[Optional[ModuleScope], str]:
+    """The whole model with torch.fx, or (None, why it does not trace)."""
     try:
         gm = trace(model)
     except Exception as exc:  # noqa: BLE001 - fx raises many types on untraceable code
-        root_reason = one_line(exc)
-    else:
-        scope = Scope("", model, gm, inputs)
-        scope.shape_error = propagate_shapes(gm, inputs)
-        return Tracing("torch.fx", [scope])
+        return None, one_line(exc)
+    scope = ModuleScope("", model, gm, inputs)
+    scope.shape_error = propagate_shapes(gm, inputs)
+    return scope, ""
 
-    untraced = {"": root_reason}
+
+def script_modules(model: nn.Module) -> list[str]:
+    """Paths of torch.jit scripted/traced modules in ``model`` ('' for the model itself)."""
+    found = []
     try:
-        calls, unstable = _capture_calls(model, inputs)
-    except Exception as exc:  # noqa: BLE001
-        untraced[""] = f"{root_reason}; the eager run on the example inputs failed too: {one_line(exc)}"
-        return Tracing("none", [], untraced, set())
-
-    scopes: list[Scope] = []
-    seen: set[int] = {id(model)}
-
-    def visit(parent: nn.Module, prefix: str) -> None:
-        for name, child in parent.named_children():
-            path = f"{prefix}.{name}" if prefix else name
-            if id(child) in seen:
-                continue
-            seen.add(id(child))
-            if module_kind(child) is not None or not any(True for _ in child.children()):
-                continue  # a leaf: nothing to fold inside it
-            if id(child) not in calls:
-                continue  # never called: its BNs are reported as such
-            try:
-                gm = trace(child)
-            except Exception as exc:  # noqa: BLE001
-                untraced[path] = one_line(exc)
-                visit(child, path)
-                continue
-            scope = Scope(path, child, gm, calls[id(child)])
-            if id(child) in unstable:
-                scope.shape_error = unstable[id(child)]
-            else:
-                scope.shape_error = propagate_shapes(gm, scope.inputs)
-            scopes.append(scope)
-
-    visit(model, "")
-    called = {n for n, m in model.named_modules(remove_duplicate=False) if id(m) in calls}
-    return Tracing("torch.fx-partial" if scopes else "none", scopes, untraced, called)
+        items = list(model.named_modules())
+    except Exception:  # noqa: BLE001 - a ScriptModule may not enumerate
+        items = [("", model)]
+    for name, m in items:
+        if isinstance(m, torch.jit.ScriptModule):
+            found.append(name)
+    return found

@@ -1,15 +1,22 @@
 """Matching: decide, from the traced data flow, which BN call sites fold and where.
 
-A BN call site folds into its producer when the producer (a stock Conv, ConvTranspose or Linear
-module) feeds it through nothing but identity/permute/transpose ops, every value on the way has
-exactly one user, and the producer's feature axis lands on BN's channel axis 1. Otherwise it may
-fold into its single consumer (Conv, ConvTranspose, Linear, possibly through a flatten). Each
+The graph is a torch.fx graph: symbolically traced, or recorded from one real forward
+(:mod:`normscope.fold.dataflow`). A BN call site folds into its producer when the producer (a
+stock Conv, ConvTranspose or Linear module) feeds it through nothing but identity/permute/
+transpose ops and reshapes that provably keep the feature axis (same size, same product of the
+axes before it), every value on the way has exactly one user, and the producer's feature axis
+lands on BN's channel axis 1. Otherwise it may fold into its single consumer (Conv,
+ConvTranspose, Linear, possibly through a flatten). A BN-only branch ``BN(x)`` summed with a
+branch ``Conv(x)`` that reads the same ``x`` (stride 1, "same" padding, C_in = C_out) folds into
+that conv as an identity kernel (RepVGG's structural re-parameterisation). BN subclasses fold
+only as "BN, then elementwise" (:mod:`normscope.fold.remainder`), into their producer. Each
 refusal comes with a one-line reason.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,7 +24,9 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from normscope.fold.graph import module_kind, shape_of
+from normscope.fold.graph import is_bn, module_kind, shape_of
+from normscope.fold.prepare import hook_refusal
+from normscope.fold.remainder import bn_remainder
 
 _PERMUTES = {"permute", "transpose", "contiguous"}
 _FLATTENS = {"flatten", "view", "reshape"}
@@ -34,6 +43,8 @@ class Candidate:
     pre_add: bool = False
     repeat: int = 1  # flatten: positions per BN channel in the Linear input
     groups: int = 1
+    remainder: Optional[nn.Module] = None  # what replaces the BN module (None: nn.Identity)
+    add_node: Optional[Node] = None  # reparam: the add that sums BN(x) with the conv branch
 
 
 @dataclass
@@ -68,8 +79,29 @@ def _metadata_only(user: Node) -> bool:
             and user.args[1] in _META_ATTRS) or (user.op == "call_function" and user.target is len)
 
 
+_AS_METHODS = {"reshape_as", "view_as", "expand_as", "type_as"}
+
+
+def _shape_template_only(user: Node, node: Node) -> bool:
+    """``y.reshape_as(node)`` and friends read only ``node``'s shape (or dtype)."""
+    return (user.op == "call_method" and user.target in _AS_METHODS and len(user.args) == 2
+            and user.args[0] is not node and user.args[1] is node and not user.kwargs)
+
+
 def data_users(node: Node) -> list[Node]:
-    return [u for u in node.users if not _metadata_only(u)]
+    return [u for u in node.users if not _metadata_only(u) and not _shape_template_only(u, node)]
+
+
+def reshape_axis(src: tuple, dst: tuple, axis: int) -> Optional[int]:
+    """Where axis ``axis`` of ``src`` lands after a row-major reshape to ``dst``, when every
+    element keeps its index along it: same size and same product of the axes before it."""
+    if math.prod(src) != math.prod(dst):
+        return None
+    before = math.prod(src[:axis])
+    for b in range(len(dst)):
+        if math.prod(dst[:b]) == before and dst[b] == src[axis]:
+            return b
+    return None
 
 
 def _norm(axis: int, ndim: int) -> int:
@@ -141,9 +173,23 @@ def find_producer(bn_node: Node, gm: GraphModule) -> tuple[Optional[Candidate], 
             return None, (f"input {describe(x, gm)} has {users} consumers; folding into its "
                           "producer would change the others")
         perm = _perm_of(x, gm)
-        if perm is None:
+        if perm is not None:
+            axis = perm[axis]
+        elif (_is_flatten(x, gm) and x.args and isinstance(x.args[0], Node)
+              and all(isinstance(a, (int, tuple, list)) for a in x.args[1:])):
+            src, dst = shape_of(x.args[0]), shape_of(x)
+            back = None
+            if src is not None and dst is not None:
+                for a in range(len(src)):  # the input axis that lands on ``axis``
+                    if reshape_axis(src, dst, a) == axis:
+                        back = a
+                        break
+            if back is None:
+                return None, (f"input comes through {describe(x, gm)}, which does not provably keep "
+                              f"BN's channel axis {axis} of {dst} as one axis of {src}")
+            axis = back
+        else:
             break
-        axis = perm[axis]
         via.append(label(x, gm))
         x = x.args[0]
     kind = module_kind(gm.get_submodule(x.target)) if x.op == "call_module" else None
@@ -238,14 +284,19 @@ def bn_precheck(bn: nn.Module) -> Optional[str]:
     return None
 
 
-def analyze(gm: GraphModule, opts: Options, shape_error: Optional[str]) -> tuple[list[Candidate], list[tuple[Node, str]]]:
+def find_candidates(gm: GraphModule, opts: Options, shape_error: Optional[str]) -> tuple[list[Candidate], list[tuple[Node, str]]]:
     """Candidates (one per foldable BN call site) and (bn_node, reason) for the others."""
     cands: list[Candidate] = []
     skipped: list[tuple[Node, str]] = []
     for node in gm.graph.nodes:
-        if node.op != "call_module" or module_kind(gm.get_submodule(node.target)) != "bn":
+        if node.op != "call_module" or not is_bn(gm.get_submodule(node.target)):
             continue
-        reason = bn_precheck(gm.get_submodule(node.target))
+        bn = gm.get_submodule(node.target)
+        reason = bn_precheck(bn) or hook_refusal(bn, node.target)
+        remainder = None
+        if reason is None and module_kind(bn) != "bn":
+            remainder, reason = bn_remainder(bn)
+            reason = reason or None
         if reason is None and (len(node.args) != 1 or node.kwargs):
             reason = "BN is called with extra arguments"
         if reason is None and shape_error is not None:
@@ -254,13 +305,89 @@ def analyze(gm: GraphModule, opts: Options, shape_error: Optional[str]) -> tuple
             skipped.append((node, reason))
             continue
         cand, why_in = find_producer(node, gm)
+        if cand is not None and remainder is not None:
+            cand.remainder = remainder
+            cand.pattern = cand.pattern + " (BN part; the rest kept)"
+        elif cand is None and remainder is not None:
+            skipped.append((node, f"input: {why_in}; a BN subclass folds only into its producer"))
+            continue
         if cand is None:
             cand, why_out = find_consumer(node, gm, opts)
             if cand is None:
-                skipped.append((node, f"input: {why_in}; output: {why_out}"))
-                continue
+                cand, why_rep = find_reparam(node, gm)
+                if cand is None:
+                    skipped.append((node, f"input: {why_in}; output: {why_out}"
+                                    + (f"; branch: {why_rep}" if why_rep else "")))
+                    continue
         cands.append(cand)
     return cands, skipped
 
 
-__all__ = ["Candidate", "Options", "analyze", "find_producer", "find_consumer", "bn_precheck"]
+_ADDS = {"add", "add_", "__add__", "__radd__", "__iadd__"}
+
+
+def _is_add(node: Node) -> bool:
+    if node.kwargs or len(node.args) != 2 or not all(isinstance(a, Node) for a in node.args):
+        return False
+    if node.op == "call_function":
+        return node.target in (operator.add, torch.add, operator.iadd)
+    return node.op == "call_method" and node.target in _ADDS
+
+
+def _through_identity(node: Node, gm: GraphModule) -> Node:
+    """Back from ``node`` through single-use identity modules (folded BNs leave them)."""
+    while (node.op == "call_module" and module_kind(gm.get_submodule(node.target)) == "identity"
+           and len(node.args) == 1 and isinstance(node.args[0], Node) and len(data_users(node.args[0])) == 1):
+        node = node.args[0]
+    return node
+
+
+def _summands(node: Node, gm: GraphModule, out: list[Node]) -> None:
+    for a in node.args:
+        src = _through_identity(a, gm)
+        if _is_add(src) and len(data_users(src)) == 1:
+            _summands(src, gm, out)
+        else:
+            out.append(a)
+
+
+def find_reparam(bn_node: Node, gm: GraphModule) -> tuple[Optional[Candidate], str]:
+    """BN(x) + … + Conv(x) → Conv′(x): BN's scale as an identity kernel, its shift as bias."""
+    bn = gm.get_submodule(bn_node.target)
+    if module_kind(bn) != "bn":
+        return None, ""
+    users = data_users(bn_node)
+    if len(users) != 1 or not _is_add(users[0]):
+        return None, ""
+    x = bn_node.args[0]
+    top = users[0]  # the largest tree of single-use adds containing BN(x)
+    while len(data_users(top)) == 1 and _is_add(data_users(top)[0]):
+        top = data_users(top)[0]
+    terms: list[Node] = []
+    _summands(top, gm, terms)
+    if bn_node not in terms:
+        return None, ""
+    why = "summed with no Conv branch that reads the same input with stride 1, 'same' padding and C_in = C_out"
+    for term in terms:
+        conv_node = _through_identity(term, gm)
+        if conv_node.op != "call_module" or module_kind(gm.get_submodule(conv_node.target)) != "conv":
+            continue
+        conv = gm.get_submodule(conv_node.target)
+        if conv_node.args != (x,) or conv_node.kwargs or len(data_users(conv_node)) != 1:
+            continue
+        k, d, p = conv.kernel_size, conv.dilation, conv.padding
+        if (isinstance(p, str) or any(s != 1 for s in conv.stride) or any(kk % 2 == 0 for kk in k)
+                or any(pp != (kk - 1) // 2 * dd for pp, kk, dd in zip(p, k, d))):
+            continue
+        if not (conv.in_channels == conv.out_channels == bn.num_features):
+            continue
+        if shape_of(conv_node) is None or shape_of(conv_node) != shape_of(x):
+            continue
+        pattern = f"BN identity branch + {type(conv).__name__} branch → {type(conv).__name__} (identity kernel)"
+        return Candidate(bn_node, bn_node.target, "reparam", conv_node, "conv", pattern, groups=conv.groups,
+                         add_node=users[0]), ""
+    return None, why
+
+
+__all__ = ["Candidate", "Options", "find_candidates", "find_producer", "find_consumer", "find_reparam",
+           "bn_precheck", "reshape_axis"]

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from normscope.errors import NormscopeError
-from normscope.fold.api import _check_model, _run, _to_double, as_inputs, fold_bn
+from normscope.fold.api import _check_model, _run, _to_double, as_inputs, clone_model, fold_bn
 from normscope.fold.graph import one_line
 from normscope.fold.onnx_util import compare_arrays, count_ops, quiet_export, require, session
 from normscope.fold.results import ExportResult, FoldResult
@@ -63,6 +63,18 @@ def run_onnx(path: str, inputs: tuple) -> list[np.ndarray]:
     return sess.run(None, dict(zip(names, arrays)))
 
 
+class VerificationError(NormscopeError):
+    """The exported file does not match the unfolded model within the tolerance."""
+
+
+def _discard(path: Path) -> None:
+    for p in (path, Path(str(path) + ".data")):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
 def export_onnx(
     model: nn.Module,
     example_inputs: Any,
@@ -74,10 +86,14 @@ def export_onnx(
     opset: Optional[int] = None,
     tolerance: float = 1e-4,
     zero_padding: str = "add",
+    force: bool = False,
 ) -> ExportResult:
     """Fold (optional), export to ``path``, count BatchNormalization nodes left, and (optional)
     run the file with onnxruntime, graph optimisations disabled, against the *unfolded*
-    PyTorch model evaluated in float64. ``verified`` is max relative error ≤ ``tolerance``."""
+    PyTorch model evaluated in float64. ``verified`` is max relative error ≤ ``tolerance``.
+
+    Verification gates: a file that fails it is not written (``VerificationError``, a
+    ``NormscopeError``), unless ``force=True``, which writes it with ``verified=False``."""
     _check_model(model)
     inputs = as_inputs(example_inputs)
     if exporter not in _EXPORTERS:
@@ -89,22 +105,49 @@ def export_onnx(
     if not path.parent.exists():
         raise NormscopeError(f"the folder {path.parent} does not exist: create it or choose another output path")
     onnx = require("onnx")
+    if verify:
+        require("onnxruntime")
     fold_result: Optional[FoldResult] = None
     to_export = model
+    reference = None
     if fold:
         fold_result = fold_bn(model, inputs, zero_padding=zero_padding, verify=verify)
         to_export = fold_result.model
+        reference = getattr(fold_result, "reference_outputs", None)
+    external = _param_bytes(to_export) > 1_800_000_000
+    target = path if (external or not verify) else path.with_name(f".{path.name}.normscope-unverified")
     start = time.perf_counter()
-    used, dynamo_error, notes = _export(to_export, inputs, path, exporter, opset)
+    try:
+        used, dynamo_error, notes = _export(to_export, inputs, target, exporter, opset)
+    except BaseException:
+        if target != path:
+            _discard(target)
+        raise
     seconds = time.perf_counter() - start
-    proto = onnx.load(str(path), load_external_data=False)
-    result = ExportResult(str(path), used, count_ops(proto), tolerance=tolerance, fold=fold_result,
-                          export_seconds=seconds, exporter_error=dynamo_error, notes=notes)
-    if verify:
-        reference = _run(copy.deepcopy(model).double(), _to_double(inputs))
-        got = [g for g in run_onnx(str(path), inputs) if np.issubdtype(np.asarray(g).dtype, np.floating)]
-        if len(got) != len(reference):
-            raise NormscopeError(f"the ONNX file returns {len(got)} outputs, the model {len(reference)}")
-        result.max_abs_err, result.max_rel_err = compare_arrays([r.cpu().numpy() for r in reference], got)
-        result.verified = result.max_rel_err <= tolerance
+    try:
+        proto = onnx.load(str(target), load_external_data=False)
+        result = ExportResult(str(path), used, count_ops(proto), tolerance=tolerance, fold=fold_result,
+                              export_seconds=seconds, exporter_error=dynamo_error, notes=notes)
+        if verify:
+            if reference is None:
+                reference = _run(clone_model(model).double(), _to_double(inputs))
+            got = [g for g in run_onnx(str(target), inputs) if np.issubdtype(np.asarray(g).dtype, np.floating)]
+            if len(got) != len(reference):
+                raise VerificationError(f"the ONNX file returns {len(got)} outputs, the model {len(reference)}: "
+                                        f"nothing written to {path}; pass force=True (--force) to keep it anyway")
+            result.max_abs_err, result.max_rel_err = compare_arrays([r.cpu().numpy() for r in reference], got)
+            result.verified = result.max_rel_err <= tolerance
+            if not result.verified and not force:
+                raise VerificationError(
+                    f"the ONNX file does not match the unfolded model (max relative error {result.max_rel_err:.3g} > "
+                    f"tolerance {tolerance:g}, onnxruntime without optimisation): nothing written to {path}; "
+                    "pass force=True (--force) to write it anyway")
+            if not result.verified:
+                result.notes.append(f"written although verification failed (force=True): max relative error "
+                                    f"{result.max_rel_err:.3g} > tolerance {tolerance:g}")
+    except BaseException:
+        _discard(target)
+        raise
+    if target != path:
+        target.replace(path)
     return result

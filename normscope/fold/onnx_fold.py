@@ -2,13 +2,22 @@
 tools), with numpy float64 math, then verified with onnxruntime (optimisations disabled).
 
 Folds Conv, ConvTranspose (with groups), Gemm, MatMul(+Add) → BatchNormalization when the
-producer's output has no other consumer and BN is in inference form with constant parameters;
-and BatchNormalization → Conv with all pads 0. MatMul needs a rank-2 output (BN's channel axis 1
-must be the MatMul's feature axis), proven with ONNX shape inference.
+producer's output has no other consumer and BN is in inference form with constant parameters,
+also through Reshape/Flatten nodes that provably keep the feature axis (static shapes from ONNX
+shape inference: same size, same product of the axes before it); BatchNormalization → Conv with
+all pads 0; and a BN-only branch summed with a Conv branch reading the same input (stride 1,
+"same" pads, C_in = C_out) as an identity kernel (RepVGG). MatMul's feature axis is its last.
+
+Both exporters' graphs are read: local functions are inlined first; constants are initializers
+(not graph inputs), ``Constant`` nodes, and values computed from those by small pure ops
+(``Identity`` routing as the legacy exporter writes for identical parameters, ``Shape``,
+``Expand``, ``CastLike``, ``Cast``, ``Reshape``, ``Unsqueeze``, ``Squeeze``, ``Concat``, … as the
+dynamo exporter writes for a conv's zero bias). Nodes left without consumers are removed.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -46,9 +55,25 @@ class _Graph:
         graph_inputs = {i.name for i in self.g.input}
         # an initializer that is also a graph input can be overridden at run time: not constant
         self.consts = {i.name: numpy_helper.to_array(i) for i in self.g.initializer if i.name not in graph_inputs}
+        self.initially_used = {i for n in self.g.node for i in n.input}
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model).graph
+            infos = [*inferred.value_info, *inferred.input, *inferred.output]
+        except Exception:  # noqa: BLE001 - shape inference is best effort
+            infos = []
+        self.elem = {v.name: v.type.tensor_type.elem_type for v in infos}
+        self.shape = {}  # static dims; None for a symbolic one
+        for v in infos:
+            if v.type.tensor_type.HasField("shape"):
+                self.shape[v.name] = tuple(int(d.dim_value) if d.HasField("dim_value") else None
+                                           for d in v.type.tensor_type.shape.dim)
         for n in self.g.node:
-            if n.op_type == "Constant" and _attr(n, "value", None) is not None:
-                self.consts[n.output[0]] = numpy_helper.to_array(_attr(n, "value", None))
+            try:
+                value = _fold_constant(n, self.consts, self.elem)
+            except Exception:  # noqa: BLE001 - an op we cannot evaluate is simply not constant
+                value = None
+            if value is not None:
+                self.consts[n.output[0]] = value
         self.reindex()
         self.outputs = {o.name for o in self.g.output}
         self.nested: set[str] = set()  # names read inside If/Loop bodies count as consumers
@@ -58,11 +83,6 @@ class _Graph:
                     for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
                         for sg in subgraphs(sub):
                             self.nested |= {i for sn in sg.node for i in sn.input}
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model).graph
-            infos = [*inferred.value_info, *inferred.input, *inferred.output]
-        except Exception:  # noqa: BLE001 - shape inference is best effort
-            infos = []
         self.rank = {v.name: len(v.type.tensor_type.shape.dim) for v in infos
                      if v.type.tensor_type.HasField("shape")}
         self.counter = 0
@@ -77,8 +97,25 @@ class _Graph:
                 self.consumers.setdefault(i, []).append(n)
 
     def only_consumer(self, name: str, node: Any) -> bool:
-        users = self.consumers.get(name, [])
+        """``node`` is the only data consumer of ``name`` (Shape/Size read metadata only)."""
+        users = [u for u in self.consumers.get(name, []) if u.op_type not in ("Shape", "Size")]
         return len(users) == 1 and users[0] is node and name not in self.outputs and name not in self.nested
+
+    def rename_output(self, node: Any, new: str) -> None:
+        """``node`` now writes ``new``; metadata readers of its old output follow (same shape)."""
+        old = node.output[0]
+        for u in self.consumers.get(old, []):
+            if u.op_type in ("Shape", "Size"):
+                u.input[:] = [new if i == old else i for i in u.input]
+        node.output[0] = new
+
+    def why_not_const(self, name: str) -> str:
+        if name in {i.name for i in self.g.input}:
+            return "it is a graph input (an initializer listed as an input can be replaced at run time)"
+        p = self.producer.get(name)
+        if p is None:
+            return "it has no producer and no initializer"
+        return f"it is computed by {p.op_type} from {', '.join(p.input) or 'nothing'}"
 
     def const(self, node: Any, index: int) -> Optional[np.ndarray]:
         if len(node.input) <= index or not node.input[index]:
@@ -101,13 +138,102 @@ class _Graph:
                 self.g.value_info.remove(vi)
 
     def prune(self) -> None:
-        used = {i for n in self.g.node for i in n.input} | self.outputs | self.nested
-        for init in list(self.g.initializer):
-            if init.name in self.replaced and init.name not in used:
-                self.g.initializer.remove(init)
-        for n in list(self.g.node):
-            if n.op_type == "Constant" and n.output[0] in self.replaced and n.output[0] not in used:
+        """Remove nodes whose outputs nobody reads any more (the weight/bias computations a fold
+        replaced), then initializers that were read before and are not now."""
+        while True:
+            used = {i for n in self.g.node for i in n.input} | self.outputs | self.nested
+            dead = [n for n in self.g.node if n.output and not any(o in used for o in n.output if o)]
+            if not dead:
+                break
+            for n in dead:
                 self.g.node.remove(n)
+        for init in list(self.g.initializer):
+            if init.name not in used and (init.name in self.replaced or init.name in self.initially_used):
+                self.g.initializer.remove(init)
+
+
+def _reshape_axis(src: tuple, dst: tuple, axis: int) -> Optional[int]:
+    """``match.reshape_axis`` on ONNX shapes that may have symbolic (None) dims: with all dims
+    static, same size and same product before the axis; otherwise the axis and every dim after
+    it must be static and equal in product (the element's index along the axis is then kept)."""
+    from normscope.fold.match import reshape_axis
+
+    if None not in src and None not in dst:
+        return reshape_axis(src, dst, axis)
+    tail = src[axis:]
+    if None in tail:
+        return None
+    after = math.prod(src[axis + 1:])
+    for b in range(len(dst)):
+        if dst[b] == src[axis] and None not in dst[b:] and math.prod(dst[b + 1:]) == after:
+            return b
+    return None
+
+
+def _fold_constant(n: Any, consts: dict, elem: dict) -> Optional[np.ndarray]:
+    """The value of ``n``'s first output when it is a constant computable from constants by a
+    small pure op; None otherwise."""
+    from onnx import helper as oh, numpy_helper
+
+    op = n.op_type
+    if n.domain not in ("", "ai.onnx"):
+        return None
+    if op == "Constant":
+        for a in n.attribute:
+            if a.name == "value":
+                return numpy_helper.to_array(a.t)
+            if a.name in ("value_float", "value_int"):
+                return np.array(oh.get_attribute_value(a), dtype=np.float32 if a.name == "value_float" else np.int64)
+            if a.name in ("value_floats", "value_ints"):
+                return np.array(oh.get_attribute_value(a), dtype=np.float32 if a.name == "value_floats" else np.int64)
+        return None
+    ins = [consts.get(i) if i else None for i in n.input]
+    if op == "Shape":  # needs the input's shape only
+        src = consts.get(n.input[0])
+        if src is None:
+            return None
+        shape = np.array(src.shape, dtype=np.int64)
+        start, end = _attr(n, "start", 0), _attr(n, "end", None)
+        return shape[start:end]
+    if op == "CastLike":
+        if ins[0] is None:
+            return None
+        target = ins[1].dtype if ins[1] is not None else (
+            oh.tensor_dtype_to_np_dtype(elem[n.input[1]]) if elem.get(n.input[1]) else None)
+        return None if target is None else ins[0].astype(target)
+    if any(x is None for x in ins if x is not None) or any(i and consts.get(i) is None for i in n.input):
+        return None
+    if op == "Identity":
+        return ins[0]
+    if op == "Cast":
+        return ins[0].astype(oh.tensor_dtype_to_np_dtype(_attr(n, "to", 1)))
+    if op == "Expand":
+        return ins[0] * np.ones(tuple(int(d) for d in ins[1]), dtype=ins[0].dtype)
+    if op == "Reshape":
+        shape = [int(d) for d in ins[1]]
+        shape = [ins[0].shape[i] if d == 0 else d for i, d in enumerate(shape)]
+        return ins[0].reshape(shape)
+    if op in ("Unsqueeze", "Squeeze"):
+        axes = ins[1] if len(ins) > 1 and ins[1] is not None else _attr(n, "axes", None)
+        if op == "Squeeze":
+            return np.squeeze(ins[0], axis=None if axes is None else tuple(int(a) for a in axes))
+        out = ins[0]
+        for a in sorted(int(a) % (out.ndim + len(axes)) for a in axes):
+            out = np.expand_dims(out, a)
+        return out
+    if op == "Concat":
+        return np.concatenate(ins, axis=int(_attr(n, "axis", 0)))
+    if op in ("Add", "Sub", "Mul", "Div") and len(ins) == 2:
+        fn = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[op]
+        if op == "Div" and np.issubdtype(ins[0].dtype, np.integer):
+            return None
+        return fn(ins[0], ins[1]).astype(np.result_type(ins[0], ins[1]))
+    if op == "Neg":
+        return -ins[0]
+    if op == "Transpose":
+        perm = _attr(n, "perm", None)
+        return np.transpose(ins[0], None if perm is None else tuple(int(p) for p in perm))
+    return None
 
 
 def _cast(value: np.ndarray, like: np.ndarray, what: str) -> np.ndarray:
@@ -135,16 +261,35 @@ def _set_input(G: _Graph, node: Any, index: int, value: np.ndarray, base: str) -
 def _fold_producer(G: _Graph, bn: Any, s: np.ndarray, t: np.ndarray) -> str:
     """Fold into the node producing BN's input; returns the pattern or raises ValueError
     (before changing anything)."""
-    x = bn.input[0]
-    p = G.producer.get(x)
-    if p is None:
-        raise ValueError("input is a graph input")
-    if not G.only_consumer(x, bn):
-        raise ValueError(f"input '{x}' has other consumers")
+    bn_in = bn.input[0]
+    x, tail, consumer, axis, via = bn_in, None, bn, 1, []
+    while True:  # back through Reshape/Flatten that keep BN's channel axis
+        p = G.producer.get(x)
+        if p is None:
+            raise ValueError("input is a graph input")
+        if not G.only_consumer(x, consumer):
+            raise ValueError(f"input '{x}' has other consumers")
+        if p.op_type not in ("Reshape", "Flatten"):
+            break
+        src, dst = G.shape.get(p.input[0]), G.shape.get(x)
+        back = None if src is None or dst is None else next(
+            (a for a in range(len(src)) if _reshape_axis(src, dst, a) == axis), None)
+        if back is None:
+            raise ValueError(f"input comes through {p.op_type} '{p.name or x}' that does not provably keep "
+                             "BN's channel axis (shapes unknown or the axis is split/merged)")
+        tail = tail or p
+        axis, consumer, x = back, p, p.input[0]
+        via.append(p.op_type)
+    if via and p.op_type in ("Conv", "ConvTranspose") and axis != 1:
+        raise ValueError(f"the {p.op_type} channel axis does not land on BN's axis 1")
+    if via and p.op_type in ("Gemm", "Add", "MatMul") and axis != (G.rank.get(x) or 0) - 1:
+        raise ValueError(f"the {p.op_type} feature axis (last) does not land on BN's axis 1")
     if p.op_type in ("Conv", "ConvTranspose"):
         w, b = G.const(p, 1), G.const(p, 2)
-        if w is None or (len(p.input) > 2 and p.input[2] and b is None):
-            raise ValueError(f"{p.op_type} weights are not constant")
+        if w is None:
+            raise ValueError(f"{p.op_type} weight '{p.input[1]}' is not a constant: {G.why_not_const(p.input[1])}")
+        if len(p.input) > 2 and p.input[2] and b is None:
+            raise ValueError(f"{p.op_type} bias '{p.input[2]}' is not a constant: {G.why_not_const(p.input[2])}")
         group = int(_attr(p, "group", 1))
         n_out = w.shape[0] if p.op_type == "Conv" else w.shape[1] * group
         if n_out != s.size:
@@ -179,25 +324,30 @@ def _fold_producer(G: _Graph, bn: Any, s: np.ndarray, t: np.ndarray) -> str:
         w = G.const(mm, 1)
         if w is None or w.ndim != 2 or w.shape[1] != s.size:
             raise ValueError(f"MatMul weight is not a constant matrix with {s.size} columns")
-        if G.rank.get(x) != 2:
+        if not via and G.rank.get(x) != 2:
             raise ValueError(f"MatMul output rank is {G.rank.get(x, 'unknown')}: BN's channel axis 1 is "
-                             "provably its feature axis only for rank 2")
+                             "provably its feature axis only for rank 2 (or through a Reshape that keeps it)")
         new_w = _cast(w.astype(np.float64) * s[None, :], w, "weights")
         new_b = None if b is None else _cast(s * b.astype(np.float64).reshape(-1) + t, b, "bias")
         shift = _cast(t, w, "shift") if b is None else None
         _set_input(G, mm, 1, new_w, "")
+        if shift is not None and G.rank.get(bn_in) != 2:
+            raise ValueError("MatMul without a bias add and a BN input of rank ≠ 2: the shift would not broadcast "
+                             "on BN's channel axis")
         if shift is not None:  # MatMul alone: the BN node becomes an Add of t
             bn.op_type, bn.domain = "Add", ""
             del bn.attribute[:]
             del bn.output[1:]
-            bn.input[:] = [x, G.new_const((bn.name or bn.output[0]) + "_shift", shift)]
-            return "MatMul → BatchNormalization (shift kept as Add)"
+            bn.input[:] = [bn_in, G.new_const((bn.name or bn.output[0]) + "_shift", shift)]
+            return "MatMul → " + " → ".join([*reversed(via), "BatchNormalization (shift kept as Add)"])
         _set_input(G, p, bias_in, new_b.reshape(-1) if b.ndim <= 1 else new_b.reshape(b.shape[:-1] + (-1,)), "")
         pattern = "MatMul + Add → BatchNormalization"
     else:
         raise ValueError(f"input comes from {p.op_type}, not Conv/ConvTranspose/Gemm/MatMul")
-    p.output[0] = bn.output[0]
-    G.drop_info(x)
+    if via:
+        pattern = pattern.replace(" → BatchNormalization", " → " + " → ".join([*reversed(via), "BatchNormalization"]))
+    G.rename_output(tail or p, bn.output[0])
+    G.drop_info(bn_in)
     return pattern
 
 
@@ -207,6 +357,8 @@ def _fold_consumer(G: _Graph, bn: Any, s: np.ndarray, t: np.ndarray) -> str:
     if len(users) != 1 or y in G.outputs or y in G.nested:
         raise ValueError(f"output has {len(users)} consumers")
     c = users[0]
+    if c.op_type == "Gemm" and c.input[0] == y:
+        return _fold_into_gemm(G, bn, c, s, t)
     if c.op_type != "Conv" or c.input[0] != y:
         raise ValueError(f"output goes to {c.op_type}, not a Conv data input")
     pads = list(_attr(c, "pads", []))
@@ -231,6 +383,89 @@ def _fold_consumer(G: _Graph, bn: Any, s: np.ndarray, t: np.ndarray) -> str:
     c.input[0] = bn.input[0]
     G.drop_info(y)
     return "BatchNormalization → Conv"
+
+
+def _summands(G: _Graph, add: Any, out: list) -> None:
+    for name in add.input:
+        p = G.producer.get(name)
+        if p is not None and p.op_type == "Add" and G.only_consumer(name, add):
+            _summands(G, p, out)
+        else:
+            out.append(name)
+
+
+def _fold_reparam(G: _Graph, bn: Any, s: np.ndarray, t: np.ndarray) -> tuple[str, Any]:
+    """BN(x) + … + Conv(x) → Conv′(x) (identity kernel); returns (pattern, conv)."""
+    y, x = bn.output[0], bn.input[0]
+    users = G.consumers.get(y, [])
+    if len(users) != 1 or users[0].op_type != "Add" or y in G.outputs or y in G.nested:
+        raise ValueError("not a BN-only branch summed by an Add")
+    add = users[0]
+    top = add
+    while True:
+        nxt = G.consumers.get(top.output[0], [])
+        if len(nxt) == 1 and nxt[0].op_type == "Add" and top.output[0] not in G.outputs and top.output[0] not in G.nested:
+            top = nxt[0]
+        else:
+            break
+    terms: list = []
+    _summands(G, top, terms)
+    for name in terms:
+        c = G.producer.get(name)
+        if c is None or c.op_type != "Conv" or c.input[0] != x or not G.only_consumer(name, G.consumers[name][0]):
+            continue
+        if G.consumers[name][0].op_type != "Add":
+            continue
+        w, b = G.const(c, 1), G.const(c, 2)
+        if w is None or (len(c.input) > 2 and c.input[2] and b is None) or w.shape[0] != s.size:
+            continue
+        group = int(_attr(c, "group", 1))
+        k = w.shape[2:]
+        strides = list(_attr(c, "strides", [1] * len(k)))
+        dil = list(_attr(c, "dilations", [1] * len(k)))
+        pads = list(_attr(c, "pads", [0] * 2 * len(k)))
+        auto_pad = _attr(c, "auto_pad", b"NOTSET")
+        if (auto_pad not in (b"NOTSET", "NOTSET") or any(st != 1 for st in strides) or any(kk % 2 == 0 for kk in k)
+                or w.shape[1] * group != s.size
+                or pads != [(kk - 1) // 2 * d for kk, d in zip(k, dil)] * 2):
+            continue
+        w64 = w.astype(np.float64).copy()
+        o = np.arange(s.size)
+        w64[(o, o % w.shape[1], *[np.full_like(o, kk // 2) for kk in k])] += s
+        new_b = (0.0 if b is None else b.astype(np.float64)) + t
+        new_w, new_b = _cast(w64, w, "weights"), _cast(new_b, w if b is None else b, "bias")
+        _set_input(G, c, 1, new_w, "")
+        _set_input(G, c, 2, new_b, (c.name or c.output[0]) + "_bias")
+        other = add.input[1] if add.input[0] == y else add.input[0]
+        add.op_type = "Identity"
+        add.input[:] = [other]
+        return "BatchNormalization identity branch + Conv branch → Conv (identity kernel)", c
+    raise ValueError("summed with no Conv branch that reads the same input with stride 1, 'same' pads and C_in = C_out")
+
+
+def _fold_into_gemm(G: _Graph, bn: Any, c: Any, s: np.ndarray, t: np.ndarray) -> str:
+    """BN → Gemm(A = BN(x)): alpha·(s·x + t)·B′ + beta·C = alpha·x·(diag(s)·B′) + (beta·C + alpha·t·B′)."""
+    if int(_attr(c, "transA", 0)) or G.rank.get(bn.output[0]) != 2:
+        raise ValueError("output goes to a Gemm that transposes A or is not rank 2")
+    bm, cc = G.const(c, 1), G.const(c, 2)
+    if bm is None or (len(c.input) > 2 and c.input[2] and cc is None):
+        raise ValueError("Gemm B or C is not constant")
+    trans_b, alpha, beta = int(_attr(c, "transB", 0)), float(_attr(c, "alpha", 1.0)), float(_attr(c, "beta", 1.0))
+    b64 = bm.astype(np.float64)
+    bk = b64.T if trans_b else b64  # (K, N)
+    if bk.shape[0] != s.size:
+        raise ValueError(f"Gemm reads {bk.shape[0]} features, BN has {s.size}")
+    new_bk = bk * s[:, None]
+    new_c = (0.0 if cc is None else beta * cc.astype(np.float64)) + alpha * (t @ bk)
+    new_b = _cast(new_bk.T if trans_b else new_bk, bm, "weights")
+    new_c = _cast(np.broadcast_to(new_c, np.broadcast_shapes(np.shape(new_c), (bk.shape[1],))).copy(),
+                  bm if cc is None else cc, "bias")
+    _set_input(G, c, 1, new_b, "")
+    _set_input(G, c, 2, new_c, (c.name or c.output[0]) + "_C")
+    _set_attr(c, "beta", 1.0)
+    c.input[0] = bn.input[0]
+    G.drop_info(bn.output[0])
+    return "BatchNormalization → Gemm"
 
 
 def _bn_params(G: _Graph, bn: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -267,16 +502,22 @@ def _fold_one(G: _Graph, bn: Any) -> tuple[Optional[FoldedPair], str]:
         try:
             pattern = _fold_consumer(G, bn, s, t)
         except ValueError as why_out:
-            return None, f"input: {why_in}; output: {why_out}"
+            try:
+                pattern, layer = _fold_reparam(G, bn, s, t)
+                role = "reparam"
+            except ValueError as why_rep:
+                return None, f"input: {why_in}; output: {why_out}; branch: {why_rep}"
         G.g.node.remove(bn)
     layer_name = (layer.name or layer.output[0]) if layer is not None else "?"
     return FoldedPair(layer=layer_name, bn=name, pattern=pattern, role=role), ""
 
 
 def fold_onnx(path_in: str | Path, path_out: str | Path, verify: bool = True, *, tolerance: float = 1e-4,
-              seed: int = 0) -> OnnxFoldResult:
+              seed: int = 0, force: bool = False) -> OnnxFoldResult:
     """Fold BatchNormalization nodes of ``path_in`` into neighbouring Conv/ConvTranspose/Gemm/
-    MatMul nodes; write ``path_out``; verify outputs on random inputs of the declared shapes."""
+    MatMul nodes; write ``path_out``; verify outputs on random inputs of the declared shapes
+    (onnxruntime, optimisations off). A file that fails verification is removed again and
+    ``VerificationError`` raised, unless ``force=True``."""
     onnx = require("onnx")
     path_in, path_out = Path(path_in), Path(path_out)
     if not path_in.is_file():
@@ -285,6 +526,10 @@ def fold_onnx(path_in: str | Path, path_out: str | Path, verify: bool = True, *,
         model = onnx.load(str(path_in))
     except Exception as exc:  # noqa: BLE001
         raise NormscopeError(f"{path_in} is not a readable ONNX file: {' '.join(str(exc).split())[:160]}") from None
+    if len(model.functions):  # exporters may write modules as local functions: inline them (exact)
+        from onnx import inliner
+
+        model = inliner.inline_local_functions(model)
     G = _Graph(model)
     folded: list[FoldedPair] = []
     skipped: list[SkippedBN] = []
@@ -310,4 +555,11 @@ def fold_onnx(path_in: str | Path, path_out: str | Path, verify: bool = True, *,
         feeds = random_feeds(before, seed)
         result.max_abs_err, result.max_rel_err = compare_arrays(before.run(None, feeds), after.run(None, feeds))
         result.verified = result.max_rel_err <= tolerance
+        if not result.verified and not force:
+            from normscope.fold.onnx_export import VerificationError
+
+            Path(path_out).unlink(missing_ok=True)
+            raise VerificationError(f"the folded file does not match {path_in} (max relative error "
+                                    f"{result.max_rel_err:.3g} > tolerance {tolerance:g}): {path_out} not written; "
+                                    "pass force=True to keep it anyway")
     return result

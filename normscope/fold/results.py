@@ -39,6 +39,7 @@ class FoldedPair(_Record):
     site: str = ""
     copy_of: Optional[str] = None
     pre_add: bool = False
+    materialized: list[str] = field(default_factory=list)  # parametrisations/pruning dropped first
 
     @property
     def producer(self) -> str:

@@ -106,3 +106,24 @@ class RecalNet(nn.Module):
 def small_recal_net() -> RecalNet:
     torch.manual_seed(0)
     return RecalNet()
+
+
+class Untraceable(nn.Module):
+    """Wraps a model in a forward that torch.fx cannot trace (``int()`` of a proxy, control flow
+    on a shape), so folding goes through the data flow recorded from one real forward."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if int(x.shape[0]) < 0:  # never true; a Python int, so not data-dependent
+            x = -x
+        return self.inner(x)
+
+
+def both_paths(model: nn.Module) -> list:
+    """[(path, model)]: the model as is (torch.fx traces it) and wrapped in ``Untraceable``."""
+    from normscope.fold.api import clone_model  # copy.deepcopy fails on pruned modules
+
+    return [("torch.fx", model), ("dataflow", Untraceable(clone_model(model)))]
