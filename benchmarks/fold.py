@@ -71,8 +71,10 @@ def latency_main(argv: list[str] | None = None) -> None:
     model = resnet50()
     x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"ResNet-50 layout: {n_params / 1e6:.1f} M parameters, input {tuple(x.shape)}, "
-          f"torch {torch.__version__}, onnxruntime {ort.__version__}, threads {threads}")
+    print(
+        f"ResNet-50 layout: {n_params / 1e6:.1f} M parameters, input {tuple(x.shape)}, "
+        f"torch {torch.__version__}, onnxruntime {ort.__version__}, threads {threads}"
+    )
 
     with tempfile.TemporaryDirectory(prefix="normscope-bench-") as tmpdir:
         run(model, x, Path(tmpdir), threads, repeats, warmup, args.batch)
@@ -97,25 +99,32 @@ def run(model, x, tmp: Path, threads: int, repeats: int, warmup: int, batch: int
 
     (max_abs, max_rel), t_verify = _timed(verify_run)
     print("\n1. Fold, export, verify")
-    print(f"   {'fold_bn (incl. float64 check)':<34}{t_fold:8.2f} s   folded {len(res.folded)} BN, skipped {len(res.skipped)}, "
-          f"max rel err {res.error.max_rel:.1e}")
-    print(f"   {'export (' + used + ' exporter)':<34}{t_export:8.2f} s   "
-          f"BatchNormalization nodes left: {count_ops(onnx.load(str(tmp / 'folded.onnx')))}")
+    print(
+        f"   {'fold_bn (incl. float64 check)':<34}{t_fold:8.2f} s   folded {len(res.folded)} BN, skipped {len(res.skipped)}, "
+        f"max rel err {res.error.max_rel:.1e}"
+    )
+    print(
+        f"   {'export (' + used + ' exporter)':<34}{t_export:8.2f} s   "
+        f"BatchNormalization nodes left: {count_ops(onnx.load(str(tmp / 'folded.onnx')))}"
+    )
     print(f"   {'verify (onnxruntime vs float64)':<34}{t_verify:8.2f} s   max abs {max_abs:.1e}, max rel {max_rel:.1e}")
     print(f"   {'total':<34}{t_fold + t_export + t_verify:8.2f} s")
 
     # same exporter for both files: TorchScript without constant folding keeps BN nodes
     for name, m in (("unfolded", model), ("folded", res.model)):
         with quiet_export():
-            torch.onnx.export(m, (x,), str(tmp / f"ts_{name}.onnx"), dynamo=False, do_constant_folding=False,
-                              opset_version=17)
+            torch.onnx.export(
+                m, (x,), str(tmp / f"ts_{name}.onnx"), dynamo=False, do_constant_folding=False, opset_version=17
+            )
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.intra_op_num_threads = threads
     # idle ORT worker threads spin by default and would steal the cores of the next configuration
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sessions = {n: ort.InferenceSession(str(tmp / f"ts_{n}.onnx"), opts, providers=["CPUExecutionProvider"])
-                for n in ("unfolded", "folded")}
+    sessions = {
+        n: ort.InferenceSession(str(tmp / f"ts_{n}.onnx"), opts, providers=["CPUExecutionProvider"])
+        for n in ("unfolded", "folded")
+    }
     bn_nodes = {n: count_ops(onnx.load(str(tmp / f"ts_{n}.onnx"))) for n in sessions}
     feed = {sessions["unfolded"].get_inputs()[0].name: x.numpy()}
     feed_f = {sessions["folded"].get_inputs()[0].name: x.numpy()}
@@ -131,7 +140,7 @@ def run(model, x, tmp: Path, threads: int, repeats: int, warmup: int, batch: int
     with torch.inference_mode():
         for r in range(warmup + repeats):
             # interleaved: one call of each per round, alternating the order to cancel order effects
-            for key in (order if r % 2 == 0 else order[::-1]):
+            for key in order if r % 2 == 0 else order[::-1]:
                 fn = configs[key]
                 start = time.perf_counter()
                 fn()
@@ -177,8 +186,16 @@ def _ort(path, x):
 
 
 def _row(table, model, tool, bn_left, total, rel, seconds, note=""):
-    table.append((model, tool, "–" if bn_left is None else f"{bn_left}/{total}",
-                  "–" if rel is None else f"{rel:.1e}", "–" if seconds is None else f"{seconds:.2f}", note))
+    table.append(
+        (
+            model,
+            tool,
+            "–" if bn_left is None else f"{bn_left}/{total}",
+            "–" if rel is None else f"{rel:.1e}",
+            "–" if seconds is None else f"{seconds:.2f}",
+            note,
+        )
+    )
 
 
 def zoo_main(argv: list[str] | None = None) -> None:
@@ -217,12 +234,28 @@ def zoo_main(argv: list[str] | None = None) -> None:
             ref = ref.numpy() if isinstance(ref, torch.Tensor) else ref
             res, t = _timed(lambda: fold_bn(model, x))
             with torch.no_grad():
-                _row(table, name, "normscope fold_bn", count_bn(res.model), total,
-                     _rel(ref, _first(res.model(x)).numpy()), t, res.tracing)
+                _row(
+                    table,
+                    name,
+                    "normscope fold_bn",
+                    count_bn(res.model),
+                    total,
+                    _rel(ref, _first(res.model(x)).numpy()),
+                    t,
+                    res.tracing,
+                )
             try:
                 out, t = _timed(lambda: export_onnx(model, x, tmp / f"{name}.ns.onnx", exporter="dynamo"))
-                _row(table, name, "normscope export_onnx", out.bn_nodes_left, total,
-                     _rel(ref, _ort(tmp / f"{name}.ns.onnx", x)), t, out.exporter)
+                _row(
+                    table,
+                    name,
+                    "normscope export_onnx",
+                    out.bn_nodes_left,
+                    total,
+                    _rel(ref, _ort(tmp / f"{name}.ns.onnx", x)),
+                    t,
+                    out.exporter,
+                )
             except Exception as exc:  # noqa: BLE001
                 _row(table, name, "normscope export_onnx", None, total, None, None, str(exc)[:60])
             files = {}
@@ -234,13 +267,27 @@ def zoo_main(argv: list[str] | None = None) -> None:
                     torch.onnx.export(model, (x,), str(path), dynamo=dynamo, opset_version=18, **opts)
                 files[tag] = path
                 r, t = _timed(lambda: fold_onnx(path, tmp / f"{name}.{tag}.folded.onnx", force=True))
-                _row(table, name, f"normscope fold_onnx ({tag} file)", r.bn_nodes_left, total,
-                     _rel(ref, _ort(tmp / f"{name}.{tag}.folded.onnx", x)), t)
+                _row(
+                    table,
+                    name,
+                    f"normscope fold_onnx ({tag} file)",
+                    r.bn_nodes_left,
+                    total,
+                    _rel(ref, _ort(tmp / f"{name}.{tag}.folded.onnx", x)),
+                    t,
+                )
             path = tmp / f"{name}.torch.onnx"
             with quiet_export():
                 _, t = _timed(lambda: torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=18))
-            _row(table, name, "torch dynamo export (optimize)", count_ops(onnx.load(str(path))), total,
-                 _rel(ref, _ort(path, x)), t)
+            _row(
+                table,
+                name,
+                "torch dynamo export (optimize)",
+                count_ops(onnx.load(str(path))),
+                total,
+                _rel(ref, _ort(path, x)),
+                t,
+            )
             try:
                 from torch.fx.experimental.optimization import fuse
 
@@ -254,17 +301,40 @@ def zoo_main(argv: list[str] | None = None) -> None:
                 try:
                     opt, t = _timed(lambda: onnxoptimizer.optimize(src, ["eliminate_identity", "fuse_bn_into_conv"]))
                     onnx.save(opt, str(tmp / f"{name}.onnxopt.onnx"))
-                    _row(table, name, "onnxoptimizer fuse_bn_into_conv", count_ops(opt), total,
-                         _rel(ref, _ort(tmp / f"{name}.onnxopt.onnx", x)), t)
+                    _row(
+                        table,
+                        name,
+                        "onnxoptimizer fuse_bn_into_conv",
+                        count_ops(opt),
+                        total,
+                        _rel(ref, _ort(tmp / f"{name}.onnxopt.onnx", x)),
+                        t,
+                    )
                 except Exception as exc:  # noqa: BLE001
-                    _row(table, name, "onnxoptimizer fuse_bn_into_conv", None, total, None, None,
-                         f"fails: {' '.join(str(exc).split())[:50]}")
+                    _row(
+                        table,
+                        name,
+                        "onnxoptimizer fuse_bn_into_conv",
+                        None,
+                        total,
+                        None,
+                        None,
+                        f"fails: {' '.join(str(exc).split())[:50]}",
+                    )
             if onnxslim is not None:
                 try:
                     with quiet_export():
                         slim, t = _timed(lambda: onnxslim.slim(src))
                     onnx.save(slim, str(tmp / f"{name}.slim.onnx"))
-                    _row(table, name, "onnxslim", count_ops(slim), total, _rel(ref, _ort(tmp / f"{name}.slim.onnx", x)), t)
+                    _row(
+                        table,
+                        name,
+                        "onnxslim",
+                        count_ops(slim),
+                        total,
+                        _rel(ref, _ort(tmp / f"{name}.slim.onnx", x)),
+                        t,
+                    )
                 except Exception as exc:  # noqa: BLE001
                     _row(table, name, "onnxslim", None, total, None, None, f"fails: {' '.join(str(exc).split())[:50]}")
     widths = [max(len(str(r[i])) for r in table + [("model", "tool", "BN left", "max rel", "s", "")]) for i in range(6)]
@@ -297,9 +367,11 @@ def speed(size: int) -> None:
         model(x)  # warm-up
     folds = [_timed(lambda: fold_bn(model, x)) for _ in range(3)]
     res = folds[-1][0]
-    print(f"\ntransformers ResNet-50 at {size}×{size}: fold_bn with verification "
-          f"{min(t for _, t in folds):.2f} s best of 3 ({len(res.folded)}/{len(res.folded) + len(res.skipped)} BN, "
-          f"max rel {res.error.max_rel:.1e}, tracing {res.tracing}); target ≤ 2 s")
+    print(
+        f"\ntransformers ResNet-50 at {size}×{size}: fold_bn with verification "
+        f"{min(t for _, t in folds):.2f} s best of 3 ({len(res.folded)}/{len(res.folded) + len(res.skipped)} BN, "
+        f"max rel {res.error.max_rel:.1e}, tracing {res.tracing}); target ≤ 2 s"
+    )
     plains, ourses = [], []
     with tempfile.TemporaryDirectory(prefix="normscope-bench-") as tmpdir:
         for _ in range(2):  # interleaved, best of 2 each: the machine may be shared
@@ -309,8 +381,10 @@ def speed(size: int) -> None:
             out, t = _timed(lambda: export_onnx(model, x, f"{tmpdir}/ours.onnx", exporter="dynamo"))
             ourses.append(t)
     plain, ours = min(plains), min(ourses)
-    print(f"export_onnx (fold + dynamo export + onnxruntime check) {ours:.2f} s vs plain dynamo export "
-          f"{plain:.2f} s: {ours / plain:.2f}× (target ≤ 1.3×); BN left {out.bn_nodes_left}, verified {out.verified}")
+    print(
+        f"export_onnx (fold + dynamo export + onnxruntime check) {ours:.2f} s vs plain dynamo export "
+        f"{plain:.2f} s: {ours / plain:.2f}× (target ≤ 1.3×); BN left {out.bn_nodes_left}, verified {out.verified}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
 
@@ -28,12 +28,15 @@ TOLERANCE = 1e-4
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
-    """'1,3,224,224' or '1x3x224x224' → (1, 3, 224, 224)."""
-    compact = text.replace(" ", "")
-    shape = tuple(int(p) for p in re.split(r"[,x]", compact)) if re.fullmatch(r"\d+([,x]\d+)*", compact) else ()
-    if not shape or any(d <= 0 for d in shape):
-        raise NormscopeError(f"bad --input-shape {text!r}: give positive integers separated by commas, e.g. 1,3,224,224")
-    return shape
+    """'1,3,224,224' or '1x3x224x224' → (1, 3, 224, 224) (one parser: normscope.pipeline's)."""
+    from normscope.pipeline import parse_shape as parse
+
+    try:
+        return parse(text)
+    except NormscopeError:
+        raise NormscopeError(
+            f"bad --input-shape {text!r}: give positive integers separated by commas, e.g. 1,3,224,224"
+        ) from None
 
 
 def load_callable(spec: str, defaults: tuple[str, ...]) -> Callable[[], Any]:
@@ -52,7 +55,6 @@ def _call(fn: Callable[[], Any], what: str) -> Any:
 
 def _recalibrate(model: Any, recipe_spec: str, max_batches: int) -> Any:
     from normscope.fold import recalibrate_bn
-
     from normscope.probe import load_recipe
 
     data = load_recipe(recipe_spec).train_data
@@ -63,9 +65,17 @@ def _recalibrate(model: Any, recipe_spec: str, max_batches: int) -> Any:
     return recalibrate_bn(model, data, input_fn=inputs, max_batches=max_batches)
 
 
-def run_fold(target: str, shapes: list[str], output: Optional[Path], recalibrate: Optional[str],
-             recalibrate_batches: int, verify: bool, exporter: str, zero_padding: str,
-             force: bool = False) -> dict[str, Any]:
+def run_fold(
+    target: str,
+    shapes: list[str],
+    output: Optional[Path],
+    recalibrate: Optional[str],
+    recalibrate_batches: int,
+    verify: bool,
+    exporter: str,
+    zero_padding: str,
+    force: bool = False,
+) -> dict[str, Any]:
     import torch
     from torch import nn
 
@@ -82,8 +92,17 @@ def run_fold(target: str, shapes: list[str], output: Optional[Path], recalibrate
     gen = torch.Generator().manual_seed(0)
     inputs = tuple(torch.randn(s, generator=gen) for s in parsed)
     if output is not None:
-        res = export_onnx(model, inputs, output, fold=True, verify=verify, exporter=exporter,
-                          tolerance=TOLERANCE, zero_padding=zero_padding, force=force)
+        res = export_onnx(
+            model,
+            inputs,
+            output,
+            fold=True,
+            verify=verify,
+            exporter=exporter,
+            tolerance=TOLERANCE,
+            zero_padding=zero_padding,
+            force=force,
+        )
         report["fold"] = res.fold.to_dict() if res.fold else None
         report["export"] = {k: v for k, v in res.to_dict().items() if k != "fold"}
         report["ok"] = res.verified is not False
@@ -104,14 +123,18 @@ def render_table(report: dict[str, Any]) -> None:
 
     con = Console()
     fold = report["fold"]
-    con.print(f"[bold]normscope fold[/bold] {report['target']}  inputs {report['input_shapes']}  "
-              f"tracing: {fold['tracing']}")
+    con.print(
+        f"[bold]normscope fold[/bold] {report['target']}  inputs {report['input_shapes']}  tracing: {fold['tracing']}"
+    )
+    how = "recorded from one real forward (fx could not trace it)" if fold["tracing"] == "dataflow" else "not traced"
     for path, why in fold.get("untraced", {}).items():
-        con.print(f"  not traced: {path or '(whole model)'}: {why}")
+        con.print(f"  {how}: {path or '(whole model)'}: {why}")
     if "recalibration" in report:
         r = report["recalibration"]
-        con.print(f"recalibrated {len(r['bns'])} BN on {r['batches']} batches ({r['samples']} samples)"
-                  + (f", reused: {r['reused']}" if r["reused"] else ""))
+        con.print(
+            f"recalibrated {len(r['bns'])} BN on {r['batches']} batches ({r['samples']} samples)"
+            + (f", reused: {r['reused']}" if r["reused"] else "")
+        )
     table = Table(title=f"Folded ({len(fold['folded'])})")
     for col in ("BN", "into", "pattern", "role"):
         table.add_column(col)
@@ -132,16 +155,24 @@ def render_table(report: dict[str, Any]) -> None:
         for col in ("layer", "BN", "max |W′|", "max |b′|", "max s", "σ²≈0 channels", "> fp16"):
             table.add_column(col)
         for r in risky:
-            table.add_row(r["layer"], r["bn"], _fmt(r["max_abs_weight"]), _fmt(r["max_abs_bias"]),
-                          _fmt(r["max_scale"]), ", ".join(map(str, r["tiny_var_channels"][:8])) or "–",
-                          "yes" if r["exceeds_fp16"] else "no")
+            table.add_row(
+                r["layer"],
+                r["bn"],
+                _fmt(r["max_abs_weight"]),
+                _fmt(r["max_abs_bias"]),
+                _fmt(r["max_scale"]),
+                ", ".join(map(str, r["tiny_var_channels"][:8])) or "–",
+                "yes" if r["exceeds_fp16"] else "no",
+            )
         con.print(table)
     elif fold["fp16_risk"]:
         peak = max(max(r["max_abs_weight"], r["max_abs_bias"]) for r in fold["fp16_risk"])
         con.print(f"fp16: largest folded |value| {peak:.3g}, no σ² ≈ 0 channel: within range")
     if fold.get("error"):
         e = fold["error"]
-        con.print(f"folded vs unfolded (float64, example inputs): max abs {_fmt(e['max_abs'])}, max rel {_fmt(e['max_rel'])}")
+        con.print(
+            f"folded vs unfolded (float64, example inputs): max abs {_fmt(e['max_abs'])}, max rel {_fmt(e['max_rel'])}"
+        )
     if "export" in report:
         x = report["export"]
         con.print(f"ONNX: {x['path']} ({x['exporter']} exporter), BatchNormalization nodes left: {x['bn_nodes_left']}")
@@ -151,15 +182,21 @@ def render_table(report: dict[str, Any]) -> None:
             con.print(f"  [yellow]note:[/yellow] {note}")
         if x["verified"] is not None:
             status = "[green]OK[/green]" if x["verified"] else "[red]FAILED[/red]"
-            con.print(f"onnxruntime (no optimisation) vs unfolded PyTorch: max abs {_fmt(x['max_abs_err'])}, "
-                      f"max rel {_fmt(x['max_rel_err'])} (tolerance {x['tolerance']:g}) {status}")
+            con.print(
+                f"onnxruntime (no optimisation) vs unfolded PyTorch: max abs {_fmt(x['max_abs_err'])}, "
+                f"max rel {_fmt(x['max_rel_err'])} (tolerance {x['tolerance']:g}) {status}"
+            )
 
 
 def fold_command(
     target: str = typer.Argument(..., help="path.py[:function] or module[:function] returning an nn.Module"),
-    input_shape: list[str] = typer.Option(..., "--input-shape", "-s", help="e.g. 1,3,224,224; repeat for several inputs"),
+    input_shape: list[str] = typer.Option(
+        ..., "--input-shape", "-s", help="e.g. 1,3,224,224; repeat for several inputs"
+    ),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the folded model to this .onnx file"),
-    recalibrate: Optional[str] = typer.Option(None, "--recalibrate", help="recipe file whose train_data recalibrates BN first"),
+    recalibrate: Optional[str] = typer.Option(
+        None, "--recalibrate", help="recipe file whose train_data recalibrates BN first"
+    ),
     recalibrate_batches: int = typer.Option(50, "--recalibrate-batches", help="at most this many batches"),
     fmt: str = typer.Option("table", "--format", help="table or json"),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="compare against the unfolded model"),
@@ -179,8 +216,9 @@ def fold_command(
             raise NormscopeError(f"--zero-padding must be add or refuse, got {zero_padding!r}")
         quiet = contextlib.redirect_stdout(sys.stderr) if fmt == "json" else contextlib.nullcontext()
         with quiet:  # in JSON mode stdout carries only the JSON
-            report = run_fold(target, input_shape, output, recalibrate, recalibrate_batches, verify,
-                              exporter, zero_padding, force)
+            report = run_fold(
+                target, input_shape, output, recalibrate, recalibrate_batches, verify, exporter, zero_padding, force
+            )
     except VerificationError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

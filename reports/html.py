@@ -104,7 +104,9 @@ def build_report(
     for f in fl:  # a grouped finding: one cause in several layers, every one flagged
         grouped = (f.get("evidence") or {}).get("layers") if isinstance(f.get("evidence"), dict) else None
         if isinstance(grouped, list):
-            f["affected"] = [{"layer": r.get("layer"), "severity": r.get("severity")} for r in grouped if r.get("layer")]
+            f["affected"] = [
+                {"layer": r.get("layer"), "severity": r.get("severity")} for r in grouped if r.get("layer")
+            ]
             flagged |= {r["layer"] for r in f["affected"]}
     table = D.layer_table(run, flagged)
 

@@ -125,7 +125,9 @@ def group_findings(ctx: Context, findings: list[Finding]) -> list[Finding]:
         fs = sorted(fs, key=rank)
         worst = fs[0]
         others = [f.layer or "the model" for f in fs[1:]]
-        named = ", ".join(others[:MAX_LISTED]) + (f" and {len(others) - MAX_LISTED} more" if len(others) > MAX_LISTED else "")
+        named = ", ".join(others[:MAX_LISTED]) + (
+            f" and {len(others) - MAX_LISTED} more" if len(others) > MAX_LISTED else ""
+        )
         msg = f"{worst.message} The same in {len(others)} more layer(s): {named}."
         layers = [{"layer": f.layer, "severity": f.severity, "step": list(f.step) if isinstance(f.step, tuple) else f.step,
                    "message": f.message, **({"score": f.evidence["score"]} if "score" in f.evidence else {})}

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -110,8 +111,9 @@ def _fp16(applied: Applied, tiny_var: float) -> Fp16Risk:
     shift = None if applied.shift is None else applied.shift.abs().max().item()
     tiny = torch.nonzero(applied.var < tiny_var).flatten().tolist()
     peak = max(w, b, shift or 0.0)
-    return Fp16Risk(applied.pair.layer, applied.pair.bn, w, b, applied.s.abs().max().item(), tiny,
-                    shift, peak > FP16_MAX)
+    return Fp16Risk(
+        applied.pair.layer, applied.pair.bn, w, b, applied.s.abs().max().item(), tiny, shift, peak > FP16_MAX
+    )
 
 
 _TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -134,7 +136,9 @@ class _Attempt:
     untraced: dict[str, str]
 
 
-def _fold_fx(scope: ModuleScope, mode: str, opts: Options, root: nn.Module, gate: Gate) -> tuple[list[Applied], list[tuple[Any, str]], Rewriter]:
+def _fold_fx(
+    scope: ModuleScope, mode: str, opts: Options, root: nn.Module, gate: Gate
+) -> tuple[list[Applied], list[tuple[Any, str]], Rewriter]:
     """Repeated passes of match + apply until nothing more folds; returns the folds, the
     final skips (bn_node, reason) and the rewriter (its gm is the folded scope)."""
     applied: list[Applied] = []
@@ -152,8 +156,9 @@ def _fold_fx(scope: ModuleScope, mode: str, opts: Options, root: nn.Module, gate
             applied.append(result)
             done += 1
         rw.finish(prune=False)
-        if not done or not any(n.op == "call_module" and is_bn(rw.gm.get_submodule(n.target))
-                               for n in rw.gm.graph.nodes):
+        if not done or not any(
+            n.op == "call_module" and is_bn(rw.gm.get_submodule(n.target)) for n in rw.gm.graph.nodes
+        ):
             break
         if mode == "modules":  # the module tree changed: trace it again
             scope.gm = trace(root)
@@ -171,8 +176,9 @@ def _safe_apply(rw: Rewriter, cand: Any) -> tuple[Optional[Applied], str]:
         return None, f"folding raised {type(exc).__name__} ({one_line(exc)}): refused"
 
 
-def _fold_eager(work: nn.Module, inputs: tuple, opts: Options, gate: Gate,
-                first: Optional[DataflowGraph] = None) -> tuple[list[Applied], list[tuple[Any, str]], set[str]]:
+def _fold_eager(
+    work: nn.Module, inputs: tuple, opts: Options, gate: Gate, first: Optional[DataflowGraph] = None
+) -> tuple[list[Applied], list[tuple[Any, str]], set[str]]:
     """The data-flow path: record one forward, match, edit the module tree; again while
     something folded (chains such as BN → BN → Conv, RepVGG branches after their BNs).
     ``first``: the graph already recorded on an identical copy (the float64 reference run)."""
@@ -189,8 +195,10 @@ def _fold_eager(work: nn.Module, inputs: tuple, opts: Options, gate: Gate,
         except Exception as exc:  # noqa: BLE001 - the user's model on the user's inputs
             if n_pass:  # a fold of the previous pass broke the forward: the float64 gate undoes it
                 break
-            raise NormscopeError(f"the model fails on the example inputs ({type(exc).__name__}: {one_line(exc)}): "
-                                 "check their shapes and dtypes") from None
+            raise NormscopeError(
+                f"the model fails on the example inputs ({type(exc).__name__}: {one_line(exc)}): "
+                "check their shapes and dtypes"
+            ) from None
         called |= dg.called
         cands, skipped = find_candidates(dg, opts, None)
         rw = Rewriter(dg, "eager", "", work)
@@ -204,14 +212,19 @@ def _fold_eager(work: nn.Module, inputs: tuple, opts: Options, gate: Gate,
                 continue
             applied.append(result)
             done += 1
-        if not done or not any(n.op == "call_module" and is_bn(work.get_submodule(n.target))
-                               for n in dg.graph.nodes):
+        if not done or not any(n.op == "call_module" and is_bn(work.get_submodule(n.target)) for n in dg.graph.nodes):
             break
     return applied, skipped, called
 
 
-def _fold_once(work: nn.Module, inputs: tuple, opts: Options, inplace: bool, gate: Gate,
-               pre: Optional[tuple[str, DataflowGraph]] = None) -> _Attempt:
+def _fold_once(
+    work: nn.Module,
+    inputs: tuple,
+    opts: Options,
+    inplace: bool,
+    gate: Gate,
+    pre: Optional[tuple[str, DataflowGraph]] = None,
+) -> _Attempt:
     """One fold of ``work``. ``pre``: (why fx does not trace, the recorded graph) from the
     reference run on an identical copy, to skip both."""
     scope, why = (None, pre[0]) if pre is not None else trace_fx(work, inputs)
@@ -260,8 +273,10 @@ def _script_refusal(model: nn.Module) -> Optional[FoldResult]:
     if not scripted:
         return None
     where = f"'{scripted[0]}' is" if scripted[0] else "the model is"
-    why = (f"{where} a torch.jit scripted/traced module: its code is TorchScript, not Python, so its data "
-           "flow cannot be traced or edited; fold the original nn.Module before scripting")
+    why = (
+        f"{where} a torch.jit scripted/traced module: its code is TorchScript, not Python, so its data "
+        "flow cannot be traced or edited; fold the original nn.Module before scripting"
+    )
     bns = []
     try:
         for name, m in model.named_modules():
@@ -304,12 +319,15 @@ def fold_bn(
     except NormscopeError:
         raise
     except Exception as exc:  # noqa: BLE001 - never a raw exception
-        raise NormscopeError(f"folding failed ({type(exc).__name__}: {one_line(exc)}): the model was not changed "
-                             "(inplace=False) — please report this model") from None
+        raise NormscopeError(
+            f"folding failed ({type(exc).__name__}: {one_line(exc)}): the model was not changed "
+            "(inplace=False) — please report this model"
+        ) from None
 
 
-def _fold_bn(model: nn.Module, inputs: tuple, inplace: bool, opts: Options, verify: bool, tiny_var: float,
-             tol: float) -> FoldResult:
+def _fold_bn(
+    model: nn.Module, inputs: tuple, inplace: bool, opts: Options, verify: bool, tiny_var: float, tol: float
+) -> FoldResult:
     no_gate: Gate = lambda key: None  # noqa: E731
     if not verify:
         a = _fold_once(model if inplace else clone_model(model), inputs, opts, inplace, no_gate)
@@ -352,14 +370,21 @@ def _fold_bn(model: nn.Module, inputs: tuple, inplace: bool, opts: Options, veri
         bad = _find_bad([(p.pair.bn, p.pair.site) for p in a.applied], attempt, tol, failures)
         a, err = attempt(lambda key: bad.get(key))
         if err.max_rel > tol:
-            why = (f"the float64 check failed with the folds that pass one by one together "
-                   f"(max relative error {err.max_rel:.3g} > tolerance {tol:g}): nothing folded")
+            why = (
+                f"the float64 check failed with the folds that pass one by one together "
+                f"(max relative error {err.max_rel:.3g} > tolerance {tol:g}): nothing folded"
+            )
             a, err = attempt(lambda key: why)
     if inplace:  # the same, deterministic, folds on the model itself
         kept = {(p.pair.bn, p.pair.site) for p in a.applied}
         gates = {s_key(s): s.reason for s in a.skipped}
-        a = _fold_once(model, inputs, opts, True,
-                       lambda key: None if key in kept else gates.get(key, "not folded in the checked copy"))
+        a = _fold_once(
+            model,
+            inputs,
+            opts,
+            True,
+            lambda key: None if key in kept else gates.get(key, "not folded in the checked copy"),
+        )
     res = _result(a, err, tiny_var)
     res.reference_outputs = expected
     return res
@@ -369,8 +394,9 @@ def s_key(s: SkippedBN) -> Key:
     return (s.bn, s.site)
 
 
-def _find_bad(keys: list[Key], attempt: Callable[[Gate], tuple[_Attempt, OutputError]], tol: float,
-              failures: list[str]) -> dict[Key, str]:
+def _find_bad(
+    keys: list[Key], attempt: Callable[[Gate], tuple[_Attempt, OutputError]], tol: float, failures: list[str]
+) -> dict[Key, str]:
     """Bisect the applied folds for those whose float64 check fails; key -> refusal reason."""
     bad: dict[Key, str] = {}
 
@@ -381,9 +407,12 @@ def _find_bad(keys: list[Key], attempt: Callable[[Gate], tuple[_Attempt, OutputE
 
     def search(subset: list[Key], err: float) -> None:
         if len(subset) == 1:
-            what = (f"the folded model fails on the example inputs ({failures[-1]})" if err == float("inf") and failures
-                    else f"this fold changes the output by {err:.3g} (max relative error on the example inputs) "
-                         f"> tolerance {tol:g}")
+            what = (
+                f"the folded model fails on the example inputs ({failures[-1]})"
+                if err == float("inf") and failures
+                else f"this fold changes the output by {err:.3g} (max relative error on the example inputs) "
+                f"> tolerance {tol:g}"
+            )
             bad[subset[0]] = f"the float64 check failed: {what}; undone, left unfolded"
             return
         half = len(subset) // 2
@@ -395,8 +424,10 @@ def _find_bad(keys: list[Key], attempt: Callable[[Gate], tuple[_Attempt, OutputE
                 search(part, e)
         if not found:  # only the combination fails: refuse all of them
             for k in subset:
-                bad[k] = (f"the float64 check failed for this fold together with {len(subset) - 1} other(s) "
-                          f"(max relative error {err:.3g} > tolerance {tol:g}); undone, left unfolded")
+                bad[k] = (
+                    f"the float64 check failed for this fold together with {len(subset) - 1} other(s) "
+                    f"(max relative error {err:.3g} > tolerance {tol:g}); undone, left unfolded"
+                )
 
     search(keys, float("inf"))
     return bad
@@ -413,8 +444,10 @@ def reference_outputs(model: nn.Module, inputs: tuple) -> list[Tensor]:
     try:
         return _run(ref, _to_double(inputs))
     except Exception as exc:  # noqa: BLE001 - the user's model on the user's inputs
-        raise NormscopeError(f"the model fails on the example inputs ({type(exc).__name__}: {one_line(exc)}): "
-                             "check their shapes and dtypes") from None
+        raise NormscopeError(
+            f"the model fails on the example inputs ({type(exc).__name__}: {one_line(exc)}): "
+            "check their shapes and dtypes"
+        ) from None
 
 
 __all__ = ["fold_bn", "output_error", "compare", "as_inputs", "default_tolerance", "reference_outputs"]

@@ -44,15 +44,62 @@ from torch.utils import _pytree
 
 from normscope.fold.graph import eval_mode, is_bn, module_kind
 
-_META_GETS = {"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad", "layout", "is_sparse",
-              "is_quantized", "is_meta", "names", "grad_fn", "is_leaf", "itemsize", "nbytes"}
-_META_METHODS = {"size", "dim", "numel", "ndimension", "is_floating_point", "is_complex", "is_contiguous",
-                 "element_size", "get_device", "__len__", "stride", "storage_offset", "is_signed",
-                 "data_ptr", "nelement", "has_names", "is_nonzero_"}
+_META_GETS = {
+    "shape",
+    "ndim",
+    "dtype",
+    "device",
+    "is_cuda",
+    "requires_grad",
+    "layout",
+    "is_sparse",
+    "is_quantized",
+    "is_meta",
+    "names",
+    "grad_fn",
+    "is_leaf",
+    "itemsize",
+    "nbytes",
+}
+_META_METHODS = {
+    "size",
+    "dim",
+    "numel",
+    "ndimension",
+    "is_floating_point",
+    "is_complex",
+    "is_contiguous",
+    "element_size",
+    "get_device",
+    "__len__",
+    "stride",
+    "storage_offset",
+    "is_signed",
+    "data_ptr",
+    "nelement",
+    "has_names",
+    "is_nonzero_",
+}
 _TO_PYTHON = (bool, int, float, complex, list, tuple)
 # random draws count as data: a branch on them may go the other way on the next call
-_RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm", "bernoulli",
-           "bernoulli_", "multinomial", "normal", "normal_", "uniform_", "random_", "exponential_", "poisson"}
+_RANDOM = {
+    "rand",
+    "randn",
+    "randint",
+    "rand_like",
+    "randn_like",
+    "randint_like",
+    "randperm",
+    "bernoulli",
+    "bernoulli_",
+    "multinomial",
+    "normal",
+    "normal_",
+    "uniform_",
+    "random_",
+    "exponential_",
+    "poisson",
+}
 
 
 def _is_leaf(m: nn.Module) -> bool:
@@ -81,9 +128,11 @@ class DataflowGraph:
             for name in names:
                 if path == "" or name == path or name.startswith(path + "."):
                     where = f"'{path}'" if path else "the model"
-                    return (f"the forward of {where} turns a tensor computed from the inputs into a Python "
-                            f"value ({what}): its control flow may depend on the data, so one traced run "
-                            "does not prove the data flow for other inputs")
+                    return (
+                        f"the forward of {where} turns a tensor computed from the inputs into a Python "
+                        f"value ({what}): its control flow may depend on the data, so one traced run "
+                        "does not prove the data flow for other inputs"
+                    )
         return None
 
 
@@ -197,8 +246,12 @@ class _Recorder(TorchFunctionMode):
             node = self.graph.call_method(name or "?", n_args, n_kwargs)
         # in-place: x.op_(…), x[i] = …, out=…: the node now produces that tensor
         mutated: list[Tensor] = []
-        if name and (name == "__setitem__" or (name.endswith("_") and not name.startswith("__"))
-                     or name.startswith("__i")) and args and isinstance(args[0], Tensor):
+        if (
+            name
+            and (name == "__setitem__" or (name.endswith("_") and not name.startswith("__")) or name.startswith("__i"))
+            and args
+            and isinstance(args[0], Tensor)
+        ):
             mutated.append(args[0])
         if isinstance(kwargs.get("out"), Tensor):
             mutated.append(kwargs["out"])

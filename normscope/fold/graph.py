@@ -17,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -47,9 +48,7 @@ def module_kind(m: nn.Module) -> Optional[str]:
     """'conv', 'convT', 'linear', 'bn', 'flatten' or 'identity' for a module whose forward is the
     stock PyTorch one (a subclass that overrides forward is something else); else None."""
     for cls, kind, methods in _KINDS:
-        if isinstance(m, cls) and all(
-            getattr(type(m), meth, None) is getattr(cls, meth, None) for meth in methods
-        ):
+        if isinstance(m, cls) and all(getattr(type(m), meth, None) is getattr(cls, meth, None) for meth in methods):
             return kind
     if isinstance(m, _DROPOUT) and not m.training:
         return "identity"

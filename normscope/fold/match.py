@@ -75,8 +75,9 @@ def _metadata_only(user: Node) -> bool:
     """A use that reads only shape/dtype metadata, which folding never changes."""
     if user.op == "call_method" and user.target in _META_METHODS:
         return True
-    return (user.op == "call_function" and user.target is getattr and len(user.args) == 2
-            and user.args[1] in _META_ATTRS) or (user.op == "call_function" and user.target is len)
+    return (
+        user.op == "call_function" and user.target is getattr and len(user.args) == 2 and user.args[1] in _META_ATTRS
+    ) or (user.op == "call_function" and user.target is len)
 
 
 _AS_METHODS = {"reshape_as", "view_as", "expand_as", "type_as"}
@@ -84,8 +85,14 @@ _AS_METHODS = {"reshape_as", "view_as", "expand_as", "type_as"}
 
 def _shape_template_only(user: Node, node: Node) -> bool:
     """``y.reshape_as(node)`` and friends read only ``node``'s shape (or dtype)."""
-    return (user.op == "call_method" and user.target in _AS_METHODS and len(user.args) == 2
-            and user.args[0] is not node and user.args[1] is node and not user.kwargs)
+    return (
+        user.op == "call_method"
+        and user.target in _AS_METHODS
+        and len(user.args) == 2
+        and user.args[0] is not node
+        and user.args[1] is node
+        and not user.kwargs
+    )
 
 
 def data_users(node: Node) -> list[Node]:
@@ -170,13 +177,18 @@ def find_producer(bn_node: Node, gm: GraphModule) -> tuple[Optional[Candidate], 
             return None, "input is not a traced tensor"
         users = len(data_users(x))
         if users != 1:
-            return None, (f"input {describe(x, gm)} has {users} consumers; folding into its "
-                          "producer would change the others")
+            return None, (
+                f"input {describe(x, gm)} has {users} consumers; folding into its producer would change the others"
+            )
         perm = _perm_of(x, gm)
         if perm is not None:
             axis = perm[axis]
-        elif (_is_flatten(x, gm) and x.args and isinstance(x.args[0], Node)
-              and all(isinstance(a, (int, tuple, list)) for a in x.args[1:])):
+        elif (
+            _is_flatten(x, gm)
+            and x.args
+            and isinstance(x.args[0], Node)
+            and all(isinstance(a, (int, tuple, list)) for a in x.args[1:])
+        ):
             src, dst = shape_of(x.args[0]), shape_of(x)
             back = None
             if src is not None and dst is not None:
@@ -185,8 +197,10 @@ def find_producer(bn_node: Node, gm: GraphModule) -> tuple[Optional[Candidate], 
                         back = a
                         break
             if back is None:
-                return None, (f"input comes through {describe(x, gm)}, which does not provably keep "
-                              f"BN's channel axis {axis} of {dst} as one axis of {src}")
+                return None, (
+                    f"input comes through {describe(x, gm)}, which does not provably keep "
+                    f"BN's channel axis {axis} of {dst} as one axis of {src}"
+                )
             axis = back
         else:
             break
@@ -204,8 +218,10 @@ def find_producer(bn_node: Node, gm: GraphModule) -> tuple[Optional[Candidate], 
     feat = _feature_axis(kind, len(out))
     bn_name = type(bn).__name__
     if axis != feat:
-        return None, (f"{bn_name} normalises axis {axis} of the {describe(x, gm)} output "
-                      f"{tuple(out)}, but that module writes its features on axis {feat}")
+        return None, (
+            f"{bn_name} normalises axis {axis} of the {describe(x, gm)} output "
+            f"{tuple(out)}, but that module writes its features on axis {feat}"
+        )
     n_out = mod.out_features if kind == "linear" else mod.out_channels
     if n_out != bn.num_features:
         return None, f"{describe(x, gm)} has {n_out} outputs, BN has {bn.num_features} channels"
@@ -234,10 +250,18 @@ def find_consumer(bn_node: Node, gm: GraphModule, opts: Options) -> tuple[Option
             axis = perm.index(axis)
         elif _is_flatten(u, gm) and repeat == 1:
             src, dst = shape_of(y), shape_of(u)
-            if (src is None or dst is None or axis != 1 or len(src) < 2 or len(dst) != 2
-                    or dst[0] != src[0] or dst[1] != math.prod(src[1:])):
-                return None, (f"output goes through {describe(u, gm)} that does not provably flatten "
-                              f"(N, C, …) into (N, C·…)")
+            if (
+                src is None
+                or dst is None
+                or axis != 1
+                or len(src) < 2
+                or len(dst) != 2
+                or dst[0] != src[0]
+                or dst[1] != math.prod(src[1:])
+            ):
+                return None, (
+                    f"output goes through {describe(u, gm)} that does not provably flatten (N, C, …) into (N, C·…)"
+                )
             repeat = math.prod(src[2:])
         else:
             break
@@ -256,8 +280,9 @@ def find_consumer(bn_node: Node, gm: GraphModule, opts: Options) -> tuple[Option
     chain = " → ".join([bn_name, *via, name])
     if kind == "linear":
         if axis != len(src) - 1:
-            return None, (f"{name} {describe(u, gm)} reads the last axis of {tuple(src)}, "
-                          f"but {bn_name} normalises axis {axis}")
+            return None, (
+                f"{name} {describe(u, gm)} reads the last axis of {tuple(src)}, but {bn_name} normalises axis {axis}"
+            )
         if mod.in_features != bn.num_features * repeat:
             return None, f"{describe(u, gm)} has {mod.in_features} inputs, not {bn.num_features}×{repeat}"
         return Candidate(bn_node, bn_node.target, "consumer", u, kind, chain, repeat=repeat), ""
@@ -268,12 +293,13 @@ def find_consumer(bn_node: Node, gm: GraphModule, opts: Options) -> tuple[Option
     pre_add = kind == "convT" or _zero_padded(mod)  # ConvTranspose: border outputs get fewer taps
     if pre_add and opts.zero_padding != "add":
         why = "ConvTranspose" if kind == "convT" else "zero padding"
-        return None, (f"{describe(u, gm)} uses {why}: the BN shift is not exact at the borders "
-                      "(pass zero_padding='add' to keep it as an add before the conv)")
+        return None, (
+            f"{describe(u, gm)} uses {why}: the BN shift is not exact at the borders "
+            "(pass zero_padding='add' to keep it as an add before the conv)"
+        )
     if pre_add:
         chain += " (scale folded, shift kept as an add)"
-    return Candidate(bn_node, bn_node.target, "consumer", u, kind, chain, pre_add=pre_add,
-                     groups=mod.groups), ""
+    return Candidate(bn_node, bn_node.target, "consumer", u, kind, chain, pre_add=pre_add, groups=mod.groups), ""
 
 
 def bn_precheck(bn: nn.Module) -> Optional[str]:
@@ -284,7 +310,9 @@ def bn_precheck(bn: nn.Module) -> Optional[str]:
     return None
 
 
-def find_candidates(gm: GraphModule, opts: Options, shape_error: Optional[str]) -> tuple[list[Candidate], list[tuple[Node, str]]]:
+def find_candidates(
+    gm: GraphModule, opts: Options, shape_error: Optional[str]
+) -> tuple[list[Candidate], list[tuple[Node, str]]]:
     """Candidates (one per foldable BN call site) and (bn_node, reason) for the others."""
     cands: list[Candidate] = []
     skipped: list[tuple[Node, str]] = []
@@ -316,8 +344,9 @@ def find_candidates(gm: GraphModule, opts: Options, shape_error: Optional[str]) 
             if cand is None:
                 cand, why_rep = find_reparam(node, gm)
                 if cand is None:
-                    skipped.append((node, f"input: {why_in}; output: {why_out}"
-                                    + (f"; branch: {why_rep}" if why_rep else "")))
+                    skipped.append(
+                        (node, f"input: {why_in}; output: {why_out}" + (f"; branch: {why_rep}" if why_rep else ""))
+                    )
                     continue
         cands.append(cand)
     return cands, skipped
@@ -336,8 +365,13 @@ def _is_add(node: Node) -> bool:
 
 def _through_identity(node: Node, gm: GraphModule) -> Node:
     """Back from ``node`` through single-use identity modules (folded BNs leave them)."""
-    while (node.op == "call_module" and module_kind(gm.get_submodule(node.target)) == "identity"
-           and len(node.args) == 1 and isinstance(node.args[0], Node) and len(data_users(node.args[0])) == 1):
+    while (
+        node.op == "call_module"
+        and module_kind(gm.get_submodule(node.target)) == "identity"
+        and len(node.args) == 1
+        and isinstance(node.args[0], Node)
+        and len(data_users(node.args[0])) == 1
+    ):
         node = node.args[0]
     return node
 
@@ -376,18 +410,31 @@ def find_reparam(bn_node: Node, gm: GraphModule) -> tuple[Optional[Candidate], s
         if conv_node.args != (x,) or conv_node.kwargs or len(data_users(conv_node)) != 1:
             continue
         k, d, p = conv.kernel_size, conv.dilation, conv.padding
-        if (isinstance(p, str) or any(s != 1 for s in conv.stride) or any(kk % 2 == 0 for kk in k)
-                or any(pp != (kk - 1) // 2 * dd for pp, kk, dd in zip(p, k, d))):
+        if (
+            isinstance(p, str)
+            or any(s != 1 for s in conv.stride)
+            or any(kk % 2 == 0 for kk in k)
+            or any(pp != (kk - 1) // 2 * dd for pp, kk, dd in zip(p, k, d))
+        ):
             continue
         if not (conv.in_channels == conv.out_channels == bn.num_features):
             continue
         if shape_of(conv_node) is None or shape_of(conv_node) != shape_of(x):
             continue
         pattern = f"BN identity branch + {type(conv).__name__} branch → {type(conv).__name__} (identity kernel)"
-        return Candidate(bn_node, bn_node.target, "reparam", conv_node, "conv", pattern, groups=conv.groups,
-                         add_node=users[0]), ""
+        return Candidate(
+            bn_node, bn_node.target, "reparam", conv_node, "conv", pattern, groups=conv.groups, add_node=users[0]
+        ), ""
     return None, why
 
 
-__all__ = ["Candidate", "Options", "find_candidates", "find_producer", "find_consumer", "find_reparam",
-           "bn_precheck", "reshape_axis"]
+__all__ = [
+    "Candidate",
+    "Options",
+    "find_candidates",
+    "find_producer",
+    "find_consumer",
+    "find_reparam",
+    "bn_precheck",
+    "reshape_axis",
+]

@@ -3,7 +3,6 @@ verify the file with onnxruntime (optimisations disabled) against the unfolded m
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -25,28 +24,41 @@ def _param_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def _export(model: nn.Module, inputs: tuple, path: Path, exporter: str, opset: Optional[int]) -> tuple[str, Optional[str], list[str]]:
+def _export(
+    model: nn.Module, inputs: tuple, path: Path, exporter: str, opset: Optional[int]
+) -> tuple[str, Optional[str], list[str]]:
     """Export with the requested exporter; "auto" falls back to TorchScript when dynamo fails.
     Returns (exporter used, dynamo error that caused a fallback, notes)."""
     dynamo_error, notes = None, []
     if exporter in ("auto", "dynamo"):
         try:
             with quiet_export():
-                torch.onnx.export(model, inputs, str(path), dynamo=True, verbose=False, opset_version=opset,
-                                  external_data=_param_bytes(model) > 1_800_000_000)
+                torch.onnx.export(
+                    model,
+                    inputs,
+                    str(path),
+                    dynamo=True,
+                    verbose=False,
+                    opset_version=opset,
+                    external_data=_param_bytes(model) > 1_800_000_000,
+                )
             return "dynamo", None, notes
         except Exception as exc:  # noqa: BLE001 - the exporter raises many types
             dynamo_error = one_line(exc)
             if exporter == "dynamo":
-                raise NormscopeError(f"the dynamo ONNX exporter failed: {dynamo_error}; "
-                                     "try exporter='torchscript'") from None
+                raise NormscopeError(
+                    f"the dynamo ONNX exporter failed: {dynamo_error}; try exporter='torchscript'"
+                ) from None
     try:
         with quiet_export() as caught:
-            torch.onnx.export(model, inputs, str(path), dynamo=False, opset_version=opset or 17,
-                              do_constant_folding=True)
+            torch.onnx.export(
+                model, inputs, str(path), dynamo=False, opset_version=opset or 17, do_constant_folding=True
+            )
         if any(issubclass(w.category, torch.jit.TracerWarning) for w in caught):
-            notes.append("TorchScript tracing turned Python values into constants (TracerWarning): the file is "
-                         "only valid for inputs that take the same branches and shapes as the example")
+            notes.append(
+                "TorchScript tracing turned Python values into constants (TracerWarning): the file is "
+                "only valid for inputs that take the same branches and shapes as the example"
+            )
     except Exception as exc:  # noqa: BLE001
         extra = f" (dynamo exporter: {dynamo_error})" if dynamo_error else ""
         raise NormscopeError(f"ONNX export failed: {one_line(exc)}{extra}") from None
@@ -126,25 +138,38 @@ def export_onnx(
     seconds = time.perf_counter() - start
     try:
         proto = onnx.load(str(target), load_external_data=False)
-        result = ExportResult(str(path), used, count_ops(proto), tolerance=tolerance, fold=fold_result,
-                              export_seconds=seconds, exporter_error=dynamo_error, notes=notes)
+        result = ExportResult(
+            str(path),
+            used,
+            count_ops(proto),
+            tolerance=tolerance,
+            fold=fold_result,
+            export_seconds=seconds,
+            exporter_error=dynamo_error,
+            notes=notes,
+        )
         if verify:
             if reference is None:
                 reference = _run(clone_model(model).double(), _to_double(inputs))
             got = [g for g in run_onnx(str(target), inputs) if np.issubdtype(np.asarray(g).dtype, np.floating)]
             if len(got) != len(reference):
-                raise VerificationError(f"the ONNX file returns {len(got)} outputs, the model {len(reference)}: "
-                                        f"nothing written to {path}; pass force=True (--force) to keep it anyway")
+                raise VerificationError(
+                    f"the ONNX file returns {len(got)} outputs, the model {len(reference)}: "
+                    f"nothing written to {path}; pass force=True (--force) to keep it anyway"
+                )
             result.max_abs_err, result.max_rel_err = compare_arrays([r.cpu().numpy() for r in reference], got)
             result.verified = result.max_rel_err <= tolerance
             if not result.verified and not force:
                 raise VerificationError(
                     f"the ONNX file does not match the unfolded model (max relative error {result.max_rel_err:.3g} > "
                     f"tolerance {tolerance:g}, onnxruntime without optimisation): nothing written to {path}; "
-                    "pass force=True (--force) to write it anyway")
+                    "pass force=True (--force) to write it anyway"
+                )
             if not result.verified:
-                result.notes.append(f"written although verification failed (force=True): max relative error "
-                                    f"{result.max_rel_err:.3g} > tolerance {tolerance:g}")
+                result.notes.append(
+                    f"written although verification failed (force=True): max relative error "
+                    f"{result.max_rel_err:.3g} > tolerance {tolerance:g}"
+                )
     except BaseException:
         _discard(target)
         raise

@@ -65,8 +65,9 @@ class _Graph:
         self.shape = {}  # static dims; None for a symbolic one
         for v in infos:
             if v.type.tensor_type.HasField("shape"):
-                self.shape[v.name] = tuple(int(d.dim_value) if d.HasField("dim_value") else None
-                                           for d in v.type.tensor_type.shape.dim)
+                self.shape[v.name] = tuple(
+                    int(d.dim_value) if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim
+                )
         for n in self.g.node:
             try:
                 value = _fold_constant(n, self.consts, self.elem)
@@ -80,11 +81,10 @@ class _Graph:
         for n in self.g.node:
             for a in n.attribute:
                 if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                    for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
                         for sg in subgraphs(sub):
                             self.nested |= {i for sn in sg.node for i in sn.input}
-        self.rank = {v.name: len(v.type.tensor_type.shape.dim) for v in infos
-                     if v.type.tensor_type.HasField("shape")}
+        self.rank = {v.name: len(v.type.tensor_type.shape.dim) for v in infos if v.type.tensor_type.HasField("shape")}
         self.counter = 0
         self.replaced: set[str] = set()
 
@@ -163,9 +163,9 @@ def _reshape_axis(src: tuple, dst: tuple, axis: int) -> Optional[int]:
     tail = src[axis:]
     if None in tail:
         return None
-    after = math.prod(src[axis + 1:])
+    after = math.prod(src[axis + 1 :])
     for b in range(len(dst)):
-        if dst[b] == src[axis] and None not in dst[b:] and math.prod(dst[b + 1:]) == after:
+        if dst[b] == src[axis] and None not in dst[b:] and math.prod(dst[b + 1 :]) == after:
             return b
     return None
 
@@ -173,7 +173,8 @@ def _reshape_axis(src: tuple, dst: tuple, axis: int) -> Optional[int]:
 def _fold_constant(n: Any, consts: dict, elem: dict) -> Optional[np.ndarray]:
     """The value of ``n``'s first output when it is a constant computable from constants by a
     small pure op; None otherwise."""
-    from onnx import helper as oh, numpy_helper
+    from onnx import helper as oh
+    from onnx import numpy_helper
 
     op = n.op_type
     if n.domain not in ("", "ai.onnx"):
@@ -198,8 +199,11 @@ def _fold_constant(n: Any, consts: dict, elem: dict) -> Optional[np.ndarray]:
     if op == "CastLike":
         if ins[0] is None:
             return None
-        target = ins[1].dtype if ins[1] is not None else (
-            oh.tensor_dtype_to_np_dtype(elem[n.input[1]]) if elem.get(n.input[1]) else None)
+        target = (
+            ins[1].dtype
+            if ins[1] is not None
+            else (oh.tensor_dtype_to_np_dtype(elem[n.input[1]]) if elem.get(n.input[1]) else None)
+        )
         return None if target is None else ins[0].astype(target)
     if any(x is None for x in ins if x is not None) or any(i and consts.get(i) is None for i in n.input):
         return None
@@ -272,11 +276,16 @@ def _fold_producer(G: _Graph, bn: Any, s: np.ndarray, t: np.ndarray) -> str:
         if p.op_type not in ("Reshape", "Flatten"):
             break
         src, dst = G.shape.get(p.input[0]), G.shape.get(x)
-        back = None if src is None or dst is None else next(
-            (a for a in range(len(src)) if _reshape_axis(src, dst, a) == axis), None)
+        back = (
+            None
+            if src is None or dst is None
+            else next((a for a in range(len(src)) if _reshape_axis(src, dst, a) == axis), None)
+        )
         if back is None:
-            raise ValueError(f"input comes through {p.op_type} '{p.name or x}' that does not provably keep "
-                             "BN's channel axis (shapes unknown or the axis is split/merged)")
+            raise ValueError(
+                f"input comes through {p.op_type} '{p.name or x}' that does not provably keep "
+                "BN's channel axis (shapes unknown or the axis is split/merged)"
+            )
         tail = tail or p
         axis, consumer, x = back, p, p.input[0]
         via.append(p.op_type)
@@ -325,15 +334,19 @@ def _fold_producer(G: _Graph, bn: Any, s: np.ndarray, t: np.ndarray) -> str:
         if w is None or w.ndim != 2 or w.shape[1] != s.size:
             raise ValueError(f"MatMul weight is not a constant matrix with {s.size} columns")
         if not via and G.rank.get(x) != 2:
-            raise ValueError(f"MatMul output rank is {G.rank.get(x, 'unknown')}: BN's channel axis 1 is "
-                             "provably its feature axis only for rank 2 (or through a Reshape that keeps it)")
+            raise ValueError(
+                f"MatMul output rank is {G.rank.get(x, 'unknown')}: BN's channel axis 1 is "
+                "provably its feature axis only for rank 2 (or through a Reshape that keeps it)"
+            )
         new_w = _cast(w.astype(np.float64) * s[None, :], w, "weights")
         new_b = None if b is None else _cast(s * b.astype(np.float64).reshape(-1) + t, b, "bias")
         shift = _cast(t, w, "shift") if b is None else None
         _set_input(G, mm, 1, new_w, "")
         if shift is not None and G.rank.get(bn_in) != 2:
-            raise ValueError("MatMul without a bias add and a BN input of rank ≠ 2: the shift would not broadcast "
-                             "on BN's channel axis")
+            raise ValueError(
+                "MatMul without a bias add and a BN input of rank ≠ 2: the shift would not broadcast "
+                "on BN's channel axis"
+            )
         if shift is not None:  # MatMul alone: the BN node becomes an Add of t
             bn.op_type, bn.domain = "Add", ""
             del bn.attribute[:]
@@ -404,7 +417,12 @@ def _fold_reparam(G: _Graph, bn: Any, s: np.ndarray, t: np.ndarray) -> tuple[str
     top = add
     while True:
         nxt = G.consumers.get(top.output[0], [])
-        if len(nxt) == 1 and nxt[0].op_type == "Add" and top.output[0] not in G.outputs and top.output[0] not in G.nested:
+        if (
+            len(nxt) == 1
+            and nxt[0].op_type == "Add"
+            and top.output[0] not in G.outputs
+            and top.output[0] not in G.nested
+        ):
             top = nxt[0]
         else:
             break
@@ -425,9 +443,13 @@ def _fold_reparam(G: _Graph, bn: Any, s: np.ndarray, t: np.ndarray) -> tuple[str
         dil = list(_attr(c, "dilations", [1] * len(k)))
         pads = list(_attr(c, "pads", [0] * 2 * len(k)))
         auto_pad = _attr(c, "auto_pad", b"NOTSET")
-        if (auto_pad not in (b"NOTSET", "NOTSET") or any(st != 1 for st in strides) or any(kk % 2 == 0 for kk in k)
-                or w.shape[1] * group != s.size
-                or pads != [(kk - 1) // 2 * d for kk, d in zip(k, dil)] * 2):
+        if (
+            auto_pad not in (b"NOTSET", "NOTSET")
+            or any(st != 1 for st in strides)
+            or any(kk % 2 == 0 for kk in k)
+            or w.shape[1] * group != s.size
+            or pads != [(kk - 1) // 2 * d for kk, d in zip(k, dil)] * 2
+        ):
             continue
         w64 = w.astype(np.float64).copy()
         o = np.arange(s.size)
@@ -458,8 +480,11 @@ def _fold_into_gemm(G: _Graph, bn: Any, c: Any, s: np.ndarray, t: np.ndarray) ->
     new_bk = bk * s[:, None]
     new_c = (0.0 if cc is None else beta * cc.astype(np.float64)) + alpha * (t @ bk)
     new_b = _cast(new_bk.T if trans_b else new_bk, bm, "weights")
-    new_c = _cast(np.broadcast_to(new_c, np.broadcast_shapes(np.shape(new_c), (bk.shape[1],))).copy(),
-                  bm if cc is None else cc, "bias")
+    new_c = _cast(
+        np.broadcast_to(new_c, np.broadcast_shapes(np.shape(new_c), (bk.shape[1],))).copy(),
+        bm if cc is None else cc,
+        "bias",
+    )
     _set_input(G, c, 1, new_b, "")
     _set_input(G, c, 2, new_c, (c.name or c.output[0]) + "_C")
     _set_attr(c, "beta", 1.0)
@@ -512,8 +537,15 @@ def _fold_one(G: _Graph, bn: Any) -> tuple[Optional[FoldedPair], str]:
     return FoldedPair(layer=layer_name, bn=name, pattern=pattern, role=role), ""
 
 
-def fold_onnx(path_in: str | Path, path_out: str | Path, verify: bool = True, *, tolerance: float = 1e-4,
-              seed: int = 0, force: bool = False) -> OnnxFoldResult:
+def fold_onnx(
+    path_in: str | Path,
+    path_out: str | Path,
+    verify: bool = True,
+    *,
+    tolerance: float = 1e-4,
+    seed: int = 0,
+    force: bool = False,
+) -> OnnxFoldResult:
     """Fold BatchNormalization nodes of ``path_in`` into neighbouring Conv/ConvTranspose/Gemm/
     MatMul nodes; write ``path_out``; verify outputs on random inputs of the declared shapes
     (onnxruntime, optimisations off). A file that fails verification is removed again and
@@ -559,7 +591,9 @@ def fold_onnx(path_in: str | Path, path_out: str | Path, verify: bool = True, *,
             from normscope.fold.onnx_export import VerificationError
 
             Path(path_out).unlink(missing_ok=True)
-            raise VerificationError(f"the folded file does not match {path_in} (max relative error "
-                                    f"{result.max_rel_err:.3g} > tolerance {tolerance:g}): {path_out} not written; "
-                                    "pass force=True to keep it anyway")
+            raise VerificationError(
+                f"the folded file does not match {path_in} (max relative error "
+                f"{result.max_rel_err:.3g} > tolerance {tolerance:g}): {path_out} not written; "
+                "pass force=True to keep it anyway"
+            )
     return result

@@ -6,7 +6,8 @@ import contextlib
 import io
 import logging
 import warnings
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -89,12 +90,14 @@ def random_feeds(sess: Any, seed: int = 0, dim: int = 1) -> dict[str, np.ndarray
 
 def compare_arrays(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> tuple[float, float]:
     """max |Δ| and max |Δ| / max |ref| over all outputs, in float64."""
-    from normscope.fold.api import compare
-
     import torch
 
-    res = compare([torch.from_numpy(np.asarray(r, dtype=np.float64)) for r in reference],
-                  [torch.from_numpy(np.asarray(c, dtype=np.float64)) for c in candidate])
+    from normscope.fold.api import compare
+
+    res = compare(
+        [torch.from_numpy(np.asarray(r, dtype=np.float64)) for r in reference],
+        [torch.from_numpy(np.asarray(c, dtype=np.float64)) for c in candidate],
+    )
     return res.max_abs, res.max_rel
 
 
@@ -102,14 +105,19 @@ def compare_arrays(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarr
 def quiet_export() -> Iterator[list]:
     """Silence the exporter's warnings, prints and log lines (e.g. 'torchvision is not
     installed'); yields the list of recorded warnings."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "torch._dynamo",
-                                              "torch.fx", "onnxscript")]
+    loggers = [
+        logging.getLogger(n)
+        for n in ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "torch.fx", "onnxscript")
+    ]
     levels = [lg.level for lg in loggers]
     try:
         for lg in loggers:
             lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
+        with (
+            warnings.catch_warnings(record=True) as caught,
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
             warnings.simplefilter("always")
             yield caught
     finally:

@@ -43,15 +43,21 @@ def hook_refusal(mod: nn.Module, name: str) -> Optional[str]:
 
     glob = _global_hooks()
     if glob:
-        return (f"a global module forward hook is registered ({glob[0]}): it sees every layer's output, "
-                "which folding changes; remove it before folding")
+        return (
+            f"a global module forward hook is registered ({glob[0]}): it sees every layer's output, "
+            "which folding changes; remove it before folding"
+        )
     for h in mod._forward_pre_hooks.values():
         if not isinstance(h, (prune.BasePruningMethod, WeightNorm, SpectralNorm)):
-            return (f"'{name}' has a forward pre-hook ({_hook_name(h)}) that may change its input: "
-                    "remove the hook before folding")
+            return (
+                f"'{name}' has a forward pre-hook ({_hook_name(h)}) that may change its input: "
+                "remove the hook before folding"
+            )
     for h in mod._forward_hooks.values():
-        return (f"'{name}' has a forward hook ({_hook_name(h)}) that sees or changes its output, which "
-                "folding changes: remove the hook before folding")
+        return (
+            f"'{name}' has a forward hook ({_hook_name(h)}) that sees or changes its output, which "
+            "folding changes: remove the hook before folding"
+        )
     return None
 
 
@@ -67,13 +73,14 @@ def materialize(mod: nn.Module) -> list[str]:
         # remove_parametrizations deletes the property from the module's class, which a deep
         # copy shares with the original: give this module a class of its own first
         cls = type(mod)
-        mod.__class__ = type(cls.__name__, cls.__bases__,
-                             {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")})
+        mod.__class__ = type(
+            cls.__name__, cls.__bases__, {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+        )
         for tname in list(mod.parametrizations.keys()):
             with torch.no_grad():
                 parametrize.remove_parametrizations(mod, tname, leave_parametrized=True)
             dropped.append(f"parametrization of {tname}")
-    for key, h in list(mod._forward_pre_hooks.items()):
+    for _key, h in list(mod._forward_pre_hooks.items()):
         if isinstance(h, prune.BasePruningMethod):
             prune.remove(mod, h._tensor_name)
             dropped.append(f"pruning of {h._tensor_name}")

@@ -18,7 +18,8 @@ torch.distributed the sums are all-reduced (one collective) and K is broadcast f
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -110,14 +111,16 @@ def recalibrate_bn(
             counts[i] += flat.shape[1]
             calls[i] += 1
             most[i] = max(most[i], calls[i])
+
         return hook
 
     def reset(mod: nn.Module, args: tuple) -> None:
         calls[:] = [0] * len(calls)
 
     saved = [(m, m.training) for m in model.modules()]
-    state = [(bn.momentum, bn.num_batches_tracked.clone() if bn.num_batches_tracked is not None else None)
-             for bn in bns]
+    state = [
+        (bn.momentum, bn.num_batches_tracked.clone() if bn.num_batches_tracked is not None else None) for bn in bns
+    ]
     handles = [model.register_forward_pre_hook(reset)]
     handles += [bn.register_forward_pre_hook(make_hook(i)) for i, bn in enumerate(bns)]
     n_batches = n_samples = 0
@@ -155,7 +158,7 @@ def recalibrate_bn(
         parts = packed.split([2 * s.numel() + 1 for s in sums])
         for i, p in enumerate(parts):
             c = sums[i].numel()
-            sums[i], sqs[i], counts[i] = p[:c], p[c:2 * c], p[2 * c]
+            sums[i], sqs[i], counts[i] = p[:c], p[c : 2 * c], p[2 * c]
 
     done = []
     for i, bn in enumerate(bns):

@@ -28,17 +28,75 @@ from torch.fx import GraphModule, Node
 
 from normscope.fold.graph import module_kind, one_line, trace
 
-_ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
-                        nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity,
-                        nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-_ELEMENTWISE_FUNCS = {F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, torch.sigmoid,
-                      F.sigmoid, torch.tanh, F.tanh, F.leaky_relu, F.elu, F.mish, F.softplus, F.hardtanh,
-                      F.dropout, operator.mul, operator.add, operator.sub, operator.truediv, torch.mul, torch.add,
-                      torch.clamp}
-_ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "mul", "add", "sub", "div", "clamp", "relu_", "mul_", "add_",
-                        "clamp_", "sigmoid_", "tanh_", "contiguous"}
+_ELEMENTWISE_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.Mish,
+    nn.Softplus,
+    nn.Hardtanh,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+)
+_ELEMENTWISE_FUNCS = {
+    F.relu,
+    torch.relu,
+    F.relu6,
+    F.silu,
+    F.gelu,
+    F.hardswish,
+    F.hardsigmoid,
+    torch.sigmoid,
+    F.sigmoid,
+    torch.tanh,
+    F.tanh,
+    F.leaky_relu,
+    F.elu,
+    F.mish,
+    F.softplus,
+    F.hardtanh,
+    F.dropout,
+    operator.mul,
+    operator.add,
+    operator.sub,
+    operator.truediv,
+    torch.mul,
+    torch.add,
+    torch.clamp,
+}
+_ELEMENTWISE_METHODS = {
+    "relu",
+    "sigmoid",
+    "tanh",
+    "mul",
+    "add",
+    "sub",
+    "div",
+    "clamp",
+    "relu_",
+    "mul_",
+    "add_",
+    "clamp_",
+    "sigmoid_",
+    "tanh_",
+    "contiguous",
+}
 _META = {"ndim", "shape", "dtype", "device", "dim", "size"}
 _BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
 
 def _bn_args(node: Node) -> dict:
     bound = dict(zip(_BN_ARGS, node.args))
@@ -71,8 +129,10 @@ def _elementwise(node: Node, gm: GraphModule) -> bool:
     others = [a for a in node.all_input_nodes]
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
-        stock = isinstance(mod, _ELEMENTWISE_MODULES) and type(mod).forward is next(
-            c for c in type(mod).__mro__ if c in _ELEMENTWISE_MODULES).forward
+        stock = (
+            isinstance(mod, _ELEMENTWISE_MODULES)
+            and type(mod).forward is next(c for c in type(mod).__mro__ if c in _ELEMENTWISE_MODULES).forward
+        )
         if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.training:
             return False
         return stock and len(others) == 1
@@ -88,8 +148,10 @@ def _analyze(bn: nn.Module) -> tuple[Optional[nn.Module], str]:
     try:
         gm = trace(bn)
     except Exception as exc:  # noqa: BLE001 - fx raises many types
-        return None, (f"{name} overrides BatchNorm's forward, which does not trace with torch.fx "
-                      f"({one_line(exc)}): not provably 'BN, then elementwise', not folded")
+        return None, (
+            f"{name} overrides BatchNorm's forward, which does not trace with torch.fx "
+            f"({one_line(exc)}): not provably 'BN, then elementwise', not folded"
+        )
     refuse = f"{name} overrides BatchNorm's forward and it is not 'BN, then elementwise'"
     nodes = list(gm.graph.nodes)
     places = [n for n in nodes if n.op == "placeholder"]
@@ -123,8 +185,12 @@ def _analyze(bn: nn.Module) -> tuple[Optional[nn.Module], str]:
         if _depends_on(n, call, memo):
             if not _elementwise(n, gm):
                 return None, f"{refuse} ({getattr(n.target, '__name__', n.target)} after the BN): not folded"
-        elif not (_is_meta(n) or n.target is torch._assert or n.op == "call_function"
-                  and n.target in (operator.eq, operator.ne, operator.ge, operator.le, operator.gt, operator.lt)):
+        elif not (
+            _is_meta(n)
+            or n.target is torch._assert
+            or n.op == "call_function"
+            and n.target in (operator.eq, operator.ne, operator.ge, operator.le, operator.gt, operator.lt)
+        ):
             return None, f"{refuse} ({getattr(n.target, '__name__', n.target)} besides the BN): not folded"
     call.replace_all_uses_with(x)
     gm.graph.erase_node(call)

@@ -115,8 +115,9 @@ class FoldResult(_Record):
 
     def __repr__(self) -> str:
         err = "not computed" if self.error is None else f"max rel {self.error.max_rel:.2e}"
-        return (f"FoldResult(folded={len(self.folded)}, skipped={len(self.skipped)}, "
-                f"tracing={self.tracing!r}, error={err})")
+        return (
+            f"FoldResult(folded={len(self.folded)}, skipped={len(self.skipped)}, tracing={self.tracing!r}, error={err})"
+        )
 
 
 @dataclass

@@ -120,17 +120,26 @@ class Rewriter:
     def _refuse_shared(self, cand: Candidate, mod: nn.Module, bn: nn.Module) -> Optional[str]:
         if self.mode not in ("modules", "eager"):
             return None
-        fix = ("use inplace=False" if self.mode == "modules" else
-               "the forward was recorded, not traced, so this site cannot get its own copy")
+        fix = (
+            "use inplace=False"
+            if self.mode == "modules"
+            else "the forward was recorded, not traced, so this site cannot get its own copy"
+        )
         if not self.exclusive(mod):
-            return (f"'{self.full(cand.node.target)}' is called at {self.calls[id(mod)]} sites, is read directly or "
-                    f"shares its weights; folding it in place would change the others: {fix}")
+            return (
+                f"'{self.full(cand.node.target)}' is called at {self.calls[id(mod)]} sites, is read directly or "
+                f"shares its weights; folding it in place would change the others: {fix}"
+            )
         if self.calls[id(bn)] != 1:
-            return (f"the BN module is called at {self.calls[id(bn)]} sites; "
-                    f"swapping it out in place would change the others: {fix}")
+            return (
+                f"the BN module is called at {self.calls[id(bn)]} sites; "
+                f"swapping it out in place would change the others: {fix}"
+            )
         if id(bn) in self.read:
-            return (f"the BN's parameters or buffers are read directly outside its call; swapping it out "
-                    f"would break those reads: {fix}")
+            return (
+                f"the BN's parameters or buffers are read directly outside its call; swapping it out "
+                f"would break those reads: {fix}"
+            )
         return None
 
     def apply(self, cand: Candidate) -> tuple[Optional[Applied], str]:
@@ -149,8 +158,10 @@ class Rewriter:
         if why:
             return None, why
         if cand.pre_add and (s == 0).any():
-            return None, (f"γ = 0 on channel(s) {_channels(s == 0)}: the BN shift cannot move in front "
-                          "of the scale for a zero-padded conv")
+            return None, (
+                f"γ = 0 on channel(s) {_channels(s == 0)}: the BN shift cannot move in front "
+                "of the scale for a zero-padded conv"
+            )
         dropped = materialize(mod)  # exact: the value the forward uses now
         shift = None
         if cand.role == "producer":
@@ -166,8 +177,10 @@ class Rewriter:
         for name, value in (("weights", w), ("bias", b), ("shift", shift)):
             if value is not None and not _finite_in(value, dtype):
                 peak = value[torch.isfinite(value)].abs().max().item() if torch.isfinite(value).any() else float("nan")
-                return None, (f"folded {name} are not finite in {str(dtype).replace('torch.', '')} "
-                              f"(largest finite |value| {peak:.3g}): refused")
+                return None, (
+                    f"folded {name} are not finite in {str(dtype).replace('torch.', '')} "
+                    f"(largest finite |value| {peak:.3g}): refused"
+                )
         layer_name, copy_of = cand.node.target, None
         if not self.exclusive(mod):  # graph mode only: fold into a fresh copy for this site
             copy_of = self.full(cand.node.target)
@@ -180,8 +193,9 @@ class Rewriter:
             mod.weight.copy_(w.to(dtype))
             if b is not None:
                 if mod.bias is None:
-                    mod.bias = nn.Parameter(b.to(device=mod.weight.device, dtype=dtype),
-                                            requires_grad=mod.weight.requires_grad)
+                    mod.bias = nn.Parameter(
+                        b.to(device=mod.weight.device, dtype=dtype), requires_grad=mod.weight.requires_grad
+                    )
                 else:
                     mod.bias.copy_(b.to(mod.bias.dtype))
         replacement: nn.Module = cand.remainder if cand.remainder is not None else nn.Identity()
@@ -205,9 +219,16 @@ class Rewriter:
             name = self._unique(cand.bn_target + ("_shift" if shift is not None else "_rest"))
             gm.add_submodule(name, replacement)
             cand.bn_node.target = name
-        pair = FoldedPair(layer=self.full(layer_name), bn=self.full(cand.bn_target), pattern=cand.pattern,
-                          role=cand.role, site=self.full(site) if self.prefix else site, copy_of=copy_of,
-                          pre_add=shift is not None, materialized=dropped)
+        pair = FoldedPair(
+            layer=self.full(layer_name),
+            bn=self.full(cand.bn_target),
+            pattern=cand.pattern,
+            role=cand.role,
+            site=self.full(site) if self.prefix else site,
+            copy_of=copy_of,
+            pre_add=shift is not None,
+            materialized=dropped,
+        )
         return Applied(pair, mod, s, bn.running_var.detach().to(torch.float64), shift), ""
 
     def finish(self, prune: bool) -> None:

@@ -53,11 +53,13 @@ def test_cli_refuses_without_force(tmp_path):
     from normscope_cli.app import app
 
     src = tmp_path / "noisy.py"
-    src.write_text("import torch\nfrom torch import nn\n\n"
-                   "class Noisy(nn.Module):\n"
-                   "    def __init__(self):\n        super().__init__()\n        self.conv = nn.Conv2d(3, 4, 1)\n\n"
-                   "    def forward(self, x):\n        return self.conv(x) + torch.rand_like(x[:, :1])\n\n"
-                   "def model():\n    return Noisy()\n")
+    src.write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "class Noisy(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.conv = nn.Conv2d(3, 4, 1)\n\n"
+        "    def forward(self, x):\n        return self.conv(x) + torch.rand_like(x[:, :1])\n\n"
+        "def model():\n    return Noisy()\n"
+    )
     out = tmp_path / "m.onnx"
     runner = CliRunner()
     args = ["fold", str(src), "-s", "1,3,4,4", "-o", str(out), "--exporter", "torchscript"]

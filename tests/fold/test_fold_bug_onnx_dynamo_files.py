@@ -23,8 +23,9 @@ def _export(model, x, path):
 
 def test_dynamo_file_with_computed_conv_bias_folds(tmp_path):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-                          nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)
+    ).eval()
     for bn in (model[1], model[4]):
         bn.running_mean.uniform_(-1, 1)
         bn.running_var.uniform_(0.5, 2)

@@ -21,8 +21,9 @@ def test_identity_routed_bn_parameters_fold(tmp_path):
     model = nn.Sequential(*layers).eval()  # default BN parameters: all identical
     src = tmp_path / "legacy.onnx"
     with quiet_export():
-        torch.onnx.export(model, (torch.randn(1, 4, 6, 6),), str(src), dynamo=False, opset_version=18,
-                          do_constant_folding=False)
+        torch.onnx.export(
+            model, (torch.randn(1, 4, 6, 6),), str(src), dynamo=False, opset_version=18, do_constant_folding=False
+        )
     proto = onnx.load(str(src))
     assert count_ops(proto) == 4 and count_ops(proto, "Identity") > 0  # the case of the bug
     res = fold_onnx(src, tmp_path / "folded.onnx")

@@ -11,7 +11,9 @@ from normscope.fold import fold_bn
 
 
 def test_grouped_conv_transpose_bn_folds_exactly():
-    model = randomize_all(nn.Sequential(nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), nn.BatchNorm2d(6)), "neg_gamma").double()
+    model = randomize_all(
+        nn.Sequential(nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), nn.BatchNorm2d(6)), "neg_gamma"
+    ).double()
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     ref = copy.deepcopy(model)
     res = fold_bn(model, x)

@@ -23,9 +23,19 @@ def _wrong_for_five_channels(weight, bias, s, t, kind, groups=1):
 
 def _net():
     torch.manual_seed(0)
-    return randomize_all(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                                       nn.Conv2d(4, 5, 3), nn.BatchNorm2d(5), nn.ReLU(),
-                                       nn.Conv2d(5, 6, 1), nn.BatchNorm2d(6)), "neg_gamma")
+    return randomize_all(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 5, 3),
+            nn.BatchNorm2d(5),
+            nn.ReLU(),
+            nn.Conv2d(5, 6, 1),
+            nn.BatchNorm2d(6),
+        ),
+        "neg_gamma",
+    )
 
 
 def test_a_fold_that_fails_the_check_is_undone_and_refused():

@@ -48,13 +48,15 @@ def test_json_only_on_stdout(app):
 
 def test_skipped_pairs_have_reasons_and_no_verify(app, tmp_path):
     src = tmp_path / "m.py"
-    src.write_text(textwrap.dedent("""
+    src.write_text(
+        textwrap.dedent("""
         import torch
         from torch import nn
         def build_model():
             print("noise on stdout")  # must not break --format json
             return nn.Sequential(nn.Linear(10, 5), nn.BatchNorm2d(5)).eval()
-    """))
+    """)
+    )
     res = run(app, str(src), "-s", "2,5,3,10", "--format", "json", "--no-verify")
     assert res.exit_code == 0, res.stderr
     report = json.loads(res.stdout)
@@ -66,7 +68,8 @@ def test_skipped_pairs_have_reasons_and_no_verify(app, tmp_path):
 
 def test_recalibrate_with_recipe(app, tmp_path):
     recipe = tmp_path / "recipe.py"
-    recipe.write_text(textwrap.dedent("""
+    recipe.write_text(
+        textwrap.dedent("""
         import torch
         from torch import nn
         from normscope import Recipe
@@ -74,24 +77,28 @@ def test_recalibrate_with_recipe(app, tmp_path):
             g = torch.Generator().manual_seed(0)
             data = [(torch.randn(4, 3, 32, 32, generator=g), torch.zeros(4)) for _ in range(3)]
             return Recipe(nn.Identity(), data, nn.functional.mse_loss)
-    """))
+    """)
+    )
     res = run(app, FIXTURE, "-s", "1,3,32,32", "--recalibrate", str(recipe), "--format", "json")
     assert res.exit_code == 0, res.stderr
     rec = json.loads(res.stdout)["recalibration"]
     assert rec["batches"] == 3 and rec["samples"] == 12 and len(rec["bns"]) == 9
 
 
-@pytest.mark.parametrize("args, message", [
-    (["missing.py", "-s", "1,3"], "does not exist"),
-    (["missing_dir/model.py:f", "-s", "1,3"], "does not exist"),
-    ([f"{FIXTURE}:nope", "-s", "1,3"], "has no function nope"),
-    ([FIXTURE, "-s", "1,x3"], "bad --input-shape"),
-    ([FIXTURE, "-s", "1,3,0"], "bad --input-shape"),
-    ([FIXTURE, "-s", "1,3,8"], "fails on the example inputs"),
-    ([FIXTURE, "-s", "1,3,32,32", "--format", "xml"], "--format"),
-    ([f"{FIXTURE}:conv_bn", "-s", "1,3,32,32"], "failed"),
-    (["no_such_module_xyz:f", "-s", "1"], "could not be imported"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["missing.py", "-s", "1,3"], "does not exist"),
+        (["missing_dir/model.py:f", "-s", "1,3"], "does not exist"),
+        ([f"{FIXTURE}:nope", "-s", "1,3"], "has no function nope"),
+        ([FIXTURE, "-s", "1,x3"], "bad --input-shape"),
+        ([FIXTURE, "-s", "1,3,0"], "bad --input-shape"),
+        ([FIXTURE, "-s", "1,3,8"], "fails on the example inputs"),
+        ([FIXTURE, "-s", "1,3,32,32", "--format", "xml"], "--format"),
+        ([f"{FIXTURE}:conv_bn", "-s", "1,3,32,32"], "failed"),
+        (["no_such_module_xyz:f", "-s", "1"], "could not be imported"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(app, args, message):
     res = run(app, *args)
     assert res.exit_code == 2

@@ -55,13 +55,18 @@ def test_conv_consumer_and_pre_add(layout, seed):
     b = torch.randn(cout, generator=g, dtype=torch.float64)
     y = _apply_bn(x, mean, var, gamma, beta)
     w2, b2 = fm.fold_into_consumer(w, b, s, t, "conv", groups)
-    torch.testing.assert_close(F.conv1d(x, w2, b2, stride, groups=groups), F.conv1d(y, w, b, stride, groups=groups),
-                               rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(
+        F.conv1d(x, w2, b2, stride, groups=groups), F.conv1d(y, w, b, stride, groups=groups), rtol=1e-11, atol=1e-11
+    )
     pad = k // 2  # zero padding: only the scale folds; the shift stays as an add before the conv
     w3 = fm.scale_consumer_input(w, s, "conv", groups)
     a = fm.pre_add_shift(s, t).view(1, -1, 1)
-    torch.testing.assert_close(F.conv1d(x + a, w3, b, stride, pad, groups=groups),
-                               F.conv1d(y, w, b, stride, pad, groups=groups), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        F.conv1d(x + a, w3, b, stride, pad, groups=groups),
+        F.conv1d(y, w, b, stride, pad, groups=groups),
+        rtol=1e-10,
+        atol=1e-10,
+    )
 
 
 def test_linear_through_flatten():

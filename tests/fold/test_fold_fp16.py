@@ -8,14 +8,16 @@ from normscope.fold import fold_bn
 
 
 def test_tiny_variance_channel_is_reported():
-    model = randomize_all(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2)), "neg_gamma")
+    model = randomize_all(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2)), "neg_gamma"
+    )
     with torch.no_grad():
         model[1].running_var[2] = 1e-8
     res = fold_bn(model, torch.randn(1, 3, 5, 5))
     assert len(res.folded) == 2
     risk = {r.bn: r for r in res.fp16_risk}
     assert risk["1"].tiny_var_channels == [2] and risk["1"].at_risk
-    assert risk["1"].max_scale > abs(float(model[1].weight.detach()[2])) / (1e-5 ** 0.5) * 0.99
+    assert risk["1"].max_scale > abs(float(model[1].weight.detach()[2])) / (1e-5**0.5) * 0.99
     assert risk["3"].tiny_var_channels == [] and not risk["3"].at_risk
     for r in res.fp16_risk:
         assert all(map(lambda v: v == v and abs(v) < float("inf"), (r.max_abs_weight, r.max_abs_bias, r.max_scale)))

@@ -30,8 +30,15 @@ def test_bn_inside_local_functions_folds(tmp_path):
             m.running_var.uniform_(0.5, 2)
     src = tmp_path / "functions.onnx"
     with quiet_export():
-        torch.onnx.export(model, (torch.randn(1, 4, 5, 5),), str(src), dynamo=False, opset_version=18,
-                          do_constant_folding=False, export_modules_as_functions={ConvBN})
+        torch.onnx.export(
+            model,
+            (torch.randn(1, 4, 5, 5),),
+            str(src),
+            dynamo=False,
+            opset_version=18,
+            do_constant_folding=False,
+            export_modules_as_functions={ConvBN},
+        )
     proto = onnx.load(str(src))
     assert len(proto.functions) >= 1 and count_ops(proto) >= 1
     res = fold_onnx(src, tmp_path / "folded.onnx")

@@ -51,33 +51,114 @@ def BN(dim: int, c: int, affine: bool) -> nn.Module:
 PATTERNS = {
     "conv1d+bias": (lambda a: Chain(nn.Conv1d(4, 6, 3), BN(1, 6, a)), (2, 4, 9), ["producer"], 0),
     "conv2d groups dilation stride nobias": (
-        lambda a: Chain(nn.Conv2d(4, 6, 3, stride=2, dilation=2, groups=2, bias=False), BN(2, 6, a)), (2, 4, 11, 11), ["producer"], 0),
-    "conv2d depthwise": (lambda a: Chain(nn.Conv2d(6, 6, 3, padding=1, groups=6), BN(2, 6, a)), (2, 6, 7, 7), ["producer"], 0),
-    "conv3d groups": (lambda a: Chain(nn.Conv3d(4, 8, 2, groups=4, bias=False), BN(3, 8, a)), (2, 4, 4, 5, 5), ["producer"], 0),
-    "convT1d groups": (lambda a: Chain(nn.ConvTranspose1d(4, 6, 3, stride=2, groups=2), BN(1, 6, a)), (2, 4, 7), ["producer"], 0),
+        lambda a: Chain(nn.Conv2d(4, 6, 3, stride=2, dilation=2, groups=2, bias=False), BN(2, 6, a)),
+        (2, 4, 11, 11),
+        ["producer"],
+        0,
+    ),
+    "conv2d depthwise": (
+        lambda a: Chain(nn.Conv2d(6, 6, 3, padding=1, groups=6), BN(2, 6, a)),
+        (2, 6, 7, 7),
+        ["producer"],
+        0,
+    ),
+    "conv3d groups": (
+        lambda a: Chain(nn.Conv3d(4, 8, 2, groups=4, bias=False), BN(3, 8, a)),
+        (2, 4, 4, 5, 5),
+        ["producer"],
+        0,
+    ),
+    "convT1d groups": (
+        lambda a: Chain(nn.ConvTranspose1d(4, 6, 3, stride=2, groups=2), BN(1, 6, a)),
+        (2, 4, 7),
+        ["producer"],
+        0,
+    ),
     "convT2d groups dilation outpad nobias": (
-        lambda a: Chain(nn.ConvTranspose2d(6, 9, 3, stride=2, padding=1, output_padding=1, groups=3, dilation=1, bias=False),
-                        BN(2, 9, a)), (2, 6, 5, 5), ["producer"], 0),
-    "convT3d groups": (lambda a: Chain(nn.ConvTranspose3d(4, 6, 2, groups=2), BN(3, 6, a)), (1, 4, 3, 3, 3), ["producer"], 0),
+        lambda a: Chain(
+            nn.ConvTranspose2d(6, 9, 3, stride=2, padding=1, output_padding=1, groups=3, dilation=1, bias=False),
+            BN(2, 9, a),
+        ),
+        (2, 6, 5, 5),
+        ["producer"],
+        0,
+    ),
+    "convT3d groups": (
+        lambda a: Chain(nn.ConvTranspose3d(4, 6, 2, groups=2), BN(3, 6, a)),
+        (1, 4, 3, 3, 3),
+        ["producer"],
+        0,
+    ),
     "linear bn1d 2d": (lambda a: Chain(nn.Linear(7, 5), BN(1, 5, a)), (4, 7), ["producer"], 0),
     "linear nobias bn1d": (lambda a: Chain(nn.Linear(7, 5, bias=False), BN(1, 5, a)), (4, 7), ["producer"], 0),
-    "linear 3d permute bn1d": (lambda a: Chain(nn.Linear(7, 5), BN(1, 5, a), after={0: "permute021"}), (3, 4, 7), ["producer"], 0),
+    "linear 3d permute bn1d": (
+        lambda a: Chain(nn.Linear(7, 5), BN(1, 5, a), after={0: "permute021"}),
+        (3, 4, 7),
+        ["producer"],
+        0,
+    ),
     "bn conv pad0 groups": (lambda a: Chain(BN(2, 6, a), nn.Conv2d(6, 4, 3, groups=2)), (2, 6, 7, 7), ["consumer"], 0),
-    "bn conv reflect": (lambda a: Chain(BN(2, 4, a), nn.Conv2d(4, 5, 3, padding=1, padding_mode="reflect")), (2, 4, 6, 6), ["consumer"], 0),
+    "bn conv reflect": (
+        lambda a: Chain(BN(2, 4, a), nn.Conv2d(4, 5, 3, padding=1, padding_mode="reflect")),
+        (2, 4, 6, 6),
+        ["consumer"],
+        0,
+    ),
     "bn conv replicate nobias": (
-        lambda a: Chain(BN(1, 4, a), nn.Conv1d(4, 5, 3, padding=2, padding_mode="replicate", bias=False)), (2, 4, 8), ["consumer"], 0),
-    "bn conv circular": (lambda a: Chain(BN(2, 4, a), nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular")), (2, 4, 6, 6), ["consumer"], 0),
+        lambda a: Chain(BN(1, 4, a), nn.Conv1d(4, 5, 3, padding=2, padding_mode="replicate", bias=False)),
+        (2, 4, 8),
+        ["consumer"],
+        0,
+    ),
+    "bn conv circular": (
+        lambda a: Chain(BN(2, 4, a), nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular")),
+        (2, 4, 6, 6),
+        ["consumer"],
+        0,
+    ),
     "bn conv zero padding (pre-add)": (
-        lambda a: Chain(BN(2, 4, a), nn.Conv2d(4, 6, 3, padding=1, stride=2, groups=2)), (2, 4, 7, 7), ["consumer"], 1),
-    "bn convT (pre-add)": (lambda a: Chain(BN(2, 4, a), nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2)), (2, 4, 5, 5), ["consumer"], 1),
+        lambda a: Chain(BN(2, 4, a), nn.Conv2d(4, 6, 3, padding=1, stride=2, groups=2)),
+        (2, 4, 7, 7),
+        ["consumer"],
+        1,
+    ),
+    "bn convT (pre-add)": (
+        lambda a: Chain(BN(2, 4, a), nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2)),
+        (2, 4, 5, 5),
+        ["consumer"],
+        1,
+    ),
     "bn linear": (lambda a: Chain(BN(1, 6, a), nn.Linear(6, 3)), (4, 6), ["consumer"], 0),
-    "bn flatten linear": (lambda a: Chain(BN(2, 3, a), nn.Flatten(), nn.Linear(3 * 4 * 4, 5)), (2, 3, 4, 4), ["consumer"], 0),
-    "bn torch.flatten linear": (lambda a: Chain(BN(2, 3, a), nn.Linear(48, 5), after={0: "torch.flatten"}), (2, 3, 4, 4), ["consumer"], 0),
-    "bn view linear": (lambda a: Chain(BN(3, 2, a), nn.Linear(2 * 27, 4), after={0: "view"}), (2, 2, 3, 3, 3), ["consumer"], 0),
-    "bn1d 3d transpose linear": (lambda a: Chain(BN(1, 4, a), nn.Linear(4, 3), after={0: "transpose12"}), (2, 4, 6), ["consumer"], 0),
+    "bn flatten linear": (
+        lambda a: Chain(BN(2, 3, a), nn.Flatten(), nn.Linear(3 * 4 * 4, 5)),
+        (2, 3, 4, 4),
+        ["consumer"],
+        0,
+    ),
+    "bn torch.flatten linear": (
+        lambda a: Chain(BN(2, 3, a), nn.Linear(48, 5), after={0: "torch.flatten"}),
+        (2, 3, 4, 4),
+        ["consumer"],
+        0,
+    ),
+    "bn view linear": (
+        lambda a: Chain(BN(3, 2, a), nn.Linear(2 * 27, 4), after={0: "view"}),
+        (2, 2, 3, 3, 3),
+        ["consumer"],
+        0,
+    ),
+    "bn1d 3d transpose linear": (
+        lambda a: Chain(BN(1, 4, a), nn.Linear(4, 3), after={0: "transpose12"}),
+        (2, 4, 6),
+        ["consumer"],
+        0,
+    ),
     "conv bn relu conv bn": (
         lambda a: Chain(nn.Conv2d(3, 4, 3, padding=1), BN(2, 4, a), nn.Conv2d(4, 4, 1), BN(2, 4, a), after={1: "relu"}),
-        (2, 3, 5, 5), ["producer", "producer"], 0),
+        (2, 3, 5, 5),
+        ["producer", "producer"],
+        0,
+    ),
 }
 
 
@@ -121,7 +202,9 @@ def test_pattern_folds_exactly_float32(name: str, variant: str) -> None:
     assert res.error.max_rel <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["conv2d depthwise", "bn conv zero padding (pre-add)", "bn flatten linear", "linear bn1d 2d"])
+@pytest.mark.parametrize(
+    "name", ["conv2d depthwise", "bn conv zero padding (pre-add)", "bn flatten linear", "linear bn1d 2d"]
+)
 def test_inplace_edits_the_model_itself(name: str) -> None:
     model, x, _, _ = _build(name, "neg_gamma", torch.float64)
     ref = copy.deepcopy(model)
@@ -144,8 +227,18 @@ def test_batch_size_of_example_does_not_matter() -> None:
 @pytest.mark.parametrize("inplace", [False, True])
 def test_consecutive_bns_fold_in_later_passes(inplace):
     torch.manual_seed(0)
-    model = randomize_all(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.ReLU(),
-                                        nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)), "neg_gamma").double()
+    model = randomize_all(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3),
+            nn.BatchNorm2d(4),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.BatchNorm2d(4),
+            nn.BatchNorm2d(4),
+            nn.Conv2d(4, 2, 1),
+        ),
+        "neg_gamma",
+    ).double()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     ref = copy.deepcopy(model)
     res = fold_bn(model, x, inplace=inplace)

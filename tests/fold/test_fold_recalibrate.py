@@ -42,7 +42,7 @@ def _brute_force(model, batches):
 
     def stats(arrays):
         flat = np.concatenate([a.transpose(1, 0, 2, 3).reshape(a.shape[1], -1) for a in arrays], axis=1)
-        return flat.mean(1), (flat ** 2).mean(1) - flat.mean(1) ** 2
+        return flat.mean(1), (flat**2).mean(1) - flat.mean(1) ** 2
 
     return stats(seen1), stats(seen2)
 

@@ -43,8 +43,7 @@ def test_data_dependent_forward_is_refused_under_it():
     assert res.tracing == "dataflow"
     assert "" in res.untraced  # why fx did not trace the whole model
     assert res.folded == [] and sorted(s.bn for s in res.skipped) == ["block.bn", "stem_bn"]
-    assert all("control flow may depend on the data" in s.reason and "Tensor.__bool__" in s.reason
-               for s in res.skipped)
+    assert all("control flow may depend on the data" in s.reason and "Tensor.__bool__" in s.reason for s in res.skipped)
     assert not res.all_folded
     for inp in (x, -x):  # both branches
         with torch.no_grad():

@@ -6,7 +6,7 @@ where ``expected`` is the number of BN modules that fold (all of them here)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +37,20 @@ def count_bn(model: nn.Module) -> int:
 class BatchNormAct2d(nn.BatchNorm2d):
     """Mirror of timm.layers.BatchNormAct2d: BN (F.batch_norm), then drop, then act."""
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 apply_act=True, act_layer=nn.ReLU, drop_layer=None):
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
-                         track_running_stats=track_running_stats)
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        apply_act=True,
+        act_layer=nn.ReLU,
+        drop_layer=None,
+    ):
+        super().__init__(
+            num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats
+        )
         self.drop = drop_layer() if drop_layer is not None else nn.Identity()
         self.act = act_layer() if apply_act else nn.Identity()
 
@@ -65,7 +75,11 @@ class BatchNormAct2d(nn.BatchNorm2d):
             x,
             self.running_mean if not self.training or self.track_running_stats else None,
             self.running_var if not self.training or self.track_running_stats else None,
-            self.weight, self.bias, bn_training, exponential_average_factor, self.eps,
+            self.weight,
+            self.bias,
+            bn_training,
+            exponential_average_factor,
+            self.eps,
         )
         x = self.drop(x)
         x = self.act(x)
@@ -126,8 +140,13 @@ class RepVggBlock(nn.Module):
 class RepVggNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.stages = nn.Sequential(RepVggBlock(3, 8, stride=2), RepVggBlock(8, 8), RepVggBlock(8, 8, groups=2),
-                                    RepVggBlock(8, 16, stride=2), RepVggBlock(16, 16))
+        self.stages = nn.Sequential(
+            RepVggBlock(3, 8, stride=2),
+            RepVggBlock(8, 8),
+            RepVggBlock(8, 8, groups=2),
+            RepVggBlock(8, 16, stride=2),
+            RepVggBlock(16, 16),
+        )
         self.head = nn.Linear(16, 4)
 
     def forward(self, x):
@@ -141,8 +160,9 @@ class MobileOneBlock(nn.Module):
     def __init__(self, cin, cout, k=3, stride=1, groups=1, branches=2):
         super().__init__()
         self.identity = nn.BatchNorm2d(cout) if cin == cout and stride == 1 else None
-        self.conv_kxk = nn.ModuleList([ConvNormAct(cin, cout, k, stride, groups=groups, apply_act=False)
-                                       for _ in range(branches)])
+        self.conv_kxk = nn.ModuleList(
+            [ConvNormAct(cin, cout, k, stride, groups=groups, apply_act=False) for _ in range(branches)]
+        )
         self.conv_scale = ConvNormAct(cin, cout, 1, stride, groups=groups, apply_act=False) if k > 1 else None
         self.act = nn.ReLU()
 
@@ -162,8 +182,12 @@ class MobileOneBlock(nn.Module):
 class MobileOneNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.stages = nn.Sequential(MobileOneBlock(3, 8, stride=2), MobileOneBlock(8, 8, groups=8),
-                                    MobileOneBlock(8, 16, k=1), MobileOneBlock(16, 16))
+        self.stages = nn.Sequential(
+            MobileOneBlock(3, 8, stride=2),
+            MobileOneBlock(8, 8, groups=8),
+            MobileOneBlock(8, 16, k=1),
+            MobileOneBlock(16, 16),
+        )
         self.head = nn.Linear(16, 4)
 
     def forward(self, x):
@@ -176,52 +200,59 @@ def _hf(build: Callable[[], nn.Module], size: int = 32) -> Callable:
         model = randomize_bn(build())
         x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
         return model, x, count_bn(model)
+
     return make
 
 
 def _resnet():
     import transformers as T
 
-    cfg = T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 2, 1, 1],
-                         layer_type="bottleneck", num_labels=5)
+    cfg = T.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 2, 1, 1], layer_type="bottleneck", num_labels=5
+    )
     return T.ResNetForImageClassification(cfg)
 
 
 def _mobilenet_v1():
     import transformers as T
 
-    return T.MobileNetV1ForImageClassification(T.MobileNetV1Config(depth_multiplier=0.25, image_size=32,
-                                                                   num_labels=5))
+    return T.MobileNetV1ForImageClassification(T.MobileNetV1Config(depth_multiplier=0.25, image_size=32, num_labels=5))
 
 
 def _mobilenet_v2():
     import transformers as T
 
-    return T.MobileNetV2ForImageClassification(T.MobileNetV2Config(depth_multiplier=0.25, image_size=32,
-                                                                   num_labels=5))
+    return T.MobileNetV2ForImageClassification(T.MobileNetV2Config(depth_multiplier=0.25, image_size=32, num_labels=5))
 
 
 def _efficientnet():
     import transformers as T
 
-    cfg = T.EfficientNetConfig(width_coefficient=0.1, depth_coefficient=0.1, image_size=32, hidden_dim=128,
-                               num_labels=5)
+    cfg = T.EfficientNetConfig(
+        width_coefficient=0.1, depth_coefficient=0.1, image_size=32, hidden_dim=128, num_labels=5
+    )
     return T.EfficientNetForImageClassification(cfg)
 
 
 def _regnet():
     import transformers as T
 
-    cfg = T.RegNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32], depths=[1, 2, 1], groups_width=8,
-                         num_labels=5)
+    cfg = T.RegNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32], depths=[1, 2, 1], groups_width=8, num_labels=5)
     return T.RegNetForImageClassification(cfg)
 
 
 def _levit():
     import transformers as T
 
-    cfg = T.LevitConfig(image_size=32, patch_size=16, hidden_sizes=[16, 32, 48], num_attention_heads=[1, 2, 2],
-                        depths=[1, 1, 1], key_dim=[8, 8, 8], num_labels=5)
+    cfg = T.LevitConfig(
+        image_size=32,
+        patch_size=16,
+        hidden_sizes=[16, 32, 48],
+        num_attention_heads=[1, 2, 2],
+        depths=[1, 1, 1],
+        key_dim=[8, 8, 8],
+        num_labels=5,
+    )
     return T.LevitForImageClassification(cfg)
 
 

@@ -26,10 +26,24 @@ EXPECTED = {
     "hf_regnet": (16, 16, "dataflow", {"Conv2d → BatchNorm2d": 16}),
     "hf_levit": (27, 27, "dataflow", {"Linear → flatten → BatchNorm1d": 22, "BatchNorm1d → Linear": 1}),
     "timm_style_bnact": (3, 3, "torch.fx", {"Conv2d → BatchNormAct2d (BN part; the rest kept)": 3}),
-    "repvgg_blocks": (13, 13, "torch.fx", {"BN identity branch + Conv2d branch → Conv2d (identity kernel)": 3,
-                                           "Conv2d → BatchNormAct2d (BN part; the rest kept)": 10}),
-    "mobileone_blocks": (13, 13, "torch.fx", {"BN identity branch + Conv2d branch → Conv2d (identity kernel)": 2,
-                                              "Conv2d → BatchNormAct2d (BN part; the rest kept)": 11}),
+    "repvgg_blocks": (
+        13,
+        13,
+        "torch.fx",
+        {
+            "BN identity branch + Conv2d branch → Conv2d (identity kernel)": 3,
+            "Conv2d → BatchNormAct2d (BN part; the rest kept)": 10,
+        },
+    ),
+    "mobileone_blocks": (
+        13,
+        13,
+        "torch.fx",
+        {
+            "BN identity branch + Conv2d branch → Conv2d (identity kernel)": 2,
+            "Conv2d → BatchNormAct2d (BN part; the rest kept)": 11,
+        },
+    ),
 }
 
 

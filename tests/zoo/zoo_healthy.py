@@ -19,13 +19,15 @@ VOCAB = 64
 class Logits(nn.Module):
     """HF model → a plain ``model(x) -> logits`` callable for a Recipe."""
 
-    def __init__(self, hf: nn.Module, key: str):
+    def __init__(self, hf: nn.Module, key: str, seq2seq: bool = False):
         super().__init__()
         self.hf = hf
         self.key = key
+        self.seq2seq = seq2seq
 
     def forward(self, x):
-        return self.hf(**{self.key: x}).logits
+        kw = {"decoder_input_ids": x} if self.seq2seq else {}
+        return self.hf(**{self.key: x}, **kw).logits
 
 
 def _digits():
@@ -63,7 +65,7 @@ def recipe(name: str) -> normscope.Recipe:
     if z.family == "text":
         ids, y = token_data()
         lm = name != "bert"
-        model = Logits(hf, "input_ids")
+        model = Logits(hf, "input_ids", seq2seq=name == "t5")
         data = [(ids[i : i + BATCH], (ids if lm else y)[i : i + BATCH]) for i in range(0, len(ids), BATCH)]
         loss = _lm_loss if lm else nn.functional.cross_entropy
     else:
@@ -71,5 +73,18 @@ def recipe(name: str) -> normscope.Recipe:
         model = Logits(hf, "pixel_values")
         data = [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, len(x), BATCH)]
         loss = nn.functional.cross_entropy
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(param_groups(model), lr=1e-3)
     return normscope.Recipe(model, data, loss, optimizer=opt, steps=STEPS, name=f"zoo-{name}")
+
+
+def param_groups(model: nn.Module, weight_decay: float = 0.01) -> list[dict]:
+    """The standard AdamW setup of transformers' Trainer and timm: no weight decay on biases and
+    normalisation parameters (decaying them is what norm-weight-decay reports)."""
+    no_decay = set()
+    for mname, m in model.named_modules():
+        for pname, p in m.named_parameters(recurse=False):
+            if Z.is_norm_module(m) or pname == "bias" or p.dim() <= 1:
+                no_decay.add(f"{mname}.{pname}" if mname else pname)
+    decay = [p for n, p in model.named_parameters() if n not in no_decay]
+    rest = [p for n, p in model.named_parameters() if n in no_decay]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]

@@ -131,8 +131,10 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
             msg = (f"{name}'s running statistics lag the current weights: {pct(frac)} of channels differ from "
                    f"{src} recomputed now, yet they are the exponential average of the batches the layer saw "
                    f"(weights still moving fast, as early in training) — not stale.")  # fmt: skip
-            rec = ("Nothing is wrong with BN itself. Before evaluating a model stopped this early, re-estimate the "
-                   "statistics with the final weights (normscope.recalibrate_bn); with more training the lag fades.")
+            rec = (
+                "Nothing is wrong with BN itself. Before evaluating a model stopped this early, re-estimate the "
+                "statistics with the final weights (normscope.recalibrate_bn); with more training the lag fades."
+            )
         out.append(Finding(ID, severity, name, None, msg, ev, rec))
     gap = ctx.probe.get("bn_gap") or {}
     if not flagged and not lagging and judged and gap.get("rel_gap") is not None and gap["rel_gap"] > t["output_gap"]:

@@ -49,7 +49,11 @@ def optimizer_band(ctx, t) -> tuple[str, float, str]:
         mom = 0.0
     if name and mom > 0:
         c = t["sgd_center"] / max(1.0 - mom, 1e-3)
-        return f"{name} (momentum {mom:g})", c, f"momentum {mom:g} multiplies SGD's step by 1/(1 − μ) = {1 / (1 - mom):.3g}"
+        return (
+            f"{name} (momentum {mom:g})",
+            c,
+            f"momentum {mom:g} multiplies SGD's step by 1/(1 − μ) = {1 / (1 - mom):.3g}",
+        )
     return (name or "no optimizer recorded (SGD assumed)"), t["sgd_center"], "CS231n: ~1e-3 is healthy for SGD"
 
 
@@ -117,13 +121,17 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         frozen = [k for k, v in sel.items() if v[0] == 0.0]
         not_in_opt = [k for k, v in sel.items() if not np.isfinite(v[2])]
         decades = "two decades" if sev == "warning" else "a decade"
-        what = "can change by (lr / RMS(w))" if side == "low" and worst in potential else "change by a median ‖Δw‖/‖w‖ of"
+        what = (
+            "can change by (lr / RMS(w))" if side == "low" and worst in potential else "change by a median ‖Δw‖/‖w‖ of"
+        )
         msg = (f"{len(sel)} weight tensor(s) {what} {num(r)} per step over steps "
                f"{span[0]}–{span[1]} (e.g. {worst}), {decades} {'below' if side == 'low' else 'above'} the ~{num(center)} "
                f"that is healthy for {family}.")  # fmt: skip
         if frozen:
-            msg = msg[:-1] + f"; {len(frozen)} did not move at all" + (
-                " and are in no optimizer param group." if not_in_opt else "."
+            msg = (
+                msg[:-1]
+                + f"; {len(frozen)} did not move at all"
+                + (" and are in no optimizer param group." if not_in_opt else ".")
             )
         if side == "low":
             rec = (f"Raise the learning rate (or check the scheduler), and check that these parameters are in the "
