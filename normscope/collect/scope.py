@@ -34,6 +34,7 @@ from normscope.collect.outputs import iter_float_tensors
 from normscope.collect.params import ParamTracker, group_hparams
 from normscope.collect.select import HookPlan, Selector, canonical_names, plan_hooks, resolve_axis
 from normscope.errors import NormscopeError
+from normscope.roles import type_name
 from normscope.store.writer import RunWriter, write_json
 
 DEFAULT_EVERY = 20
@@ -116,7 +117,7 @@ class Scope:
         self.hist_max = hist_max
         self.track_updates = track_updates
         self.record_grads = grads
-        self.name = name or type(model).__name__
+        self.name = name or type_name(model)
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"{self.name}-{stamp}"
         self._plans: list[HookPlan] = plan_hooks(model, include, exclude, channel_axis, roles)
