@@ -175,6 +175,9 @@ class Scope:
         if self._active:
             return self
         self._world, self._rank, backend = D.dist_info()
+        if [id(p) for p in self.model.parameters()] != [id(p) for _, p, _ in self._params.entries]:
+            # parameters replaced since watch() (fully_shard applied in between): track the new ones
+            self._params = ParamTracker(self.model, track_updates=self.track_updates, names=canonical_names(self.model))
         if self._rank == 0:  # under torch.distributed only rank 0 writes the run directory
             if (self.run_dir / "meta.json").exists():
                 raise NormscopeError(

@@ -1,12 +1,14 @@
 """One rank of a gloo run started by test_scale.py, or its single-process baseline (WORLD = 1).
 
-python scale_worker.py MODE RUN_DIR RANK WORLD PORT OUT_JSON
+python scale_worker.py MODES RUN_BASE RANK WORLD PORT OUT_DIR
 
-MODE:
+MODES (comma-separated, run one after the other in one process group; rank 0 writes the run of
+mode M to RUN_BASE/M, every rank its JSON to OUT_DIR/M-<rank>.json):
 - ``bytes``: a small CNN under DDP; every call normscope makes to a torch.distributed collective is
   counted (bytes of the tensors each rank receives), per sampled step;
 - ``fsdp``: an MLP under FSDP2 (``fully_shard`` per Linear and at the root; WORLD = 1: the same
   model unsharded over the full batch), then ``recalibrate_bn`` of a BN model under FSDP2;
+- ``poison``: DDP where rank 1 fails to prepare its step-1 reduction (it still enters the check);
 - ``nosync``: DDP with gradient accumulation, the first micro-batch of each step under
   ``no_sync()`` (WORLD = 1: the full batch at once).
 """
@@ -22,8 +24,9 @@ from torch import nn
 import normscope
 from normscope.collect import scope as S
 
-MODE, RUN_DIR, RANK, WORLD, PORT, OUT = (sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5],
-                                         sys.argv[6])  # fmt: skip
+MODES, RUN_BASE, RANK, WORLD, PORT, OUT_DIR = (sys.argv[1].split(","), sys.argv[2], int(sys.argv[3]),
+                                               int(sys.argv[4]), sys.argv[5], sys.argv[6])  # fmt: skip
+RUN_DIR = ""
 FULL_BATCH, STEPS = 16, 3
 
 # --- what normscope hands to collectives ----------------------------------------------------------
@@ -51,6 +54,10 @@ def _counting(fn, received):
 
 
 def _install_counters():
+    _steps.clear()
+    if getattr(dist, "_normscope_counted", False):
+        return
+    dist._normscope_counted = True
     first = lambda a, k: a[0] if a else k.get("tensor")  # noqa: E731
     for name in ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
                  "gather", "all_gather_object", "all_to_all", "reduce"):  # fmt: skip
@@ -125,13 +132,14 @@ def run_fsdp():
 
     out = {}
     model = mlp()
+    scope = normscope.watch(model, RUN_DIR, every=1)  # before fully_shard: start() tracks the new parameters
     if WORLD > 1:
         for i in (0, 2, 4):
             fully_shard(model[i])
         fully_shard(model)
         out["types"] = [type(m).__name__ for m in model]
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    with normscope.watch(model, RUN_DIR, every=1):  # the step advances with the optimizer's global hook
+    with scope:  # the step advances with the optimizer's global hook
         for x, y in batches((8,), 3):
             loss = nn.functional.cross_entropy(model(shard(x)), shard(y))
             opt.zero_grad()
@@ -149,6 +157,34 @@ def run_fsdp():
     out["bns"] = res.bns
     out["running"] = {i: [bn[i].running_mean.tolist(), bn[i].running_var.tolist()] for i in (1, 4)}
     return out
+
+
+def run_poison():
+    from normscope.collect import distributed as D
+
+    build = D.StepReduction.build
+    calls = [0]
+
+    def failing(*a, **k):
+        calls[0] += 1
+        if RANK == 1 and calls[0] == 2:
+            raise RuntimeError("rank 1 could not prepare its step on purpose")
+        return build(*a, **k)
+
+    D.StepReduction.build = failing
+    try:
+        model = mlp()
+        net = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        with normscope.watch(model, RUN_DIR, every=1, optimizer=opt) as scope:
+            for x, y in batches((8,), 3):
+                loss = nn.functional.cross_entropy(net(shard(x)), shard(y))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        return {"errors": scope._hook_errors}
+    finally:
+        D.StepReduction.build = build
 
 
 def run_nosync():
@@ -177,10 +213,13 @@ def main():
     if WORLD > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=PORT)
         dist.init_process_group("gloo", rank=RANK, world_size=WORLD)
+    global RUN_DIR
     try:
-        out = {"bytes": run_bytes, "fsdp": run_fsdp, "nosync": run_nosync}[MODE]()
-        with open(OUT, "w") as f:
-            json.dump(out, f)
+        for mode in MODES:
+            RUN_DIR = os.path.join(RUN_BASE, mode if RANK == 0 else f"{mode}-rank{RANK}")
+            out = {"bytes": run_bytes, "fsdp": run_fsdp, "nosync": run_nosync, "poison": run_poison}[mode]()
+            with open(os.path.join(OUT_DIR, f"{mode}-{RANK}.json"), "w") as f:
+                json.dump(out, f)
     finally:
         if WORLD > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -32,22 +32,14 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def launch(mode: str, base: Path, world: int, timeout: int = 150) -> list[dict]:
-    """Run ``world`` ranks of the worker; their JSON outputs (rank order). Rank 0 writes base/run."""
+def launch(modes: str, base: Path, world: int, timeout: int = 240) -> dict[str, list[dict]]:
+    """Run ``world`` ranks of the worker over ``modes``; {mode: JSON outputs in rank order}. Rank 0
+    writes the run of each mode to base/<mode>."""
     base.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                str(WORKER),
-                mode,
-                str(base / ("run" if r == 0 else f"run{r}")),
-                str(r),
-                str(world),
-                port,
-                str(base / f"out{r}.json"),
-            ],
+            [sys.executable, str(WORKER), modes, str(base), str(r), str(world), port, str(base)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -61,10 +53,19 @@ def launch(mode: str, base: Path, world: int, timeout: int = 150) -> list[dict]:
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            pytest.fail(f"{mode}: a rank hung for {timeout} s")
+            pytest.fail(f"{modes}: a rank hung for {timeout} s")
         res.append((p.returncode, o, e))
     assert all(c == 0 for c, _, _ in res), res
-    return [json.loads((base / f"out{r}.json").read_text()) for r in range(world)]
+    return {m: [json.loads((base / f"{m}-{r}.json").read_text()) for r in range(world)] for m in modes.split(",")}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three process groups: 1 rank (the baselines), 2 ranks (DDP, FSDP2, DDP no_sync), 4 ranks (DDP)."""
+    base = tmp_path_factory.mktemp("scale")
+    out = {1: launch("bytes,fsdp,nosync", base / "w1", 1), 2: launch("bytes,fsdp,nosync,poison", base / "w2", 2)}
+    out[4] = launch("bytes", base / "w4", 4)
+    return base, out
 
 
 def _sorted(df, keys):
@@ -84,17 +85,11 @@ def assert_stats_equal(sa, sb):
 
 
 # --- reductions: bytes per rank at 2 and 4 ranks ---------------------------------------------------
-@pytest.fixture(scope="module")
-def bytes_runs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("bytes")
-    return base, {w: launch("bytes", base / f"w{w}", w) for w in (1, 2, 4)}
-
-
-def test_collective_bytes_per_rank_do_not_grow_with_the_world(bytes_runs):
-    base, outs = bytes_runs
+def test_collective_bytes_per_rank_do_not_grow_with_the_world(runs):
+    base, outs = runs
     per_world = {}
     for w in (2, 4):
-        steps = [o["steps"] for o in outs[w]]
+        steps = [o["steps"] for o in outs[w]["bytes"]]
         assert all(s == steps[0] for s in steps), steps  # every rank hands the same bytes
         sampled = steps[0][:3]  # three sampled steps; the last entry is close()'s empty check
         assert all(calls == 3 for _, calls in sampled), sampled  # check + SUM + MAX
@@ -104,15 +99,15 @@ def test_collective_bytes_per_rank_do_not_grow_with_the_world(bytes_runs):
     np.testing.assert_allclose(b4, b2, rtol=0.10)  # the issue's bound; the sizes are in fact identical
     assert (b2 == b4).all()
     # the sizing function of docs/scale.md predicts the measured bytes from the recorded entries
-    run = load(base / "w2" / "run")
+    run = load(base / "w2" / "bytes")
     s0, g0 = run.stats[run.stats.step == 0], run.grads[run.grads.step == 0]
     entries = [("act", len(r.ch_mean), len(r.hist)) for r in s0.itertuples()] + [("grad", 1, 0)] * len(g0)
     assert D.step_bytes(entries) == b2[0]
 
 
-def test_four_ranks_merge_like_one_process_over_the_full_batch(bytes_runs):
-    base, _ = bytes_runs
-    a, b = load(base / "w4" / "run"), load(base / "w1" / "run")
+def test_four_ranks_merge_like_one_process_over_the_full_batch(runs):
+    base, _ = runs
+    a, b = load(base / "w4" / "bytes"), load(base / "w1" / "bytes")
     assert a.meta["distributed"]["world_size"] == 4
     # the first conv's output does not depend on how BN splits the batch; only step 0 (BN statistics
     # per rank change the gradients afterwards)
@@ -122,17 +117,46 @@ def test_four_ranks_merge_like_one_process_over_the_full_batch(bytes_runs):
     assert_stats_equal(sa, sb)
 
 
+def test_a_rank_that_cannot_prepare_its_step_still_enters_the_check(runs):
+    """Rank 1's step-1 preparation raises: it enters the signature check with an impossible signature,
+    every rank skips the reductions of that step (no hang), rank 0 keeps its own statistics for it."""
+    base, outs = runs
+    e0, e1 = (o["errors"] for o in outs[2]["poison"])
+    assert any("could not prepare its step on purpose" in e for e in e1)
+    assert any("ranks recorded different layers" in e for e in e0)
+    st = load(base / "w2" / "poison").stats
+    assert sorted(set(st.step)) == [0, 1, 2]
+    assert dict(st.groupby("step").forwards.max()) == {0: 2, 1: 1, 2: 2}  # step 1: rank 0's own forward
+
+
+def test_shard_weights_undo_replication_and_refuse_what_cannot_add_up():
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    from normscope.collect.params import shard_weight
+
+    class Mesh:  # the two DeviceMesh methods shard_weight reads
+        def __init__(self, *shape):
+            self.shape = shape
+
+        def size(self, dim=None):
+            return int(np.prod(self.shape)) if dim is None else self.shape[dim]
+
+    class Fake:
+        def __init__(self, mesh, placements):
+            self.device_mesh, self.placements = mesh, placements
+
+    assert shard_weight(Fake(Mesh(4), (Shard(0),)), 4) == 1.0  # FSDP2: shards add up
+    assert shard_weight(Fake(Mesh(2, 2), (Replicate(), Shard(0))), 4) == 0.5  # HSDP: two copies of each shard
+    assert shard_weight(Fake(Mesh(4), (Replicate(),)), 4) == 0.25
+    assert np.isnan(shard_weight(Fake(Mesh(4), (Partial(),)), 4))  # partial sums: squares do not add
+    assert np.isnan(shard_weight(Fake(Mesh(2), (Shard(0),)), 4))  # a mesh of 2 of 4 ranks
+
+
 # --- FSDP2 --------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def fsdp_runs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("fsdp")
-    return base, launch("fsdp", base / "fsdp", 2), launch("fsdp", base / "single", 1)
-
-
-def test_fsdp2_parameter_norms_are_the_full_parameters(fsdp_runs):
-    base, outs, _ = fsdp_runs
-    assert outs[0]["types"] == ["FSDPLinear", "ReLU", "FSDPLinear", "Tanh", "FSDPLinear"]  # really sharded
-    a, b = load(base / "fsdp" / "run"), load(base / "single" / "run")
+def test_fsdp2_parameter_norms_are_the_full_parameters(runs):
+    base, outs = runs
+    assert outs[2]["fsdp"][0]["types"] == ["FSDPLinear", "ReLU", "FSDPLinear", "Tanh", "FSDPLinear"]  # really sharded
+    a, b = load(base / "w2" / "fsdp"), load(base / "w1" / "fsdp")
     assert a.meta["hook_errors"] == [] and a.meta["optimizer_steps"] == 3  # FSDP's optimizer drives the steps
     pa, pb = _sorted(a.params, ["step", "param"]), _sorted(b.params, ["step", "param"])
     assert len(pa) == len(pb) == 3 * 6 and list(pa.param) == list(pb.param)
@@ -145,9 +169,9 @@ def test_fsdp2_parameter_norms_are_the_full_parameters(fsdp_runs):
     assert np.isfinite(w).all() and (w > 0).all()
 
 
-def test_fsdp2_statistics_and_names_equal_one_process_over_the_batch(fsdp_runs):
-    base, _, _ = fsdp_runs
-    a, b = load(base / "fsdp" / "run"), load(base / "single" / "run")
+def test_fsdp2_statistics_and_names_equal_one_process_over_the_batch(runs):
+    base, _ = runs
+    a, b = load(base / "w2" / "fsdp"), load(base / "w1" / "fsdp")
     types = {m["name"]: m["type"] for m in a.meta["modules"]}
     assert types == {m["name"]: m["type"] for m in b.meta["modules"]}  # Linear, not FSDPLinear
     assert a.meta["model"]["class"] == "Sequential"
@@ -162,9 +186,10 @@ def test_fsdp2_statistics_and_names_equal_one_process_over_the_batch(fsdp_runs):
     np.testing.assert_allclose(ga.norm, 2 * gb.norm, rtol=1e-4)  # per-rank mean loss over half the batch
 
 
-def test_recalibrate_bn_under_fsdp2(fsdp_runs):
-    _, outs, single = fsdp_runs
-    for o in outs:
+def test_recalibrate_bn_under_fsdp2(runs):
+    _, outs = runs
+    single = outs[1]["fsdp"]
+    for o in outs[2]["fsdp"]:
         assert o["bns"] == ["1", "4"]
         for i in ("1", "4"):
             for got, want in zip(o["running"][i], single[0]["running"][i]):
@@ -172,12 +197,12 @@ def test_recalibrate_bn_under_fsdp2(fsdp_runs):
 
 
 # --- DDP with no_sync gradient accumulation ---------------------------------------------------------
-def test_ddp_no_sync_accumulation_merges_every_micro_batch(tmp_path):
-    outs = launch("nosync", tmp_path / "ddp", 2)
-    single = launch("nosync", tmp_path / "single", 1)
+def test_ddp_no_sync_accumulation_merges_every_micro_batch(runs):
+    base, outs = runs
+    single = outs[1]["nosync"]
     # step 0: the LayerNorm's input (means ~1e4 std) takes the exact second pass about the global mean
-    assert [c for _, c in outs[0]["steps"][:3]] == [4, 3, 3]
-    a, b = load(tmp_path / "ddp" / "run"), load(tmp_path / "single" / "run")
+    assert [c for _, c in outs[2]["nosync"][0]["steps"][:3]] == [4, 3, 3]
+    a, b = load(base / "w2" / "nosync"), load(base / "w1" / "nosync")
     sa, sb = (
         _sorted(a.stats, ["step", "layer", "call", "output"]),
         _sorted(b.stats, ["step", "layer", "call", "output"]),
