@@ -94,7 +94,7 @@ class StepAccumulator:
 
 
 def expand_pending(pending: list[PendingEntry]) -> list[torch.Tensor]:
-    """Every pack in the full layout (device ops), for cross-rank gathering."""
+    """Every pack in the full layout (device ops): what one rank keeps when the ranks disagree."""
     return [P.expand(e.pack, e.layout, e.fast) for e in pending]
 
 

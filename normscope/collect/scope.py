@@ -217,7 +217,7 @@ class Scope:
         failed = not status.startswith("complete")
         try:
             if self._world > 1:
-                # every rank closes at the same point and joins the last gather, unless this one
+                # every rank closes at the same point and joins the last check, unless this one
                 # failed: then it must not enter a collective its peers never reach
                 if not failed:
                     self._finish_step(updated=False, params=False)
@@ -611,6 +611,9 @@ def watch(model: nn.Module, run_dir: str | os.PathLike | None = None, every: int
     global step hook, or the one passed as ``optimizer=``) or with ``scope.step()``. Every
     ``every``-th step is sampled. Options: ``include``/``exclude`` (name globs or module types),
     ``optimizer``, ``flush_every``, ``flush_seconds``, ``hist_max``, ``channel_axis``
-    ({name glob: axis}), ``track_updates``, ``grads``, ``name``.
+    ({name glob: axis}), ``track_updates``, ``grads``, ``name``, ``roles``; bounds on the pack
+    (docs/scale.md): ``max_channels`` (a tensor with more channels is reduced as one channel: no
+    per-channel statistics for it) and ``grad_every`` (output-gradient statistics on every k-th
+    sampled step only).
     """
     return Scope(model, run_dir=run_dir, every=every, **options)
