@@ -44,6 +44,22 @@ BOUNDED = "bounded"  # hardtanh-like: flat outside [lo, hi]
 RELU_TYPES = frozenset({"ReLU", "ReLU6"})
 
 
+def module_class(module: Any) -> type:
+    """The user's class of a module: FSDP2's ``fully_shard`` swaps it for a generated subclass
+    ``FSDP<Name>(FSDPModule, <Name>)``, which must not change what the module is called."""
+    cls = type(module)
+    if cls.__name__.startswith("FSDP") and cls.__module__.startswith("torch.distributed"):
+        for base in cls.__mro__[1:]:
+            if base.__name__ == cls.__name__[4:]:
+                return base
+    return cls
+
+
+def type_name(module: Any) -> str:
+    """The type name a run directory records for a module (FSDP2's generated subclass unwrapped)."""
+    return module_class(module).__name__
+
+
 def is_bn(type_name: str | None) -> bool:
     return type_name in BATCHNORM
 
@@ -123,7 +139,7 @@ def role(module: Any, name: str = "", user_roles: Mapping | None = None) -> str 
         return "activation"
     if isinstance(module, DROPOUTS):
         return "dropout"
-    cls = type(module)
+    cls = module_class(module)
     origin = cls.__module__ or ""
     if origin == "torch.nn.modules.activation" or origin.startswith("transformers.activations"):
         return "activation"
@@ -202,7 +218,7 @@ def family(module: Any) -> str | None:
         return RELU if float(module.min_val) == 0.0 else BOUNDED
     if isinstance(module, nn.Hardsigmoid):
         return BOUNDED
-    if type(module).__name__ == "ReLUSquaredActivation":  # transformers: relu(x)², zero gradient below 0
+    if module_class(module).__name__ == "ReLUSquaredActivation":  # transformers: relu(x)², zero gradient below 0
         return RELU
     return None
 

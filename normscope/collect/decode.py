@@ -40,6 +40,7 @@ class _ActEntry:
     module_type: str
     axis: int
     forwards: int = 1
+    per_channel: bool = True
 
 
 @dataclass
@@ -49,13 +50,17 @@ class StepAccumulator:
     acts: dict = field(default_factory=dict)
     grads: dict = field(default_factory=dict)
 
-    def add_act(self, key: tuple, raw: dict, mtype: str, axis: int) -> None:
+    def add_act(self, key: tuple, raw: dict, mtype: str, axis: int, per_channel: bool = True, forwards: int = 1):
         ent = self.acts.get(key)
         if ent is None:
-            self.acts[key] = _ActEntry(raw, mtype, axis)
+            self.acts[key] = _ActEntry(raw, mtype, axis, forwards, per_channel)
         else:
             ent.raw = combine_act(ent.raw, raw)
-            ent.forwards += 1
+            ent.forwards += forwards
+
+    def add_merged(self, key: tuple, raw: dict, mtype: str, layout: ActLayout, forwards: int) -> None:
+        """Raw fields already merged (across ranks and micro-batches) from ``forwards`` packs."""
+        self.add_act(key, raw, mtype, layout.axis, layout.per_channel, forwards)
 
     def add_grad(self, key: tuple, raw: dict) -> None:
         self.grads[key] = combine_grad(self.grads[key], raw) if key in self.grads else raw
@@ -68,7 +73,7 @@ class StepAccumulator:
             size = e.layout.pack_size(fast)
             raw = P.split(host[off : off + size], e.layout, fast)
             if e.kind == "act":
-                self.add_act(e.key, raw, e.module_type, e.layout.axis)
+                self.add_act(e.key, raw, e.module_type, e.layout.axis, e.layout.per_channel)
             else:
                 self.add_grad(e.key, raw)
             off += size
@@ -76,7 +81,7 @@ class StepAccumulator:
 
     def write(self, writer, step: int) -> None:
         for key, ent in self.acts.items():
-            row = finish_act(ent.raw)
+            row = finish_act(ent.raw, ent.per_channel)
             phase, layer, call, path = key
             row.update(step=step, phase=phase, layer=layer, call=call, output=path, module_type=ent.module_type,
                        channel_axis=ent.axis, forwards=ent.forwards)  # fmt: skip
@@ -89,7 +94,7 @@ class StepAccumulator:
 
 
 def expand_pending(pending: list[PendingEntry]) -> list[torch.Tensor]:
-    """Every pack in the full layout (device ops), for cross-rank gathering."""
+    """Every pack in the full layout (device ops): what one rank keeps when the ranks disagree."""
     return [P.expand(e.pack, e.layout, e.fast) for e in pending]
 
 
@@ -111,8 +116,11 @@ def combine_act(a: dict, b: dict) -> dict:
     return P.combine(a, b, P.ACT_FIELDS)
 
 
-def finish_act(r: dict) -> dict:
-    """Derived statistics (what the run directory stores) from raw fields."""
+def finish_act(r: dict, per_channel: bool = True) -> dict:
+    """Derived statistics (what the run directory stores) from raw fields.
+
+    ``per_channel=False`` (a tensor above ``max_channels``, reduced as one channel): the global
+    statistics are exact, the per-channel lists (``ch_mean``, ``ch_var``, ``active``) are empty."""
     n = r["n"]
     cnt, s1, m2 = r["cnt"], r["s1"], r["m2"]
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -139,9 +147,9 @@ def finish_act(r: dict) -> dict:
         "frac_sat": frac("n_sat"),
         "nan_count": int(r["n_nan"]),
         "inf_count": int(r["n_inf"]),
-        "ch_mean": ch_mean.astype(np.float32),
-        "ch_var": ch_var.astype(np.float32),
-        "active": r["active"].astype(np.int64),
+        "ch_mean": ch_mean.astype(np.float32) if per_channel else np.zeros(0, np.float32),
+        "ch_var": ch_var.astype(np.float32) if per_channel else np.zeros(0, np.float32),
+        "active": r["active"].astype(np.int64) if per_channel else np.zeros(0, np.int64),
         "hist": r["hist"].astype(np.int64),
         "hist_count": int(r["hist_n"]),
     }

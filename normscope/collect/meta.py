@@ -17,7 +17,7 @@ def initial_meta(model, name: str, plans, options: dict) -> dict:
     """meta.json at the start of a run: model summary, options, histogram edges, versions."""
     from normscope._version import __version__
     from normscope.collect.select import canonical_names
-    from normscope.roles import family, role
+    from normscope.roles import family, role, type_name
 
     hooked = {p.name for p in plans}
     roles = {p.name: p.role for p in plans}
@@ -26,7 +26,7 @@ def initial_meta(model, name: str, plans, options: dict) -> dict:
     for raw, m in model.named_modules():
         cname = names[raw] or "<root>"
         entry = {
-            "name": cname, "type": type(m).__name__,
+            "name": cname, "type": type_name(m),
             "params": sum(p.numel() for p in m.parameters(recurse=False)),
             "trainable": sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad),
             "hooked": cname in hooked,
@@ -64,7 +64,7 @@ def initial_meta(model, name: str, plans, options: dict) -> dict:
             "python": platform.python_version(),
         },
         "model": {
-            "class": type(model).__name__,
+            "class": type_name(model),
             "params": total,
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "hooked_layers": len(plans),

@@ -15,6 +15,13 @@ Each field declares
   the host from the layout (:func:`_derived`), which saves device work.
 
 Scalar fields come first (in table order), then the vector fields (in table order).
+
+Across ranks (:mod:`normscope.collect.distributed`) the same table drives the reductions, whose
+size depends on the layouts only, never on the world size: every ``sum`` field, and each
+``chan`` field as a sum of squared deviations about a shift K that all ranks share
+(Σ(x−K)² = m2 + cnt·(mean−K)², additive), go into one SUM buffer (:func:`sum_part`); ``max``
+fields, and ``min`` fields negated, into one MAX buffer (:func:`ext_part`); :func:`from_reduced`
+rebuilds every raw field, with m2 = Σ(x−K)² − N·(M−K)² about the global mean M.
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ class ActLayout:
     samples: int
     axis: int
     hist_bins: int
+    per_channel: bool = True  # False: channels above ``max_channels``, reduced as one channel
 
     fields = ACT_FIELDS
 
@@ -205,3 +213,98 @@ def combine(a: dict, b: dict, fields: tuple[Field, ...] = ACT_FIELDS) -> dict:
                 extra = np.where(n > 0, delta * delta * na * nb / np.maximum(n, 1), 0)
             out[f.name] = x + y + extra
     return out
+
+
+# --- cross-rank reduction: the SUM and MAX buffers, by the table's merge rules --------------------
+
+
+def sum_width(layout) -> int:
+    """Values one entry puts in the SUM buffer (``sum`` and ``chan`` fields)."""
+    return sum(layout.width(f) for f in layout.fields if f.merge in ("sum", "chan"))
+
+
+def ext_width(layout) -> int:
+    """Values one entry puts in the MAX buffer (``max`` fields, and ``min`` fields negated)."""
+    return sum(layout.width(f) for f in layout.fields if f.merge in ("min", "max"))
+
+
+def chan_width(layout) -> int:
+    return sum(layout.width(f) for f in layout.fields if f.merge == "chan")
+
+
+def _shifted_sq(stacked: torch.Tensor, sl: dict, f: Field, shift: torch.Tensor | None) -> torch.Tensor:
+    """Σ over the stacked packs of Σ(x−K)² = m2 + cnt·(mean−K)² (0 where a pack saw nothing)."""
+    cnt, s1 = stacked[:, sl["cnt"]], stacked[:, sl["s1"]]
+    mean = torch.where(cnt > 0, s1 / cnt.clamp_min(1), torch.zeros_like(s1))
+    d = mean if shift is None else mean - shift
+    return (stacked[:, sl[f.name]] + cnt * d * d).sum(0)
+
+
+def sum_part(stacked: torch.Tensor, layout, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """One entry's SUM-buffer values from its local full-layout packs ``stacked`` (k × size), on device."""
+    sl = slices(layout, False)
+    out = []
+    for f in layout.fields:
+        if f.merge == "sum":
+            out.append(stacked[:, sl[f.name]].sum(0))
+        elif f.merge == "chan":
+            out.append(_shifted_sq(stacked, sl, f, shift))
+    return torch.cat(out)
+
+
+def chan_part(stacked: torch.Tensor, layout, shift: torch.Tensor) -> torch.Tensor:
+    """The ``chan`` fields alone about another shift (the second pass, about the global mean)."""
+    sl = slices(layout, False)
+    return torch.cat([_shifted_sq(stacked, sl, f, shift) for f in layout.fields if f.merge == "chan"])
+
+
+def ext_part(stacked: torch.Tensor, layout) -> torch.Tensor:
+    sl = slices(layout, False)
+    out = []
+    for f in layout.fields:
+        if f.merge == "max":
+            out.append(stacked[:, sl[f.name]].amax(0))
+        elif f.merge == "min":
+            out.append(-stacked[:, sl[f.name]].amin(0))
+    return torch.cat(out)
+
+
+def reduced_fields(sums, exts, layout) -> dict:
+    """Named views of one entry's reduced SUM and MAX values (numpy or torch); ``chan`` fields
+    still hold Σ(x−K)², min fields are back to minima."""
+    out, o, e = {}, 0, 0
+    for f in layout.fields:
+        w = layout.width(f)
+        if f.merge in ("sum", "chan"):
+            v = sums[o : o + w]
+            o += w
+        else:
+            v = exts[e : e + w]
+            e += w
+            v = -v if f.merge == "min" else v
+        out[f.name] = v[0] if f.width == "1" else v
+    return out
+
+
+def global_mean(r: dict, xp=np):
+    """Per-channel mean of reduced fields (0 where no element was seen)."""
+    cnt = r["cnt"]
+    return xp.where(cnt > 0, r["s1"] / xp.maximum(cnt, cnt * 0 + 1), cnt * 0)
+
+
+def m2_about_mean(q, r: dict, shift, xp=np):
+    """m2 = Σ(x−K)² − N·(M−K)² and the cancellation ratio N·(M−K)² / m2 (large: digits lost)."""
+    d = global_mean(r, xp) - (0 if shift is None else shift)
+    corr = r["cnt"] * d * d
+    m2 = q - corr
+    m2 = xp.where(m2 > 0, m2, m2 * 0)
+    return m2, corr / xp.where(m2 > 0, m2, m2 * 0 + 1e-300)
+
+
+def from_reduced(sums, exts, layout, shift=None) -> dict:
+    """Raw (combinable) fields of one entry from its reduced buffers, on the host (numpy)."""
+    r = reduced_fields(sums, exts, layout)
+    for f in layout.fields:
+        if f.merge == "chan":
+            r[f.name] = m2_about_mean(r[f.name], r, shift)[0]
+    return r

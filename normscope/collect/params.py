@@ -1,19 +1,55 @@
-"""Per parameter tensor: ‖w‖, ‖∇w‖ and ‖Δw‖ across an optimizer step, reduced on device."""
+"""Per parameter tensor: ‖w‖, ‖∇w‖ and ‖Δw‖ across an optimizer step, reduced on device.
+
+Under FSDP2 (``fully_shard``) parameters and their gradients are DTensors: every ``_foreach``
+op runs on the local shards (``to_local()``), and the tracker hands out squared norms, so that
+the sharded ones add up across the ranks (:meth:`ParamTracker.shard_weights`) into the norms of
+the full parameters, never a shard's.
+"""
 
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
 
 
+def is_dtensor(t) -> bool:
+    """A torch.distributed DTensor (checked without importing torch.distributed.tensor)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(mod, "DTensor", None) if mod is not None else None
+    return cls is not None and isinstance(t, cls)
+
+
+def local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The rank's own shard of a DTensor; any other tensor as it is."""
+    return t.to_local() if t is not None and is_dtensor(t) else t
+
+
+def shard_weight(p, world: int) -> float:
+    """How a DTensor's local squared norm counts in the sum over all ranks: 1 / its replication
+    (Replicate mesh dims hold copies; HSDP). NaN when the sum over the world cannot give the full
+    norm: a Partial placement, or a mesh that does not span the world."""
+    mesh = p.device_mesh
+    if mesh.size() != world:
+        return math.nan
+    rep = 1
+    for i, pl in enumerate(p.placements):
+        if pl.is_replicate():
+            rep *= mesh.size(i)
+        elif not pl.is_shard():
+            return math.nan
+    return 1.0 / rep
+
+
 class ParamTracker:
     """Computes parameter norms with fused ``_foreach`` kernels; no host sync until the step pack.
 
-    ``before_step`` (optimizer pre-hook) takes ‖∇w‖ and, when updates are tracked, copies w
+    ``before_step`` (optimizer pre-hook) takes ‖∇w‖² and, when updates are tracked, copies w
     (the copy lives only while the optimizer steps);
-    ``after_step`` (post-hook) takes ‖w‖ and ‖w_before − w_after‖.
+    ``after_step`` (post-hook) takes ‖w‖² and ‖w_before − w_after‖²; :meth:`take` returns the
+    3 × P squared norms (of the local shards for DTensors).
     """
 
     def __init__(self, model: nn.Module, track_updates: bool = True, names: dict[str, str] | None = None):
@@ -30,13 +66,22 @@ class ParamTracker:
         self._pending: torch.Tensor | None = None  # 3 x P: norm, grad_norm, update_norm
 
     def _nan(self, p: torch.Tensor) -> torch.Tensor:
-        return torch.full((), math.nan, dtype=torch.float32, device=p.device)
+        return torch.full((), math.nan, dtype=torch.float64, device=local(p).device)
+
+    def sharded(self) -> list[int]:
+        """Indices of the entries that are DTensors (their squared norms add across ranks)."""
+        return [i for i, (_, p, _) in enumerate(self.entries) if is_dtensor(p)]
+
+    def shard_weights(self, world: int) -> list[float]:
+        return [shard_weight(self.entries[i][1], world) for i in self.sharded()]
 
     def _norms(self, tensors: list[torch.Tensor | None], like: list[torch.Tensor]) -> torch.Tensor:
+        """Squared norms (float64) of the local tensors; NaN where a tensor is missing."""
+        tensors = [local(t) for t in tensors]
         present = [t for t in tensors if t is not None]
         norms = iter(torch._foreach_norm([t.detach() for t in present])) if present else iter(())
-        dev = like[0].device if like else torch.device("cpu")
-        out = [next(norms).float().to(dev) if t is not None else self._nan(like[0]) for t in tensors]
+        dev = local(like[0]).device if like else torch.device("cpu")
+        out = [next(norms).double().to(dev) ** 2 if t is not None else self._nan(like[0]) for t in tensors]
         return torch.stack(out) if out else torch.empty(0, device=dev)
 
     @property
@@ -59,7 +104,7 @@ class ParamTracker:
             # Allocated here and freed in after_step: during the optimizer step the activations
             # are already freed, so the copy reuses their memory instead of raising peak memory
             # (on CPU a fresh allocation page-faults, ~2 ms per 4 MB: measured in the benchmark).
-            trainable = [p.detach() for p in params if p.requires_grad]
+            trainable = [local(p.detach()) for p in params if p.requires_grad]
             self._snap = [torch.empty_like(p) for p in trainable]
             if trainable:
                 torch._foreach_copy_(self._snap, trainable)
@@ -73,10 +118,12 @@ class ParamTracker:
             self._grad_norms = self._norms([p.grad for p in params], params)
         w = self._norms([p.detach() for p in params], params)
         if updated and self.track_updates and self._snap is not None:
-            trainable = [p.detach() for p in params if p.requires_grad]
+            trainable = [local(p.detach()) for p in params if p.requires_grad]
             torch._foreach_sub_(self._snap, trainable)  # snap := w_before - w_after (measured faster than torch.dist)
             upd = iter(torch._foreach_norm(self._snap))
-            du = torch.stack([next(upd).float().to(w.device) if p.requires_grad else w.new_zeros(()) for p in params])
+            du = torch.stack(
+                [next(upd).double().to(w.device) ** 2 if p.requires_grad else w.new_zeros(()) for p in params]
+            )
         else:
             du = torch.full_like(w, math.nan)
         self._pending = torch.stack([w, self._grad_norms, du]).double().view(-1)

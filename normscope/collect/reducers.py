@@ -26,7 +26,7 @@ Semantics (also the contract the tests check against numpy):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -212,8 +212,12 @@ def _sat_count(x: torch.Tensor, sat: SatSpec | None, buf: torch.Tensor | None) -
     return c + hi_op(x, hi, out=buf).sum()
 
 
-def act_layout(x: torch.Tensor, axis: int, spec: HistSpec) -> ActLayout:
+def act_layout(x: torch.Tensor, axis: int, spec: HistSpec, max_channels: int | None = None) -> ActLayout:
+    """The layout of ``x``'s pack; above ``max_channels`` channels the tensor is reduced as one
+    channel (global statistics exact, no per-channel ones)."""
     a, c, s = channel_view_shape(x.shape, axis)
+    if max_channels is not None and c > max_channels:
+        return ActLayout(numel=x.numel(), channels=1, samples=a, axis=axis, hist_bins=spec.bins, per_channel=False)
     return ActLayout(numel=x.numel(), channels=c, samples=a, axis=axis, hist_bins=spec.bins)
 
 
@@ -234,6 +238,9 @@ def reduce_act(
     if force_masked is None:
         force_masked = FORCE_MASKED
     xf = _as_f32(x)
+    if not layout.per_channel:  # one channel: (samples, 1, rest), the pack's own layout unchanged
+        a, c, s = channel_view_shape(xf.shape, layout.axis)
+        xf, layout = xf.reshape(a, 1, c * s), replace(layout, axis=1, per_channel=True)
     if _autocast_on(xf.device.type):  # hooks run inside the user's autocast: keep float32
         with torch.autocast(xf.device.type, enabled=False):
             return reduce_act(xf, layout, hist, sat, hist_max, scratch, force_masked)

@@ -28,12 +28,13 @@ from torch import nn
 
 from normscope.collect import distributed as D
 from normscope.collect import reducers as R
-from normscope.collect.decode import PendingEntry, StepAccumulator, entry_signature, expand_pending
+from normscope.collect.decode import PendingEntry, StepAccumulator, expand_pending
 from normscope.collect.meta import _model_device, _now, _sel_json, _to_host, initial_meta
 from normscope.collect.outputs import iter_float_tensors
 from normscope.collect.params import ParamTracker, describe_optimizer, group_hparams
 from normscope.collect.select import HookPlan, Selector, canonical_names, plan_hooks, resolve_axis
 from normscope.errors import NormscopeError
+from normscope.roles import type_name
 from normscope.store.writer import RunWriter, write_json
 
 DEFAULT_EVERY = 20
@@ -92,14 +93,23 @@ class Scope:
         grads: bool = True,
         name: str | None = None,
         roles: dict | None = None,
+        max_channels: int | None = None,
+        grad_every: int = 1,
     ):
         if not isinstance(model, nn.Module):
             raise NormscopeError(f"watch() needs a torch.nn.Module, got {type(model).__name__}.")
-        for label, v in (("every", every), ("flush_every", flush_every)):
+        for label, v in (("every", every), ("flush_every", flush_every), ("grad_every", grad_every)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise NormscopeError(f"{label} must be a whole number ≥ 1, got {v!r}.")
         if isinstance(hist_max, bool) or not isinstance(hist_max, int) or hist_max < 0:
             raise NormscopeError(f"hist_max must be a whole number ≥ 0 (0 = every element), got {hist_max!r}.")
+        if max_channels is not None and (isinstance(max_channels, bool) or not isinstance(max_channels, int)
+                                         or max_channels < 1):  # fmt: skip
+            raise NormscopeError(
+                f"max_channels must be a whole number ≥ 1 (or None: every channel), got {max_channels!r}."
+            )
+        self.max_channels = max_channels
+        self.grad_every = grad_every
         self.model = model
         self.every = every
         self.flush_every = flush_every
@@ -107,7 +117,7 @@ class Scope:
         self.hist_max = hist_max
         self.track_updates = track_updates
         self.record_grads = grads
-        self.name = name or type(model).__name__
+        self.name = name or type_name(model)
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"{self.name}-{stamp}"
         self._plans: list[HookPlan] = plan_hooks(model, include, exclude, channel_axis, roles)
@@ -116,6 +126,7 @@ class Scope:
             "flush_every": flush_every, "flush_seconds": flush_seconds, "hist_max": hist_max,
             "channel_axis": dict(channel_axis or {}), "track_updates": track_updates, "grads": grads,
             "roles": {(k if isinstance(k, str) else _sel_json(k)[0]): v for k, v in (roles or {}).items()},
+            "max_channels": max_channels, "grad_every": grad_every,
         }  # fmt: skip
         optimizer = _unwrap_optimizer(optimizer)
         self._explicit_opt = optimizer
@@ -149,6 +160,7 @@ class Scope:
         self._writer: RunWriter | None = None
         self._meta: dict = {}
         self._world, self._rank = 1, 0
+        self._shifts: dict = {}  # (kind, key) → last merged channel mean: the shift of the next reduction
 
     # --- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> Scope:
@@ -163,6 +175,9 @@ class Scope:
         if self._active:
             return self
         self._world, self._rank, backend = D.dist_info()
+        if [id(p) for p in self.model.parameters()] != [id(p) for _, p, _ in self._params.entries]:
+            # parameters replaced since watch() (fully_shard applied in between): track the new ones
+            self._params = ParamTracker(self.model, track_updates=self.track_updates, names=canonical_names(self.model))
         if self._rank == 0:  # under torch.distributed only rank 0 writes the run directory
             if (self.run_dir / "meta.json").exists():
                 raise NormscopeError(
@@ -202,7 +217,7 @@ class Scope:
         failed = not status.startswith("complete")
         try:
             if self._world > 1:
-                # every rank closes at the same point and joins the last gather, unless this one
+                # every rank closes at the same point and joins the last check, unless this one
                 # failed: then it must not enter a collective its peers never reach
                 if not failed:
                     self._finish_step(updated=False, params=False)
@@ -299,6 +314,11 @@ class Scope:
             self._guard(self._params.after_step, True)
             self._finish_step(updated=True, params=True)
         self._advance()
+
+    @property
+    def _grads_now(self) -> bool:
+        """Gradient statistics this sampled step (every ``grad_every``-th one)."""
+        return self.record_grads and (self.step_index // self.every) % self.grad_every == 0
 
     def _advance(self) -> None:
         self.step_index += 1
@@ -399,7 +419,7 @@ class Scope:
             axis, layout, pack, fast = hit.axis, hit.layout, hit.pack, hit.fast  # same tensor, unchanged: reuse
         else:
             axis = resolve_axis(plan, t, inherited if hit is None else hit.axis)
-            layout = R.act_layout(t, axis, plan.hist)
+            layout = R.act_layout(t, axis, plan.hist, self.max_channels)
             pack, fast = R.reduce_act(t, layout, plan.hist, plan.sat, self.hist_max, self._scratch)
             if len(self._recent) >= _RECENT:
                 self._recent.pop(next(iter(self._recent)))
@@ -408,7 +428,7 @@ class Scope:
             self._axes.pop(next(iter(self._axes)))
         self._axes[id(t)] = (weakref.ref(t), axis)
         self._pending.append(PendingEntry("act", key, layout, fast, pack, plan.type_name))
-        if grad and self.record_grads and phase == "train":
+        if grad and self._grads_now and phase == "train":
             if t.requires_grad:
                 t.register_hook(self._make_grad_hook(key, self.step_index))
             elif not torch.is_grad_enabled():  # first pass of a reentrant checkpoint: the gradient comes
@@ -419,7 +439,7 @@ class Scope:
         in the first pass; a reentrant checkpoint's first pass had no graph, so the gradient hooks
         go on the recomputed outputs, under the first pass's keys."""
         waiting = self._await_grad.get(plan.name)
-        if not waiting or not self.record_grads:
+        if not waiting or not self._grads_now:
             return
         key0 = waiting.pop(0)
         for path, t in iter_float_tensors(output):
@@ -472,30 +492,30 @@ class Scope:
 
     def _finish_step_inner(self, params: bool) -> None:
         pending = self._pending
-        ppack = self._params.take() if params else None
+        sq = self._params.take() if params else None  # 3 × P squared norms (of the local shards)
         scal_t = [v for _, _, v in self._scalars if isinstance(v, torch.Tensor)]
         acc = StepAccumulator()
+        norms = None
         if self._world > 1:
-            if not self._gather(pending, acc) or self._writer is None:
+            write, norms = self._reduce(pending, sq, acc)
+            if not write or (not pending and sq is None and not self._scalars):
                 return
-            if not pending and ppack is None and not self._scalars:
-                return
-            local = ([ppack] if ppack is not None else []) + scal_t
-            host = _to_host(local) if local else np.zeros(0)
+            host = _to_host(scal_t) if scal_t else np.zeros(0)
             off = 0
         else:
-            tensors = [e.pack for e in pending] + ([ppack] if ppack is not None else []) + scal_t
+            tensors = [e.pack for e in pending] + ([sq] if sq is not None else []) + scal_t
             if not tensors and not self._scalars:
                 return
             host = _to_host(tensors) if tensors else np.zeros(0)
             off = acc.decode(pending, host)
+            if sq is not None:
+                n = len(self._params.entries)
+                norms = np.sqrt(host[off : off + 3 * n].reshape(3, n))
+                off += 3 * n
         step = self.step_index
         w = self._writer
         acc.write(w, step)
-        if ppack is not None:
-            n = len(self._params.entries)
-            vals = host[off : off + 3 * n].reshape(3, n)
-            off += 3 * n
+        if norms is not None:
             hp = group_hparams(self._opt)
             if self._opt is not None and "optimizer" not in self._meta:
                 self._meta["optimizer"] = describe_optimizer(self._opt)
@@ -503,8 +523,8 @@ class Scope:
                 lr, wd = hp.get(id(p), (math.nan, math.nan))
                 w.append("params", {
                     "step": step, "param": pname, "layer": layer, "numel": p.numel(),
-                    "requires_grad": p.requires_grad, "norm": vals[0, i], "grad_norm": vals[1, i],
-                    "update_norm": vals[2, i], "lr": lr, "weight_decay": wd,
+                    "requires_grad": p.requires_grad, "norm": norms[0, i], "grad_norm": norms[1, i],
+                    "update_norm": norms[2, i], "lr": lr, "weight_decay": wd,
                 })  # fmt: skip
         for phase, name, v in self._scalars:
             if isinstance(v, torch.Tensor):
@@ -518,25 +538,48 @@ class Scope:
         if self._since_flush >= self.flush_every or time.monotonic() - self._last_flush > self.flush_seconds:
             self._flush()
 
-    def _gather(self, pending: list, acc: StepAccumulator) -> bool:
-        """Distributed: gather every rank's packs; rank 0 merges them. False: nothing to write."""
-        packs = expand_pending(pending)
-        dev = packs[0].device if packs else _model_device(self.model)
-        local = torch.cat([p.reshape(-1) for p in packs]) if packs else torch.zeros(0, dtype=torch.float64, device=dev)
-        got = D.gather_to_rank0(local, D.signature(entry_signature(pending)), self._world, self._rank)
-        if isinstance(got, str):
-            self._note_error("distributed", RuntimeError(
-                "ranks recorded different layers this step (different modules ran, or a hook failed on one rank); "
-                "only rank 0's own statistics are kept for it"))  # fmt: skip
-            if self._writer is None:
-                return False
-            acc.decode(pending, _to_host(packs), full=True) if packs else None
-            return True
-        if got is None:
-            return False
-        for host in got:
-            acc.decode(pending, host, full=True)
-        return True
+    def _reduce(self, pending: list, sq: torch.Tensor | None, acc: StepAccumulator) -> tuple[bool, Any]:
+        """Distributed: every rank's step merged by reductions whose size does not depend on the world
+        (:class:`distributed.StepReduction`). Returns (this rank writes the step, 3 × P norms or None)."""
+        dev = pending[0].pack.device if pending else sq.device if sq is not None else _model_device(self.model)
+        sharded = self._params.sharded() if sq is not None else []
+        red, sig = None, D.BAD_SIGNATURE
+        try:
+            extra = None
+            if sharded:  # DTensor shards: Σ over ranks of (local ‖·‖² / replication) = the full ‖·‖²
+                wts = torch.tensor(self._params.shard_weights(self._world), dtype=torch.float64, device=sq.device)
+                extra = sq.view(3, -1)[:, sharded] * wts
+            red = D.StepReduction.build(pending, extra, self._shifts, dev)
+            sig = red.sig
+        except Exception as e:  # still enter the check, with a signature that makes every rank skip
+            self._note_error("distributed", e)
+        if not D.same_entries(sig, red.size if red is not None else -1, dev):
+            if red is not None:
+                self._note_error("distributed", RuntimeError(
+                    "ranks recorded different layers this step (different modules ran, or a hook failed on one rank); "
+                    "only rank 0's own statistics are kept for it"))  # fmt: skip
+            if self._writer is None or red is None:
+                return False, None
+            if pending:
+                acc.decode(pending, _to_host(expand_pending(pending)), full=True)
+            return True, self._param_norms(sq, sharded, None)
+        red.run()
+        self._shifts.update(red.means)
+        if self._writer is None:
+            return False, None
+        sums, exts = red.host()
+        merged = red.decode(sums, exts, acc)
+        return True, self._param_norms(sq, sharded, merged)
+
+    def _param_norms(self, sq, sharded: list[int], merged) -> np.ndarray | None:
+        """3 × P norms on the writer: its own for replicated parameters (DDP), the merged sums for
+        sharded ones (NaN when they could not be merged)."""
+        if sq is None:
+            return None
+        own = _to_host([sq]).reshape(3, -1).copy()
+        if sharded:
+            own[:, sharded] = merged.reshape(3, len(sharded)) if merged is not None else math.nan
+        return np.sqrt(own)
 
     def _flush(self) -> None:
         if self._writer is None:
@@ -570,6 +613,9 @@ def watch(model: nn.Module, run_dir: str | os.PathLike | None = None, every: int
     global step hook, or the one passed as ``optimizer=``) or with ``scope.step()``. Every
     ``every``-th step is sampled. Options: ``include``/``exclude`` (name globs or module types),
     ``optimizer``, ``flush_every``, ``flush_seconds``, ``hist_max``, ``channel_axis``
-    ({name glob: axis}), ``track_updates``, ``grads``, ``name``.
+    ({name glob: axis}), ``track_updates``, ``grads``, ``name``, ``roles``; bounds on the pack
+    (docs/scale.md): ``max_channels`` (a tensor with more channels is reduced as one channel: no
+    per-channel statistics for it) and ``grad_every`` (output-gradient statistics on every k-th
+    sampled step only).
     """
     return Scope(model, run_dir=run_dir, every=every, **options)

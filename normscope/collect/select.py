@@ -5,7 +5,9 @@ channel axis of an output comes from the data: the module's own weight (or norma
 against the tensor's shape, else the axis of the tensor it consumed, else the tensor's rank.
 Layer names are canonical: wrapper prefixes (``_orig_mod.`` from torch.compile, ``module.`` from
 DDP/DataParallel, FSDP's and checkpoint wrappers') are stripped, so a model wrapped or not gives
-the same names.
+the same names. FSDP2 (``fully_shard``) keeps the module tree and only swaps each sharded
+module's class for a generated ``FSDP<Name>`` subclass: names are unchanged and type names are
+the user's (:func:`normscope.roles.type_name`).
 """
 
 from __future__ import annotations
@@ -190,7 +192,7 @@ def plan_hooks(
             HookPlan(
                 name=name or "<root>",
                 module=module,
-                type_name=type(module).__name__,
+                type_name=ROLES.type_name(module),
                 hist=hist,
                 sat=sat,
                 record_input=role == "norm",
@@ -213,7 +215,7 @@ def plan_hooks(
 
 def _is_wrapper(module: nn.Module) -> bool:
     """Wrapper modules (checkpoint wrappers, compiled wrappers) hold no parameter of their own."""
-    return type(module).__name__ in ("CheckpointWrapper", "OptimizedModule", "OffloadWrapper")
+    return ROLES.type_name(module) in ("CheckpointWrapper", "OptimizedModule", "OffloadWrapper")
 
 
 def resolve_axis(plan: HookPlan, t: torch.Tensor, inherited: int | None) -> int:
