@@ -48,7 +48,9 @@ def initial_meta(model, name: str, plans, options: dict) -> dict:
 
         with torch.no_grad():
             for raw, p in model.named_parameters():
-                if p.numel():
+                # sharded (DTensor) parameters: their full RMS needs a collective, and only rank 0 gets
+                # here; the checks fall back to the first recorded step for them
+                if p.numel() and not hasattr(p, "to_local") and type(p).__name__ != "DTensor":
                     init_rms[canonical_param_name(raw, names)] = float(p.detach().float().pow(2).mean().sqrt())
     except Exception:  # noqa: BLE001 - sharded or lazy parameters: the checks fall back to the first step
         init_rms = {}

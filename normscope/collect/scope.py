@@ -33,6 +33,7 @@ from normscope.collect.meta import _model_device, _now, _sel_json, _to_host, ini
 from normscope.collect.outputs import iter_float_tensors
 from normscope.collect.params import ParamTracker, describe_optimizer, group_hparams
 from normscope.collect.select import HookPlan, Selector, canonical_names, plan_hooks, resolve_axis
+from normscope.collect.sentinel import FiniteSentinels
 from normscope.errors import NormscopeError
 from normscope.roles import type_name
 from normscope.store.writer import RunWriter, write_json
@@ -95,6 +96,7 @@ class Scope:
         roles: dict | None = None,
         max_channels: int | None = None,
         grad_every: int = 1,
+        finite_flags: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise NormscopeError(f"watch() needs a torch.nn.Module, got {type(model).__name__}.")
@@ -125,6 +127,7 @@ class Scope:
             "every": every, "include": _sel_json(include), "exclude": _sel_json(exclude),
             "flush_every": flush_every, "flush_seconds": flush_seconds, "hist_max": hist_max,
             "channel_axis": dict(channel_axis or {}), "track_updates": track_updates, "grads": grads,
+            "finite_flags": finite_flags,
             "roles": {(k if isinstance(k, str) else _sel_json(k)[0]): v for k, v in (roles or {}).items()},
             "max_channels": max_channels, "grad_every": grad_every,
         }  # fmt: skip
@@ -153,6 +156,9 @@ class Scope:
         self._warned_manual = False
         self._scratch = R.Scratch()
         self._params = ParamTracker(model, track_updates=track_updates, names=canonical_names(model))
+        self._sentinels = (
+            FiniteSentinels(model, {p.name for p in self._plans}, canonical_names(model)) if finite_flags else None
+        )
         self._param_pre_done = False
         self._steps_recorded = 0
         self._last_flush = time.monotonic()
@@ -192,6 +198,8 @@ class Scope:
         self._handles.append(root.register_forward_hook(self._on_root_post))
         for plan in self._plans:
             self._handles.append(plan.module.register_forward_hook(self._make_hook(plan)))
+        if self._sentinels is not None:
+            self._handles += self._sentinels.register(self)
         if self._explicit_opt is not None:
             self._handles.append(self._explicit_opt.register_step_pre_hook(self._on_opt_pre))
             self._handles.append(self._explicit_opt.register_step_post_hook(self._on_opt_post))
@@ -342,6 +350,8 @@ class Scope:
         self._calls.clear()
         self._recent.clear()
         self._axes.clear()
+        if self._sentinels is not None:
+            self._sentinels.new_forward()
         if _in_backward():  # a checkpointed root recomputed: keep the phase of the original forward
             return
         # the phase of the whole forward: modules inside a reentrant checkpoint run with grad off
@@ -494,6 +504,7 @@ class Scope:
         pending = self._pending
         sq = self._params.take() if params else None  # 3 × P squared norms (of the local shards)
         scal_t = [v for _, _, v in self._scalars if isinstance(v, torch.Tensor)]
+        flags = self._sentinels.take() if self._sentinels is not None else []
         acc = StepAccumulator()
         norms = None
         if self._world > 1:
@@ -503,7 +514,7 @@ class Scope:
             host = _to_host(scal_t) if scal_t else np.zeros(0)
             off = 0
         else:
-            tensors = [e.pack for e in pending] + ([sq] if sq is not None else []) + scal_t
+            tensors = [e.pack for e in pending] + ([sq] if sq is not None else []) + scal_t + [f[4] for f in flags]
             if not tensors and not self._scalars:
                 return
             host = _to_host(tensors) if tensors else np.zeros(0)
@@ -531,6 +542,8 @@ class Scope:
                 v = float(host[off])
                 off += 1
             w.append("scalars", {"step": step, "phase": phase, "name": name, "value": float(v)})
+        if flags and self._world == 1 and self._sentinels.record(step, flags, host[off : off + 2 * len(flags)]):
+            self._meta["nonfinite_modules"] = self._sentinels.events
         self._steps_recorded += 1
         self._since_flush += 1
         if self._exec_order:  # no root forward seen (submodules called directly)

@@ -234,14 +234,21 @@ def bn_output_gap(model: nn.Module, x: Any, seed: int = 0) -> float | None:
 
 
 def feature_axis(model: nn.Module, first_layer_type: str | None, x: torch.Tensor) -> int:
+    """The axis of the input's features: channels for image-shaped N×C×H×W (and 5-D) inputs,
+    normalised per channel as usual; the first layer's layout for 3-D; the last axis for tables."""
     if x.dim() <= 2:
         return -1
+    if x.dim() >= 4:
+        return 1
     t = first_layer_type or ""
     if t.startswith(("Conv", "BatchNorm2d", "BatchNorm3d", "InstanceNorm", "LazyConv", "MaxPool", "AvgPool")):
         return 1
     if t.startswith("BatchNorm1d") and x.dim() == 3:
         return 1
     return -1
+
+
+DISCRETE_MAX_VALUES = 32  # an integer-valued column with at most this many values is categorical
 
 
 def input_stats(xs: list, axis: int) -> dict | None:
@@ -255,8 +262,16 @@ def input_stats(xs: list, axis: int) -> dict | None:
     xm = x.movedim(axis, -1).reshape(-1, x.shape[axis])
     mean = xm.mean(0)
     std = xm.std(0, unbiased=False)
+    # discrete columns (one-hot, binary flags, small integer codes): their scale is not a feature's
+    # scale and standardising them is optional; the check leaves them out of the scale test
+    discrete = []
+    if xm.shape[1] <= 4096:
+        integral = (xm == xm.round()).all(0)
+        for j in torch.nonzero(integral).flatten().tolist():
+            if torch.unique(xm[:, j]).numel() <= DISCRETE_MAX_VALUES:
+                discrete.append(j)
     return {"axis": axis, "shape": list(ts[0].shape[1:]), "samples": int(x.shape[0]),
-            "mean": mean.numpy().tolist(), "std": std.numpy().tolist()}  # fmt: skip
+            "mean": mean.numpy().tolist(), "std": std.numpy().tolist(), "discrete": discrete}  # fmt: skip
 
 
 def _chan_stats(t: torch.Tensor) -> tuple[float, float]:

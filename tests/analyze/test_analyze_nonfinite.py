@@ -102,3 +102,41 @@ def test_nan_loss_gradient_blames_the_loss(tmp_path):
 def test_no_nan_no_finding(tmp_path):
     a = run_with(tmp_path, mlp(), steps=2)
     assert "non-finite" in a.checks_run and not [f for f in a.findings if f.check == "non-finite"]
+
+
+class _Normalise(torch.nn.Module):
+    """Parameter-free and hooked by nobody by default: divides by a sum that can be zero."""
+
+    def forward(self, x):
+        return x / x.sum(-1, keepdim=True)
+
+
+def test_unhooked_parameter_free_module_is_named_as_the_first_offender(tmp_path):
+    """Regression: non-finite named the first *hooked* module downstream of the real culprit."""
+    from torch import nn
+
+    from normscope import analyze_full, load, watch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), _Normalise(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with watch(model, tmp_path / "r", every=1) as scope:
+        for step in range(4):
+            x = torch.randn(16, 4)
+            if step == 2:
+                with torch.no_grad():
+                    model[0].weight.zero_()
+                    model[0].bias.zero_()  # the Linear's output is all zeros: 0 / 0 in _Normalise
+            loss = model(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            scope.log(loss=loss)
+    run = load(tmp_path / "r")
+    assert [e["layer"] for e in run.meta["nonfinite_modules"]][:1] == ["1"]
+    (f,) = [f for f in analyze_full(run).findings if f.check == "non-finite"]
+    assert f.layer == "1" and f.step == 2 and f.evidence["module_type"] == "_Normalise"
+    assert f.evidence["downstream_nonfinite"][:1] == ["2"] and "does not hook" in f.message
+    # the hooked Linear before it stayed finite: it is not blamed
+    s = run.stats
+    assert (s[(s.layer == "0") & (s.step == 2)].nan_count == 0).all()

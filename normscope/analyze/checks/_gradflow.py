@@ -5,7 +5,7 @@ global average pooling over H×W positions gets 1/(H·W) of the head's per-eleme
 construction, and a class-token head touches one position of many):
 
 - :func:`weight_profile` (vanishing): the relative weight gradient ρ_l = ‖∇W_l‖ / ‖W_l‖ of each
-  conv/linear weight, in execution order. ∇W sums over positions, so pooling's 1/(H·W) cancels
+  conv/linear weight, in execution order, as the median per repeated block (:func:`block_of`). ∇W sums over positions, so pooling's 1/(H·W) cancels
   against the H·W positions it sums; ρ is what a step of SGD changes relative to the weight.
 - :func:`output_profile` (exploding): the whole-tensor norm of the gradient w.r.t. each
   parametrised layer's output (not per element), whose growth towards the input is the backward
@@ -102,11 +102,29 @@ def weight_profile(ctx, window_frac: float) -> dict:
         layers.append(layer)
     if len(rho) < 2:
         raise SkipCheck("fewer than two conv/linear weights with a recorded gradient and non-zero norm")
-    ratio, k = ends_ratio(rho)
-    _, rate = trend_ratio(rho)
+    # depth is counted in blocks: the weights of one repeated block (a transformer layer's q/k/v/o and
+    # MLP, a ResNet stage) are one position, judged by their median — attention's q/k projections learn
+    # slowly at initialisation in every healthy transformer, which is not depth
+    groups: dict[str, list[float]] = {}
+    for lay, r in zip(layers, rho):
+        groups.setdefault(block_of(lay), []).append(r)
+    gvals = [float(np.median(v)) for v in groups.values()]
+    ratio, k = ends_ratio(gvals)
+    _, rate = trend_ratio(gvals)
     return {"measure": "relative weight gradient ‖∇W‖/‖W‖", "params": names, "layers": layers,
             "values": rho, "ratio": ratio, "group": k, "window_steps": span, "rate_per_layer": rate,
+            "blocks": [{"block": b, "median": g} for b, g in zip(groups, gvals)],
             "left_out_near_zero_init": sorted(zero)}  # fmt: skip
+
+
+def block_of(layer: str) -> str:
+    """The repeated block a layer belongs to: its name up to the first numeric part ("model.layers.3",
+    a Sequential's "4"); a layer outside any numbered container is its own block ("lm_head")."""
+    parts = layer.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[: i + 1])
+    return layer
 
 
 def output_profile(ctx, window_frac: float) -> dict:
@@ -143,6 +161,8 @@ def evidence(prof: dict, t) -> dict:
         "geometric_rate_per_layer": prof["rate_per_layer"], "window_steps": prof["window_steps"],
         "thresholds": dict(t),
     }  # fmt: skip
+    if prof.get("blocks"):
+        ev["blocks"] = prof["blocks"]
     if prof.get("left_out_near_zero_init"):
         ev["left_out_near_zero_init"] = prof["left_out_near_zero_init"]
     if "backward_gain" in prof:

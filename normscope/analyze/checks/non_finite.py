@@ -58,6 +58,43 @@ def _input_row(ctx, rows_at_step, layer: str, call: int, output: str):
     return None, "unknown (first module, or its producer is not hooked)"
 
 
+def _first_unhooked(ctx, sf: int | None) -> dict | None:
+    """The first non-finite output of a module the collector does not hook (the finiteness flags in
+    meta.json), when it comes before the first hooked module's: at an earlier step, or at the same
+    step when that hooked module's input was already non-finite (or unknown)."""
+    events = [e for e in ctx.meta.get("nonfinite_modules") or [] if isinstance(e, dict)]
+    if not events:
+        return None
+    first = min(events, key=lambda e: (e["step"], e.get("seq", 0)))
+    if sf is None or first["step"] < sf:
+        return first
+    if first["step"] > sf:
+        return None
+    s = ctx.stats
+    rows = s[(s.step == sf) & ((s.nan_count > 0) | (s.inf_count > 0))].copy()
+    rows["_o"] = [ctx.call_order.get((r.layer, int(r.call)), BIG_ORDER) for r in rows.itertuples()]
+    head = int(rows["_o"].min())
+    # the unhooked module finished before the first non-finite hooked one: it made the NaN/Inf
+    after = first.get("after")
+    before = -1 if not after else ctx.call_order.get((str(after[0]), int(after[1])), BIG_ORDER)
+    return first if before < head else None
+
+
+def _unhooked_finding(ctx, e: dict, bad_f, common: dict) -> Finding:
+    at = bad_f[bad_f.step == e["step"]] if len(bad_f) else bad_f
+    after = []
+    if len(at):
+        at = at.assign(_o=[ctx.call_order.get((r.layer, int(r.call)), BIG_ORDER) for r in at.itertuples()])
+        after = list(dict.fromkeys(at.sort_values("_o").layer.astype(str)))[:8]
+    ev = dict(common, step=e["step"], phase=e["phase"], module_type=e["type"], hooked=False,
+              source="finiteness flag on an unhooked module", downstream_nonfinite=after)  # fmt: skip
+    msg = (f"{e['layer']} ({e['type']}, a module the collector does not hook) is the first module whose output holds "
+           f"NaN/Inf in the {e['phase']} forward pass, at step {e['step']}"
+           + (f"; the hooked modules after it ({', '.join(after[:3])}{', …' if len(after) > 3 else ''}) only "
+              "passed it on." if after else "."))  # fmt: skip
+    return Finding(ID, "error", e["layer"], e["step"], msg, ev, _REC)
+
+
 @register(
     id=ID, severity="error",
     summary="The first module (in execution order) whose output, or output gradient, holds NaN or Inf, with its input statistics.",
@@ -81,6 +118,9 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     affected = sorted(set(bad_f.step.tolist()) | set(bad_b.step.tolist())) if (sf is not None or sb is not None) else []
     common = {"first_forward_step": sf, "first_backward_step": sb, "first_nonfinite_loss_step": sl,
               "first_nonfinite_param_step": sp, "steps_affected": len(affected)}  # fmt: skip
+    sentinel = _first_unhooked(ctx, sf)
+    if sentinel is not None and (sb is None or sentinel["step"] <= sb):
+        return [_unhooked_finding(ctx, sentinel, bad_f, common)]
     if sf is not None and (sb is None or sf <= sb):
         rows = bad_f[bad_f.step == sf].copy()
         rows["_o"] = [ctx.call_order.get((r.layer, int(r.call)), BIG_ORDER) for r in rows.itertuples()]

@@ -30,18 +30,23 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         raise SkipCheck("the inputs have no floating-point features")
     smax = float(np.max(std)) if std.size else 0.0
     const = std <= 1e-12 * max(smax, 1e-30)
-    live = ~const
+    discrete = np.zeros(mean.size, dtype=bool)
+    discrete[[i for i in inp.get("discrete", []) if 0 <= i < mean.size]] = True
+    discrete &= ~const
+    live = ~const & ~discrete  # one-hot and categorical columns have no "scale" to fix
     if not live.any():
-        raise SkipCheck("every input feature is constant over the probe data")
+        if const.all():
+            raise SkipCheck("every input feature is constant over the probe data")
+        return _constant_info(ctx, mean, const, discrete)
     # Near-constant features (std < 5 % of the median feature std: rare, mostly-zero columns such
     # as border pixels) say nothing about scale; they are listed, not used for the ratio.
     rare = live & (std < t["near_constant"] * float(np.median(std[live])))
     scaled = live & ~rare
     ratio = float(std[scaled].max() / std[scaled].min()) if scaled.any() else 1.0
     off = scaled & (np.abs(mean) > t["mean_std"] * std)
-    bad_scale = mean.size > 1 and ratio > t["std_ratio"]
+    bad_scale = int(scaled.sum()) > 1 and ratio > t["std_ratio"]
     if not bad_scale and not off.any():
-        return []
+        return _constant_info(ctx, mean, const, discrete)
     first = (ctx.meta.get("execution_order") or [{}])[0].get("layer")
     i_off = int(np.argmax(np.where(off, np.abs(mean) / np.maximum(std, 1e-30), -1))) if off.any() else None
     parts = []
@@ -55,6 +60,7 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     msg = f"The model's {mean.size} input features are not normalised: " + " and ".join(parts) + "."
     ev = {"features": int(mean.size), "axis": inp.get("axis"), "samples": inp.get("samples"), "std_ratio": ratio,
           "off_centre": np.flatnonzero(off).tolist(), "constant_features": np.flatnonzero(const).tolist(),
+          "categorical_features": np.flatnonzero(discrete).tolist(),
           "near_constant_features": np.flatnonzero(rare).tolist(),
           "mean": mean.tolist()[:256], "std": std.tolist()[:256], "thresholds": dict(t)}  # fmt: skip
     rec = (
@@ -62,4 +68,20 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         "min-max scale bounded features, or log-transform heavy-tailed ones: features on different scales make the "
         "loss surface elongated and gradient descent zig-zag (LeCun et al., Efficient BackProp §4.3)."
     )
-    return [Finding(ID, "warning", first, None, msg, ev, rec)]
+    what = "channels" if (inp.get("axis") == 1 and len(inp.get("shape") or []) >= 3) else "features"
+    msg = msg.replace("input features", f"input {what}", 1)
+    return [Finding(ID, "warning", first, None, msg, ev, rec)] + _constant_info(ctx, mean, const, discrete)
+
+
+def _constant_info(ctx, mean, const, discrete) -> list[Finding]:
+    """Constant input features carry no information: said as info, never a scale warning."""
+    if not const.any():
+        return []
+    first = (ctx.meta.get("execution_order") or [{}])[0].get("layer")
+    idx = np.flatnonzero(const)
+    msg = (f"{idx.size} of {mean.size} input features are constant over the probe data (e.g. feature {int(idx[0])} = "
+           f"{num(mean[idx[0]])}): they carry no information.")  # fmt: skip
+    rec = "Drop constant columns, or check the data pipeline if they should vary (a feature filled with a default)."
+    ev = {"constant_features": idx.tolist()[:256], "features": int(mean.size),
+          "categorical_features": np.flatnonzero(discrete).tolist()[:256]}  # fmt: skip
+    return [Finding(ID, "info", first, None, msg, ev, rec)]
