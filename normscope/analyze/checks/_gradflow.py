@@ -46,8 +46,8 @@ def ends_ratio(values) -> tuple[float, int]:
 
 def near_zero_init(ctx) -> set[str]:
     """Parameters initialised at (or near) zero: RMS below 1e-4 when the run started (meta.json), or,
-    for runs without that record, a first recorded norm no larger than twice the first update
-    (a weight that started at 0 ends its first step with ‖w‖ = ‖Δw‖)."""
+    for runs without that record, a first recorded norm equal to the first update's within 1e-3
+    (a weight that started at 0 ends its first step with w = −Δw, so ‖w‖ = ‖Δw‖)."""
     init = ctx.meta.get("param_init_rms")
     if init:
         return {k for k, v in init.items() if v is not None and v < NEAR_ZERO_RMS}
@@ -57,7 +57,8 @@ def near_zero_init(ctx) -> set[str]:
     first = p[p.step == p.step.min()]
     rms = first.norm.to_numpy(float) / np.sqrt(np.maximum(first.numel.to_numpy(float), 1))
     upd = first.update_norm.to_numpy(float)
-    near = (rms < NEAR_ZERO_RMS) | (np.isfinite(upd) & (upd > 0) & (first.norm.to_numpy(float) <= 2 * upd))
+    norm = first.norm.to_numpy(float)
+    near = (rms < NEAR_ZERO_RMS) | (np.isfinite(upd) & (upd > 0) & (np.abs(norm - upd) <= 1e-3 * norm))
     return set(first.param[near])
 
 

@@ -1,0 +1,255 @@
+"""The per-check harness: every threshold tested just above and just below, the severity ladder, the skip reason.
+
+Runs are synthetic (tests/analyze/synthetic.py): the statistics are set to the value each check
+compares, so a flipped comparison or an off-by-one in a check's decision fails a test here.
+"""
+
+import numpy as np
+import pytest
+from synthetic import SyntheticRun
+
+from normscope.analyze import analyze_full
+
+LIN = {"type": "Linear", "params": 10}
+
+
+def _findings(run, check, **config):
+    a = analyze_full(run, checks=[check], config={check: config} if config else None)
+    return a, [(f.severity, f.layer) for f in a.findings if f.check == check]
+
+
+def _skip(a, check):
+    return {s.check: s.reason for s in a.skipped}.get(check)
+
+
+# --- dead-units: warn 0.10, error 0.40 (fraction of units never active over the window) ------------------
+@pytest.mark.parametrize("dead,want", [(0, []), (9, ["info"]), (11, ["warning"]), (39, ["warning"]), (41, ["error"])])
+def test_dead_units_ladder(tmp_path, dead, want):
+    r = SyntheticRun(tmp_path / "r", {"0": LIN, "1": {"type": "ReLU", "family": "relu"}})
+    for step in range(10):
+        act = np.full(100, 64)
+        act[:dead] = 0
+        r.stat(step, "1", channels=100, active=act, ch_mean=np.ones(100))
+    a, got = _findings(r.done(), "dead-units")
+    assert [s for s, _ in got] == want
+
+
+def test_dead_units_skips(tmp_path):
+    r = SyntheticRun(tmp_path / "a", {"0": LIN})
+    r.stat(0, "0")
+    a, _ = _findings(r.done(), "dead-units")
+    assert _skip(a, "dead-units").startswith("no ReLU-family layer")
+    r = SyntheticRun(tmp_path / "b", {"1": {"type": "ReLU", "family": "relu"}})
+    for step in range(3):
+        r.stat(step, "1", samples=8, channels=10, active=np.zeros(10))
+    a, _ = _findings(r.done(), "dead-units")
+    assert "too few to call a unit dead" in _skip(a, "dead-units")
+
+
+# --- saturation: warn 0.2, error 0.5 (saturated fraction over the final window) ---------------------------
+@pytest.mark.parametrize("frac,want", [(0.19, []), (0.21, ["warning"]), (0.49, ["warning"]), (0.51, ["error"])])
+def test_saturation_ladder(tmp_path, frac, want):
+    r = SyntheticRun(tmp_path / "r", {"1": {"type": "Sigmoid", "sat": "sigmoid", "family": "sigmoid"}})
+    for step in range(10):
+        r.stat(step, "1", frac_sat=frac)
+    a, got = _findings(r.done(), "saturation")
+    assert [s for s, _ in got] == want
+
+
+def test_saturation_skip(tmp_path):
+    r = SyntheticRun(tmp_path / "r", {"0": LIN})
+    r.stat(0, "0")
+    a, _ = _findings(r.done(), "saturation")
+    assert _skip(a, "saturation").startswith("no saturating activation")
+
+
+# --- small-batch-bn: warn below 16, error below 4 samples per replica ------------------------------------
+@pytest.mark.parametrize("batch,want", [(16, []), (15, ["warning"]), (4, ["warning"]), (3, ["error"])])
+def test_small_batch_bn_ladder(tmp_path, batch, want):
+    r = SyntheticRun(tmp_path / "r", {"1": {"type": "BatchNorm2d", "role": "norm"}})
+    for step in range(4):
+        r.stat(step, "1", output="input", samples=batch)
+        r.stat(step, "1", samples=batch)
+    a, got = _findings(r.done(), "small-batch-bn")
+    assert [s for s, _ in got] == want
+
+
+# --- syncbn-recommended: under torch.distributed, warn below 16 samples per rank -------------------------
+@pytest.mark.parametrize("batch,world,want", [(16, 2, []), (15, 2, ["warning"]), (8, 1, None)])
+def test_syncbn_threshold_and_skip(tmp_path, batch, world, want):
+    r = SyntheticRun(tmp_path / "r", {"1": {"type": "BatchNorm2d", "role": "norm"}})
+    for step in range(3):
+        r.stat(step, "1", output="input", samples=batch)
+    a, got = _findings(r.done(distributed={"world_size": world}), "syncbn-recommended")
+    if want is None:
+        assert "torch.distributed" in _skip(a, "syncbn-recommended")
+    else:
+        assert [s for s, _ in got] == want
+
+
+# --- vanishing-gradients: relative weight gradient, first/last block below 1e-3 (error below 1e-6) ----------
+@pytest.mark.parametrize(
+    "ratio,want", [(1.1e-3, []), (0.9e-3, ["warning"]), (1.1e-6, ["warning"]), (0.9e-6, ["error"])]
+)
+def test_vanishing_ladder(tmp_path, ratio, want):
+    mods = {str(i): LIN for i in range(4)}
+    r = SyntheticRun(tmp_path / "r", mods)
+    for step in range(4):
+        for i in range(4):
+            r.param(step, f"{i}.weight", norm=2.0, grad_norm=1e-2 * (ratio if i == 0 else 1.0), update_norm=1e-3)
+    a, got = _findings(r.done(), "vanishing-gradients")
+    assert [s for s, _ in got] == want
+
+
+def test_vanishing_skip(tmp_path):
+    r = SyntheticRun(tmp_path / "r", {"0": LIN})
+    r.param(0, "0.weight", 1.0, 0.1, 0.01)
+    a, _ = _findings(r.done(), "vanishing-gradients")
+    assert _skip(a, "vanishing-gradients").startswith("fewer than two conv/linear weights")
+
+
+# --- exploding-gradients: output-gradient norm, first/last above 1e3 (error above 1e6) ---------------------
+@pytest.mark.parametrize("ratio,want", [(0.9e3, []), (1.1e3, ["warning"]), (0.9e6, ["warning"]), (1.1e6, ["error"])])
+def test_exploding_ladder(tmp_path, ratio, want):
+    r = SyntheticRun(tmp_path / "r", {str(i): LIN for i in range(4)})
+    for step in range(4):
+        for i in range(4):
+            r.grad(step, str(i), norm=1e-2 * (ratio if i == 0 else 1.0))
+    a, got = _findings(r.done(), "exploding-gradients")
+    assert [s for s, _ in got] == want
+
+
+def test_exploding_skip(tmp_path):
+    r = SyntheticRun(tmp_path / "r", {"0": LIN})
+    r.grad(0, "0", 1.0)
+    a, _ = _findings(r.done(), "exploding-gradients")
+    assert _skip(a, "exploding-gradients").startswith("fewer than two parametrised layers")
+
+
+# --- update-ratio: around the optimizer's centre (SGD 1e-3, Adam 1e-2), warn 2 decades, info 1 -------------
+@pytest.mark.parametrize("ratio,want", [
+    (0.9e-5, ["warning"]), (1.1e-5, ["info"]), (0.9e-4, ["info"]), (1.1e-4, []), (0.9e-2, []), (1.1e-2, ["info"]),
+    (0.9e-1, ["info"]), (1.1e-1, ["warning"]),
+])  # fmt: skip
+def test_update_ratio_ladder_sgd(tmp_path, ratio, want):
+    r = SyntheticRun(tmp_path / "r", {"0": LIN})
+    for step in range(4):
+        r.param(step, "0.weight", norm=2.0, grad_norm=0.1, update_norm=2.0 * ratio)
+    a, got = _findings(r.done(optimizer={"type": "SGD", "momentum": 0.0}), "update-ratio")
+    assert [s for s, _ in got] == want
+    if want:
+        f = [f for f in a.findings if f.check == "update-ratio"][0]
+        assert "SGD" in f.message and f.evidence["healthy_center"] == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize(
+    "momentum,ratio,want", [(0.9, 1.1e-1, ["info"]), (0.9, 0.9e-1, []), (0.0, 1.1e-1, ["warning"])]
+)
+def test_update_ratio_momentum_moves_the_centre(tmp_path, momentum, ratio, want):
+    r = SyntheticRun(tmp_path / "r", {"0": LIN})
+    for step in range(4):
+        r.param(step, "0.weight", norm=2.0, grad_norm=0.1, update_norm=2.0 * ratio)
+    a, got = _findings(r.done(optimizer={"type": "SGD", "momentum": momentum}), "update-ratio")
+    assert [s for s, _ in got] == want
+
+
+@pytest.mark.parametrize("lr,ratio,want", [
+    (1.1e-3 * 2 / 16, 1e-5, []),  # lr / RMS(w) just above 1e-3: noisy gradients, not a low lr
+    (0.9e-3 * 2 / 16, 1e-5, ["info"]),
+    (0.9e-4 * 2 / 16, 1e-5, ["warning"]),  # lr itself two decades too low for the weights' size
+    (1e-3, 0.09, []), (1e-3, 0.11, ["info"]), (1e-3, 0.9, ["info"]),
+    (1e-3, 1.1, ["warning"]),  # the high side reads the actual ratio (centre 1e-2 → warn above 1)
+])  # fmt: skip
+def test_update_ratio_adam_band(tmp_path, lr, ratio, want):
+    r = SyntheticRun(tmp_path / "r", {"0": LIN})
+    for step in range(4):
+        r.param(step, "0.weight", norm=2.0, grad_norm=0.1, update_norm=2.0 * ratio, numel=256, lr=lr)  # RMS(w)=2/16
+    a, got = _findings(r.done(optimizer={"type": "AdamW"}), "update-ratio")
+    assert [s for s, _ in got] == want
+
+
+def test_update_ratio_near_zero_init_is_judged_by_absolute_updates(tmp_path):
+    r = SyntheticRun(tmp_path / "r", {"0": LIN, "1": LIN})
+    for step in range(4):
+        r.param(step, "0.weight", norm=2.0, grad_norm=0.1, update_norm=2e-3)
+        r.param(step, "1.weight", norm=1e-5, grad_norm=0.1, update_norm=1e-3)  # a layer scale starting at 1e-6
+    a, got = _findings(r.done(optimizer={"type": "SGD"}, param_init_rms={"0.weight": 0.1, "1.weight": 1e-6}),
+                       "update-ratio")  # fmt: skip
+    assert got == []  # its ratio (100) would be a warning
+
+
+# --- covariate-shift (info): median late symmetric KL between steps 10 apart above 0.5 ---------------------
+@pytest.mark.parametrize("shift,want", [(0.068, []), (0.073, ["info"])])
+def test_covariate_shift_threshold(tmp_path, shift, want):
+    r = SyntheticRun(tmp_path / "r", {"0": LIN})
+    for step in range(40):  # mean moves by `shift` per step, var 1: KL over 10 steps = (10·shift)²
+        r.stat(step, "0", ch_mean=np.full(4, shift * step), ch_var=np.ones(4))
+    a, got = _findings(r.done(), "covariate-shift")
+    assert [s for s, _ in got] == want
+
+
+# --- overfitting: eval loss rose ≥ 10 % above its minimum while train fell ≥ 5 % ---------------------------
+@pytest.mark.parametrize("rise,want", [(0.09, []), (0.11, ["warning"])])
+def test_overfitting_threshold(tmp_path, rise, want):
+    r = SyntheticRun(tmp_path / "r", {"0": LIN})
+    r.stat(0, "0")
+    for step in range(40):
+        r.scalar(step, 2.0 - step * 0.04)
+        if step % 4 == 0:
+            e = 1.0 if step <= 20 else 1.0 + rise * min(1.0, (step - 20) / 12)
+            r.scalar(step, e, phase="eval")
+    a, got = _findings(r.done(), "overfitting")
+    assert [s for s, _ in got] == want
+
+
+# --- underfitting: both losses ≥ 70 % of the start and flat (< 5 % change over the last half) --------------
+@pytest.mark.parametrize("end,want", [(0.69, []), (0.71, ["warning"])])
+def test_underfitting_threshold(tmp_path, end, want):
+    r = SyntheticRun(tmp_path / "r", {"0": LIN})
+    r.stat(0, "0")
+    for step in range(40):
+        v = 1.0 if step < 10 else end  # drops early, then flat
+        r.scalar(step, v)
+        if step % 4 == 0:
+            r.scalar(step, v, phase="eval")
+    a, got = _findings(r.done(), "underfitting")
+    assert [s for s, _ in got] == want
+
+
+def test_fitting_skip_without_eval_loss(tmp_path):
+    r = SyntheticRun(tmp_path / "r", {"0": LIN})
+    r.stat(0, "0")
+    r.scalar(0, 1.0)
+    a, _ = _findings(r.done(), "overfitting")
+    assert _skip(a, "overfitting").startswith("no eval loss logged")
+
+
+# --- weight-sparsity (info): ≥ 25 % of a weight below 1e-3 × max|w| -----------------------------------------
+@pytest.mark.parametrize("frac,want", [(0.24, []), (0.26, ["info"])])
+def test_weight_sparsity_threshold(tmp_path, frac, want):
+    r = SyntheticRun(tmp_path / "r", {"0": LIN})
+    r.stat(0, "0")
+    probe = {"mode": "recipe", "weights": {"0.weight": {"layer": "0", "numel": 100, "max_abs": 1.0,
+                                                        "frac_below": {"1e-03": frac}}}}  # fmt: skip
+    a, got = _findings(r.done(probe=probe), "weight-sparsity")
+    assert [s for s, _ in got] == want
+
+
+# --- unnormalized-inputs: std ratio above 100, |mean| above 3·std ----------------------------------------
+@pytest.mark.parametrize("std,mean,want", [
+    ([1.0, 1.0, 99.0], [0.0, 0.0, 0.0], []), ([1.0, 1.0, 101.0], [0.0, 0.0, 0.0], ["warning"]),
+    ([1.0, 1.0, 1.0], [2.9, 0.0, 0.0], []), ([1.0, 1.0, 1.0], [3.1, 0.0, 0.0], ["warning"]),
+])  # fmt: skip
+def test_unnormalized_inputs_thresholds(tmp_path, std, mean, want):
+    r = SyntheticRun(tmp_path / "r", {"0": LIN})
+    r.stat(0, "0")
+    probe = {"mode": "recipe", "inputs": {"axis": -1, "shape": [3], "samples": 512, "mean": mean, "std": std}}
+    a, got = _findings(r.done(probe=probe), "unnormalized-inputs")
+    assert [s for s, _ in got] == want
+
+
+def test_unnormalized_inputs_skip_without_probe(tmp_path):
+    r = SyntheticRun(tmp_path / "r", {"0": LIN})
+    r.stat(0, "0")
+    a, _ = _findings(r.done(), "unnormalized-inputs")
+    assert "only normscope.probe measures" in _skip(a, "unnormalized-inputs")
