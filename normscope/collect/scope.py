@@ -531,7 +531,11 @@ class Scope:
         call retraces the model with the hooks (one recompilation)."""
         try:
             from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list, reset_code
-            from torch._dynamo import external_utils
+            from torch._dynamo import config, external_utils
+
+            # code compiled from now on guards on module hooks: code compiled for another instance
+            # of the model without hooks is not reused for this one (a recompilation instead)
+            config.skip_nnmodule_hook_guards = False
 
             codes, m = [], self.model
             for _ in range(8):
