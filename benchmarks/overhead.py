@@ -12,6 +12,12 @@ interleaved in one process (rotating order every repeat) so that machine noise h
 - tensorboard   SummaryWriter.add_histogram on every layer output and gradient, every step
 - watch-every1  normscope.watch(every=1), the full statistic set
 - watch-default normscope.watch() at its default cadence
+- compiled-bare     torch.compile(model) (inductor), no hooks
+- compiled-every1   watch(every=1), then torch.compile(model): the hooks' custom ops in the graph
+- compiled-default  watch() at its default cadence, then torch.compile(model)
+
+The compiled variants are printed as ratios to compiled-bare (``x cbare``); compilation happens
+in the warm-up step and is not timed.
 
 A repeat runs ``chunk`` steps of every variant; ``x bare`` is the median over repeats of
 (variant time / bare time) within the repeat; ``(total)`` is total variant time / total bare time,
@@ -45,7 +51,8 @@ from normscope.collect import DEFAULT_EVERY  # noqa: E402
 from normscope.collect.outputs import iter_float_tensors  # noqa: E402
 from normscope.collect.select import plan_hooks  # noqa: E402
 
-VARIANTS = ["bare", "floor", "handwritten", "tensorboard", "watch-every1", "watch-default"]
+VARIANTS = ["bare", "floor", "handwritten", "tensorboard", "watch-every1", "watch-default",
+            "compiled-bare", "compiled-every1", "compiled-default"]  # fmt: skip
 
 
 class Instrumented:
@@ -61,8 +68,8 @@ class Instrumented:
         self.sink = []
         self.step_no = 0
         targets = [(p.name, p.module) for p in plan_hooks(self.model)]
-        if variant in ("watch-every1", "watch-default"):
-            every = 1 if variant == "watch-every1" else DEFAULT_EVERY
+        if variant in ("watch-every1", "watch-default", "compiled-every1", "compiled-default"):
+            every = 1 if variant.endswith("every1") else DEFAULT_EVERY
             self.scope = normscope.watch(self.model, tmp / variant, every=every, optimizer=self.opt).start()
         elif variant == "floor":
             for _, m in targets:
@@ -76,6 +83,7 @@ class Instrumented:
             self.writer = SummaryWriter(str(tmp / "tb"))
             for name, m in targets:
                 self.handles.append(m.register_forward_hook(self._tb(name)))
+        self.fwd = torch.compile(self.model) if variant.startswith("compiled") else self.model
 
     def _floor(self, mod, args, out):
         for _, t in iter_float_tensors(out):
@@ -99,7 +107,7 @@ class Instrumented:
         return hook
 
     def train_step(self, x, y) -> None:
-        loss = nn.functional.cross_entropy(self.model(x), y)
+        loss = nn.functional.cross_entropy(self.fwd(x), y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -144,6 +152,10 @@ def time_workload(name: str, repeats: int, chunk: int, variants: list[str]) -> d
             "ratio_to_bare": statistics.median(ratios),
             "ratio_total": sum(times[v]) / sum(times["bare"]),
         }
+        if v.startswith("compiled") and "compiled-bare" in variants:
+            cr = [t / b for t, b in zip(times[v], times["compiled-bare"])]
+            out[v]["ratio_to_compiled_bare"] = statistics.median(cr)
+            out[v]["ratio_total_compiled"] = sum(times[v]) / sum(times["compiled-bare"])
     return out
 
 
@@ -209,8 +221,8 @@ def main() -> None:
         if not a.json:
             print_table([r for r in rows if r["workload"] == name])
     if a.json:
-        keep = ("workload", "variant", "median_s", "ratio_to_bare", "peak_rss_mib")
-        print(json.dumps([{k: r[k] for k in keep} for r in rows], indent=1))
+        keep = ("workload", "variant", "median_s", "ratio_to_bare", "ratio_to_compiled_bare", "peak_rss_mib")
+        print(json.dumps([{k: r[k] for k in keep if k in r} for r in rows], indent=1))
 
 
 def math_nan() -> float:
@@ -223,7 +235,9 @@ def print_table(rows: list[dict]) -> None:
     print(f"  {'variant':<14} {'s/step':>8} {'x bare':>7} {'(total)':>8} {'peak RSS MiB':>13} {'x bare':>7}")
     for r in rows:
         print(f"  {r['variant']:<14} {r['median_s']:8.4f} {r['ratio_to_bare']:7.3f} {r['ratio_total']:8.3f} "
-              f"{r['peak_rss_mib']:13.0f} {r['peak_rss_mib'] / bare_rss:7.3f}")  # fmt: skip
+              f"{r['peak_rss_mib']:13.0f} {r['peak_rss_mib'] / bare_rss:7.3f}"
+              + (f"   x cbare {r['ratio_to_compiled_bare']:.3f} ({r['ratio_total_compiled']:.3f})"
+                 if "ratio_to_compiled_bare" in r else ""))  # fmt: skip
     sys.stdout.flush()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import os
+import sys
 import time
 import warnings
 import weakref
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from normscope.collect import compiled as C
 from normscope.collect import distributed as D
 from normscope.collect import reducers as R
 from normscope.collect.decode import PendingEntry, StepAccumulator, expand_pending
@@ -167,6 +169,9 @@ class Scope:
         self._meta: dict = {}
         self._world, self._rank = 1, 0
         self._shifts: dict = {}  # (kind, key) → last merged channel mean: the shift of the next reduction
+        self._sid = 0  # this scope's id in compiled graphs (normscope.collect.compiled)
+        self._grad_slots: list[tuple] = []  # compiled calls of this step awaiting their gradients
+        self._warned_unhooked = False
 
     # --- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> Scope:
@@ -193,13 +198,17 @@ class Scope:
             self._meta = self._initial_meta()
             self._meta["distributed"] = {"world_size": self._world, "backend": backend}
             write_json(self.run_dir / "meta.json", self._meta)
+        self._sid = C.register_scope(self)
+        C.run_eagerly_at_top(Scope._on_root_pre, Scope._on_root_post)
         root = self.model
         self._handles.append(root.register_forward_pre_hook(self._on_root_pre))
         self._handles.append(root.register_forward_hook(self._on_root_post))
-        for plan in self._plans:
-            self._handles.append(plan.module.register_forward_hook(self._make_hook(plan)))
+        for i, plan in enumerate(self._plans):
+            self._handles.append(plan.module.register_forward_hook(self._make_hook(plan, i)))
         if self._sentinels is not None:
             self._handles += self._sentinels.register(self)
+        if "torch._dynamo" in sys.modules:  # torch.compile used in this process: drop code traced without the hooks
+            self._drop_stale_compiled_code()
         if self._explicit_opt is not None:
             self._handles.append(self._explicit_opt.register_step_pre_hook(self._on_opt_pre))
             self._handles.append(self._explicit_opt.register_step_post_hook(self._on_opt_post))
@@ -222,6 +231,7 @@ class Scope:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        C.unregister_scope(self._sid)
         failed = not status.startswith("complete")
         try:
             if self._world > 1:
@@ -318,6 +328,8 @@ class Scope:
         if not self._owns(opt):
             return
         self._optimizer_steps += 1
+        if self._optimizer_steps == 1 and not self._forward_since_advance and not self._warned_unhooked:
+            self._warn_unhooked()
         if self._sampling:
             self._guard(self._params.after_step, True)
             self._finish_step(updated=True, params=True)
@@ -335,6 +347,7 @@ class Scope:
         self._recent.clear()
         self._axes.clear()
         self._await_grad.clear()
+        self._grad_slots.clear()
         self._snapped = False
         self._forward_since_advance = False
 
@@ -346,6 +359,11 @@ class Scope:
 
     # --- hooks -------------------------------------------------------------------------------
     def _on_root_pre(self, module, args) -> None:
+        if torch.compiler.is_compiling():
+            return C.traced_root(self._sid, True, module, args)
+        self._root_enter(module.training and torch.is_grad_enabled())
+
+    def _root_enter(self, train: bool) -> None:
         self._forward_since_advance = True
         self._calls.clear()
         self._recent.clear()
@@ -356,13 +374,15 @@ class Scope:
             return
         # the phase of the whole forward: modules inside a reentrant checkpoint run with grad off
         # in its first pass, yet belong to this training forward
-        self._root_phase = "train" if (module.training and torch.is_grad_enabled()) else "eval"
+        self._root_phase = "train" if train else "eval"
         if self._sampling and not self._snapped and not self._optimizer_steps and self.track_updates:
             # no optimizer seen (yet): snapshot now so that scope.step() can measure ‖Δw‖ of a manual update
             self._snapped = True
             self._guard(self._params.snapshot)
 
     def _on_root_post(self, module, args, output) -> None:
+        if torch.compiler.is_compiling():
+            return C.traced_root(self._sid, False, module, output)
         if not _in_backward():
             self._root_phase = None
         if self._writer is not None and self._exec_order is not None and self._exec_order:
@@ -373,10 +393,13 @@ class Scope:
             except OSError as e:
                 self._note_error("meta.json", e)
 
-    def _make_hook(self, plan: HookPlan):
+    def _make_hook(self, plan: HookPlan, index: int):
         scope_ref = weakref.ref(self)
+        sid, record_input = self._sid, plan.record_input
 
         def hook(module, args, output):
+            if torch.compiler.is_compiling():  # dynamo traces this: custom ops only (normscope.collect.compiled)
+                return C.traced_hook(sid, index, record_input, module, args, output)
             scope = scope_ref()
             if scope is None or not scope._sampling or plan.name in scope._disabled:
                 return None
@@ -419,9 +442,9 @@ class Scope:
                 inherited = src_axis if same else None
             self._reduce_output(plan, phase, call, path, t, inherited, grad=True)
 
-    def _reduce_output(self, plan, phase, call, path, t, inherited, grad: bool) -> None:
+    def _reduce_output(self, plan, phase, call, path, t, inherited, grad: bool, reuse: bool = True) -> None:
         key = (phase, plan.name, call, path)
-        hit = self._recent.get(id(t))
+        hit = self._recent.get(id(t)) if reuse else None
         if hit is not None and not hit.matches(t):
             hit = None  # a dead tensor whose id was reused: not this one
         specs = (plan.hist, plan.sat)
@@ -431,9 +454,10 @@ class Scope:
             axis = resolve_axis(plan, t, inherited if hit is None else hit.axis)
             layout = R.act_layout(t, axis, plan.hist, self.max_channels)
             pack, fast = R.reduce_act(t, layout, plan.hist, plan.sat, self.hist_max, self._scratch)
-            if len(self._recent) >= _RECENT:
-                self._recent.pop(next(iter(self._recent)))
-            self._recent[id(t)] = CachedReduction(weakref.ref(t), t._version, axis, layout, pack, fast, specs)
+            if reuse:
+                if len(self._recent) >= _RECENT:
+                    self._recent.pop(next(iter(self._recent)))
+                self._recent[id(t)] = CachedReduction(weakref.ref(t), t._version, axis, layout, pack, fast, specs)
         if len(self._axes) >= _AXES:
             self._axes.pop(next(iter(self._axes)))
         self._axes[id(t)] = (weakref.ref(t), axis)
@@ -443,6 +467,123 @@ class Scope:
                 t.register_hook(self._make_grad_hook(key, self.step_index))
             elif not torch.is_grad_enabled():  # first pass of a reentrant checkpoint: the gradient comes
                 self._await_grad[plan.name].append(key)  # with the recomputation in the backward
+
+    # --- under torch.compile: called at run time by the custom ops of normscope.collect.compiled ---
+    def _root_compiled(self, enter: bool, train: bool) -> None:
+        try:
+            if enter:
+                self._root_enter(train)
+            else:
+                self._on_root_post(None, None, None)
+        except Exception as e:  # never break the user's training
+            self._note_error("root", e)
+
+    def _observe_compiled(self, index: int, xs: list, paths: str, has_input: bool, train: bool, ngrad: int):
+        """What the eager hook does, for one call of a compiled module: ``xs`` are the real tensors
+        (the module's input first when ``has_input``, then its floating outputs, those that get a
+        gradient first). Returns the token (step, slot) that the gradient op brings back."""
+        plan = self._plans[index]
+        if not self._active or not self._sampling or plan.name in self._disabled:
+            return C._no_token()
+        try:
+            self._forward_since_advance = True
+            phase = self._root_phase or ("train" if train else "eval")
+            call = self._calls[plan.name]
+            self._calls[plan.name] = call + 1
+            if self._exec_order is not None:
+                k = (plan.name, call)
+                if k not in self._order_seen:
+                    self._order_seen.add(k)
+                    self._exec_order.append({"layer": plan.name, "call": call, "type": plan.type_name})
+            x = xs[0] if has_input else None
+            outs = xs[1:] if has_input else xs
+            names = paths.split(C.SEP)
+            src = self._axes.get(id(x)) if x is not None else None
+            src_axis = src[1] if src is not None and src[0]() is x else None
+            if x is not None:
+                self._reduce_output(plan, phase, call, "input", x, src_axis, grad=False, reuse=False)
+            for path, t in zip(names, outs):
+                inherited = None
+                if src_axis is not None and x is not None:
+                    same = t.dim() == x.dim() if plan.preserves_layout else t.shape == x.shape
+                    inherited = src_axis if same else None
+                # no reuse of a reduction by tensor identity: compiled kernels write buffers in place
+                # without bumping their version counter
+                self._reduce_output(plan, phase, call, path, t, inherited, grad=False, reuse=False)
+            if ngrad and phase == "train" and self._grads_now:
+                self._grad_slots.append((phase, plan.name, call, names[:ngrad]))
+                return torch.tensor([self.step_index, len(self._grad_slots) - 1], dtype=torch.int64)
+        except Exception as e:  # never break the user's training
+            self._disabled.add(plan.name)
+            self._note_error(plan.name, e)
+        return C._no_token()
+
+    def _observe_grad_compiled(self, token: torch.Tensor, gs: list) -> None:
+        step, slot = token.tolist()
+        if step < 0 or not self._active or step != self.step_index or slot >= len(self._grad_slots):
+            return
+        phase, name, call, names = self._grad_slots[slot]
+        if name in self._disabled:
+            return
+        try:
+            for path, g in zip(names, gs):
+                if g is not None:
+                    pack, fast = R.reduce_grad(g)
+                    key = (phase, name, call, path)
+                    self._pending.append(PendingEntry("grad", key, R.GradLayout(g.numel()), fast, pack))
+        except Exception as e:
+            self._disabled.add(name)
+            self._note_error(name, e)
+
+    def _drop_stale_compiled_code(self) -> None:
+        """Code that torch.compile traced before watch() has no hook in it, and dynamo does not guard
+        on hooks by default: it would run on, silently recording nothing. Drop it so that the next
+        call retraces the model with the hooks (one recompilation)."""
+        try:
+            from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list, reset_code
+            from torch._dynamo import config, external_utils
+
+            # code compiled from now on guards on module hooks: code compiled for another instance
+            # of the model without hooks is not reused for this one (a recompilation instead)
+            config.skip_nnmodule_hook_guards = False
+
+            codes, m = [], self.model
+            for _ in range(8):
+                fwd = getattr(type(m), "forward", None)
+                if getattr(fwd, "__code__", None) is not None:
+                    codes.append(fwd.__code__)
+                inner = getattr(m, "_orig_mod", None)
+                if not isinstance(inner, nn.Module):
+                    break
+                m = inner
+            codes.append(external_utils.wrap_inline(lambda: None).__code__)  # compiled torch.nn containers
+            stale = [c for c in codes if _debug_get_cache_entry_list(c)]
+            for c in stale:
+                reset_code(c)
+            if stale:
+                self._add_note("compiled code traced before watch() (without normscope's hooks) was dropped: "
+                               "the next call recompiles the model once, with the hooks")  # fmt: skip
+        except Exception as e:  # a torch without these internals: the first-step check still warns
+            self._note_error("torch.compile", e)
+
+    def _warn_unhooked(self) -> None:
+        """An optimizer step of the model with no forward seen: the model ran without the hooks."""
+        self._warned_unhooked = True
+        msg = ("the model ran this step without calling normscope's hooks, so nothing is recorded: most likely "
+               "code compiled by torch.compile before watch() (dynamo caches it without the hooks); call watch() "
+               "before the first compiled call, or torch._dynamo.reset() after watch()")  # fmt: skip
+        self._add_note(msg)
+        warnings.warn(f"normscope: {msg}.", stacklevel=3)
+
+    def _add_note(self, msg: str) -> None:
+        notes = self._meta.setdefault("notes", [])
+        if msg not in notes:
+            notes.append(msg)
+        if self._writer is not None:
+            try:
+                write_json(self.run_dir / "meta.json", self._meta)
+            except OSError as e:
+                self._note_error("meta.json", e)
 
     def _recomputed(self, plan: HookPlan, output) -> None:
         """A forward recomputed during the backward (gradient checkpointing): statistics were taken

@@ -47,6 +47,8 @@ class FiniteSentinels:
 
     def _hook(self, scope_ref, name: str, tname: str):
         def hook(module, args, output):
+            if torch.compiler.is_compiling():  # eager only: under the compiler the flag would break the graph
+                return None
             scope = scope_ref()
             if scope is None or not scope._sampling or len(self.events) >= MAX_EVENTS:
                 return None
