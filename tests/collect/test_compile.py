@@ -23,10 +23,15 @@ KEY = ["step", "phase", "layer", "call", "output"]
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
+    """Each test starts like a fresh process: watch() turns dynamo's hook guards on for the whole
+    process (skip_nnmodule_hook_guards=False), which would hide the compiled-before-watch cases."""
+    default = torch._dynamo.config.skip_nnmodule_hook_guards
+    torch._dynamo.config.skip_nnmodule_hook_guards = True
     torch._dynamo.reset()
     counters.clear()
     yield
     torch._dynamo.reset()
+    torch._dynamo.config.skip_nnmodule_hook_guards = default
 
 
 def graphs() -> int:
