@@ -418,9 +418,10 @@ class Scope:
 
         return hook
 
-    def _record(self, plan: HookPlan, args, output) -> None:
+    def _begin_call(self, plan: HookPlan, training: bool) -> tuple[str, int]:
+        """One recorded call of ``plan``'s module: its phase and call index; notes the execution order."""
         self._forward_since_advance = True
-        phase = self._root_phase or ("train" if (self.model.training and torch.is_grad_enabled()) else "eval")
+        phase = self._root_phase or ("train" if training else "eval")
         call = self._calls[plan.name]
         self._calls[plan.name] = call + 1
         if self._exec_order is not None:
@@ -428,6 +429,10 @@ class Scope:
             if k not in self._order_seen:
                 self._order_seen.add(k)
                 self._exec_order.append({"layer": plan.name, "call": call, "type": plan.type_name})
+        return phase, call
+
+    def _record(self, plan: HookPlan, args, output) -> None:
+        phase, call = self._begin_call(plan, self.model.training and torch.is_grad_enabled())
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
         src = self._axes.get(id(x)) if x is not None else None
         src_axis = src[1] if src is not None and src[0]() is x else None
@@ -486,15 +491,7 @@ class Scope:
         if not self._active or not self._sampling or plan.name in self._disabled:
             return C._no_token()
         try:
-            self._forward_since_advance = True
-            phase = self._root_phase or ("train" if train else "eval")
-            call = self._calls[plan.name]
-            self._calls[plan.name] = call + 1
-            if self._exec_order is not None:
-                k = (plan.name, call)
-                if k not in self._order_seen:
-                    self._order_seen.add(k)
-                    self._exec_order.append({"layer": plan.name, "call": call, "type": plan.type_name})
+            phase, call = self._begin_call(plan, train)
             x = xs[0] if has_input else None
             outs = xs[1:] if has_input else xs
             names = paths.split(C.SEP)

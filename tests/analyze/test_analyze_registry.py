@@ -6,11 +6,8 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
-from torch import nn
 
 import normscope.analyze.checks as checks_pkg
-from normscope import watch
 from normscope.analyze import Finding, Thresholds, analyze_full, list_checks, register
 from normscope.analyze.context import Context
 from normscope.analyze.engine import missing
@@ -21,16 +18,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _tiny_run(tmp_path, steps=2):
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with watch(model, tmp_path / "r", every=1) as scope:
-        for _ in range(steps):
-            loss = model(torch.randn(16, 4)).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            scope.log(loss=loss)
-    return load(tmp_path / "r"), model
+    from test_analyze_api import small_run  # the same tiny watched MLP
+
+    run_dir, model = small_run(tmp_path, steps=steps)
+    return load(run_dir), model
 
 
 def test_one_module_per_check_with_one_entry_point():

@@ -1,45 +1,20 @@
 """torch.distributed (gloo, 2 CPU processes): one combined record, written once, no hang on failure."""
 
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from ranks import launch_ranks
 
 from normscope import analyze, load
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def run_ranks(mode, run_dirs, world=2, timeout=120):
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), mode, str(run_dirs[r]), str(r), str(world), port],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for r in range(world)
-    ]
-    out = []
-    for p in procs:
-        try:
-            o, e = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"{mode}: a rank hung for {timeout} s")
-        out.append((p.returncode, o, e))
-    return out
+    return launch_ranks(
+        WORKER, lambda r, port: [mode, str(run_dirs[r]), str(r), str(world), port], world, timeout, mode
+    )
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,13 @@ the pack, and the sizing function behind docs/scale.md (gloo CPU processes via s
 
 import importlib.util
 import json
-import socket
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from ranks import launch_ranks
 from torch import nn
 
 import normscope
@@ -26,35 +24,12 @@ WORKER = Path(__file__).with_name("scale_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def launch(modes: str, base: Path, world: int, timeout: int = 240) -> dict[str, list[dict]]:
     """Run ``world`` ranks of the worker over ``modes``; {mode: JSON outputs in rank order}. Rank 0
     writes the run of each mode to base/<mode>."""
     base.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), modes, str(base), str(r), str(world), port, str(base)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for r in range(world)
-    ]
-    res = []
-    for p in procs:
-        try:
-            o, e = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"{modes}: a rank hung for {timeout} s")
-        res.append((p.returncode, o, e))
+    res = launch_ranks(WORKER, lambda r, port: [modes, str(base), str(r), str(world), port, str(base)], world,
+                       timeout, modes)  # fmt: skip
     assert all(c == 0 for c, _, _ in res), res
     return {m: [json.loads((base / f"{m}-{r}.json").read_text()) for r in range(world)] for m in modes.split(",")}
 
