@@ -27,6 +27,31 @@ class Heatmap:
     empty_text: str = "no data recorded"
 
 
+def train_batch_sizes(run) -> pd.Series:
+    """Samples per sampled training step (first hooked layer's rows of the train phase; merged
+    eval passes are not batches), indexed by step."""
+    s = run.stats
+    s = s[(s.phase == "train") & (s.output != "input")]
+    if not len(s):
+        return pd.Series(dtype=np.int64)
+    first = s.groupby(["layer", "call"], sort=False).ngroup() == 0
+    return s[first.to_numpy()].groupby("step")["samples"].max().astype(np.int64)
+
+
+def batch_size_text(run) -> str:
+    """The usual training batch size (the most common one), with the remainder batches named."""
+    b = train_batch_sizes(run)
+    if not len(b):
+        return "?"
+    counts = b.value_counts()
+    main = int(counts.index[0])
+    other = b[b != main]
+    if not len(other):
+        return str(main)
+    sizes = ", ".join(str(int(v)) for v in sorted(other.unique()))
+    return f"{main} ({len(other)} sampled step(s) with {sizes}: remainder batches)"
+
+
 def layer_rows(run) -> pd.DataFrame:
     """Hooked layer calls in execution order with the output recorded for each (main output)."""
     order = run.layers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from normscope.store.writer import file_mode
 from normscope_reports import data as D
 
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
@@ -64,13 +66,21 @@ def _jinja_env():
     )
 
 
-def _duration(meta: dict) -> str:
+def _duration(meta: dict, state: dict) -> str:
     try:
         t0 = _dt.datetime.fromisoformat(meta["created"])
         t1 = _dt.datetime.fromisoformat(meta["ended"])
         return f"{(t1 - t0).total_seconds():.0f} s"
     except (KeyError, TypeError, ValueError):
-        return "unknown (run still being written)" if meta.get("status") == "running" else "unknown"
+        pass
+    if state["state"] == "incomplete":
+        try:  # up to the last flush: what the rows on disk cover
+            t0 = _dt.datetime.fromisoformat(meta["created"])
+            t1 = _dt.datetime.fromisoformat(meta["heartbeat"])
+            return f"at least {(t1 - t0).total_seconds():.0f} s (the writer stopped without closing the run)"
+        except (KeyError, TypeError, ValueError):
+            return "unknown (the writer stopped without closing the run)"
+    return "unknown (run still being written)" if state["state"] == "running" else "unknown"
 
 
 def build_report(
@@ -168,9 +178,10 @@ def build_report(
             "sort": {k: (d[k] if isinstance(d[k], str) else ("" if d[k] is None else _num(d[k]))) for k, _, _ in COLUMNS},
         })  # fmt: skip
 
-    steps = run.steps
+    train = run.stats[run.stats.phase == "train"]
+    steps = sorted(train["step"].unique().tolist()) if len(train) else []
     options = meta.get("options", {})
-    first = run.stats.iloc[0] if len(run.stats) else None
+    state = run.state
     ctx = {
         "model": {
             "name": meta.get("name", "model"), "cls": meta.get("model", {}).get("class", "?"),
@@ -179,8 +190,8 @@ def build_report(
         },
         "run": {
             "steps_text": f"{len(steps)} sampled ({steps[0]}–{steps[-1]})" if steps else "none recorded yet",
-            "every": options.get("every", "?"), "batch": int(first["samples"]) if first is not None else "?",
-            "duration": _duration(meta), "status": meta.get("status", "?"),
+            "every": options.get("every", "?"), "batch": D.batch_size_text(run),
+            "duration": _duration(meta, state), "status": state["text"], "incomplete": state["state"] == "incomplete",
         },
         "repro": json.dumps({"versions": meta.get("versions", {}), "options": options, "command": command or meta.get("command")},
                             indent=1, default=str),  # fmt: skip
@@ -193,9 +204,15 @@ def build_report(
     html = _jinja_env().get_template("report.html.j2").render(**ctx)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".html", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(html)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(html)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
 
 
