@@ -110,6 +110,9 @@ def build_report(
     first_index = {}
     for (layer, _call), i in index.items():
         first_index.setdefault(layer, i)
+    labels_by_layer = {}
+    for r in rows.itertuples(index=False):
+        labels_by_layer.setdefault(r.layer, r.label)
     flagged = {f["layer"] for f in fl if f.get("layer")}
     for f in fl:  # a grouped finding: one cause in several layers, every one flagged
         grouped = (f.get("evidence") or {}).get("layers") if isinstance(f.get("evidence"), dict) else None
@@ -135,13 +138,23 @@ def build_report(
         for r in f.get("affected", []):
             r["anchor"] = f"row-{first_index[r['layer']]}" if r["layer"] in first_index else "layers"
         f["step_text"] = _step_text(f.get("step"))
-        ev = f.get("evidence")
-        f["evidence"] = json.dumps(ev, indent=1, default=str, allow_nan=True) if ev else ""
+        f["layer_label"] = labels_by_layer.get(lay, lay)
+        for r in f.get("affected", []):
+            r["label"] = labels_by_layer.get(r["layer"], r["layer"])
+        f["evidence"] = _evidence(f.get("evidence"))
     counts = {s: sum(1 for f in fl if f.get("severity") == s) for s in ("error", "warning", "info")}
 
-    hms = [{"src": F.heatmap(h), "alt": h.title} for h in D.heatmaps(run)]
+    hms, not_shown = [], []
+    for h in D.heatmaps(run):
+        made = F.heatmap(h)
+        if made is None:  # no empty placeholder panel: one line of text instead
+            not_shown.append(f"{h.title}: {h.empty_text}")
+            continue
+        hms.append({"src": made[0], "hover": _hover_json(made[1]), "alt": h.title, "note": h.note})
     labels, gseries = D.gradient_flow(run)
-    gradflow = F.gradient_flow(labels, gseries) if gseries else None
+    gradflow = _fig(F.gradient_flow(labels, gseries), "gradient flow") if gseries else None
+    if not gseries:
+        not_shown.append("Gradient flow: no gradient recorded")
     sigprop = _signal_figure(F, run, rows, index)
 
     details = []
@@ -155,15 +168,15 @@ def build_report(
         if len(ser):
             hists = np.stack([np.asarray(h, dtype=np.float64) for h in ser["hist"]])
             edges = hist_meta.get(lay, {}).get("edges", [])
-            img = F.layer_detail(ser.step.to_numpy(), hists, edges, ser["mean"].to_numpy(), ser["std"].to_numpy(),
-                                 ser["min"].to_numpy(), ser["max"].to_numpy(), f"{r.label} ({r.module_type})")  # fmt: skip
-            images.append({"src": img, "alt": f"{r.label}: histogram over time and mean ± std"})
+            made = F.layer_detail(ser.step.to_numpy(), hists, edges, ser["mean"].to_numpy(), ser["std"].to_numpy(),
+                                  ser["min"].to_numpy(), ser["max"].to_numpy(), f"{r.label} ({r.module_type})")  # fmt: skip
+            images.append(_fig(made, f"{r.label}: histogram over time and mean ± std"))
         extra = ""
         bn = (probe or {}).get("bn", {}).get(lay)
         if bn and bn.get("running_var") is not None:
             img, extra = _bn_detail(F, r.label, bn)
             if img:
-                images.append({"src": img, "alt": f"{r.label}: running vs population statistics"})
+                images.append({"src": img, "alt": f"{r.label}: running vs population statistics", "hover": ""})
         details.append({
             "anchor": anchors[lay], "label": r.label, "module_type": r.module_type,
             "findings": [f for f in fl if f.get("layer") == lay], "images": images, "extra": extra,
@@ -197,7 +210,7 @@ def build_report(
                             indent=1, default=str),  # fmt: skip
         "findings": fl, "counts": counts, "skipped": [_as_dict(s) if not isinstance(s, dict) else s for s in (skipped or [])],
         "analyzed": analyzed if analyzed is not None else findings is not None,
-        "heatmaps": hms, "gradflow": gradflow, "sigprop": sigprop,
+        "heatmaps": hms, "gradflow": gradflow, "sigprop": sigprop, "not_shown": not_shown,
         "columns": [{"key": k, "title": t, "text": txt} for k, t, txt in COLUMNS], "table": trows,
         "details": details, "more_flagged": more_flagged, "fold": _fold_ctx(fold) if fold else None,
     }  # fmt: skip
@@ -216,7 +229,57 @@ def build_report(
     return path
 
 
-def _signal_figure(F, run, rows, index) -> str | None:
+def _hover_json(h: dict) -> str:
+    return json.dumps(h, separators=(",", ":"), allow_nan=False)
+
+
+def _fig(made: tuple[str, dict], alt: str) -> dict:
+    return {"src": made[0], "hover": _hover_json(made[1]), "alt": alt, "note": ""}
+
+
+def _sig(v: Any) -> str:
+    """A number for people: 4 significant digits (3 for ≥ 1e4 in scientific form), ints whole."""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return f"{int(v):,}" if abs(int(v)) >= 10_000 else str(int(v))
+    if isinstance(v, (float, np.floating)):
+        f = float(v)
+        if not math.isfinite(f):
+            return "NaN" if math.isnan(f) else ("∞" if f > 0 else "−∞")
+        return f"{f:.4g}"
+    return str(v)
+
+
+def _evidence_value(v: Any, depth: int = 0) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_evidence_value(x, depth + 1)}" for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        shown = [_evidence_value(x, depth + 1) for x in v[:8]]
+        more = f", … ({len(v) - 8} more)" if len(v) > 8 else ""
+        return ("[" + ", ".join(shown) + more + "]") if depth else ", ".join(shown) + more
+    return _sig(v)
+
+
+def _evidence(ev: Any) -> dict | None:
+    """Evidence as the page shows it: key/value rows with 4 significant digits, and the grouped
+    layers (a list of dicts) as a small table; never raw JSON."""
+    if not ev:
+        return None
+    if not isinstance(ev, dict):
+        return {"items": [{"key": "value", "text": _evidence_value(ev)}], "tables": []}
+    items, tables = [], []
+    for k, v in ev.items():
+        if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            cols = list(dict.fromkeys(c for x in v for c in x))
+            tables.append({"key": k, "cols": cols, "rows": [[_evidence_value(x.get(c, ""), 1) for c in cols] for x in v[:50]],
+                           "more": max(0, len(v) - 50)})  # fmt: skip
+        else:
+            items.append({"key": k, "text": _evidence_value(v)})
+    return {"items": items, "tables": tables}
+
+
+def _signal_figure(F, run, rows, index) -> dict | None:
     """Residual-block outputs (probe, with branch variance) when known, else every layer's output."""
     from normscope.analyze import signal_propagation
 
@@ -226,15 +289,17 @@ def _signal_figure(F, run, rows, index) -> str | None:
     if (sp.kind == "block").any():
         b = sp[sp.kind == "block"]
         last = b[b.when == b.when.iloc[-1]].sort_values("order")
-        return F.signal_propagation(last.layer.tolist(), last.avg_sq_mean.to_numpy(float), last.avg_var.to_numpy(float),
-                                    f"{last.when.iloc[-1]} (residual blocks)", last.branch_var.to_numpy(float))  # fmt: skip
+        return _fig(F.signal_propagation(last.layer.tolist(), last.avg_sq_mean.to_numpy(float),
+                                         last.avg_var.to_numpy(float), f"{last.when.iloc[-1]} (residual blocks)",
+                                         last.branch_var.to_numpy(float)), "signal propagation")  # fmt: skip
     last = sp[sp.step == sp.step.max()].set_index(["layer", "call"])
     keys = [(r.layer, r.call) for r in rows.itertuples(index=False) if (r.layer, r.call) in last.index]
     if not keys:
         return None
     sub = last.loc[keys]
-    return F.signal_propagation([rows.label[index[k]] for k in keys], sub["avg_sq_mean"].to_numpy(float),
-                                sub["avg_var"].to_numpy(float), f"step {int(sp.step.max())}")  # fmt: skip
+    return _fig(F.signal_propagation([rows.label[index[k]] for k in keys], sub["avg_sq_mean"].to_numpy(float),
+                                     sub["avg_var"].to_numpy(float), f"step {int(sp.step.max())}"),
+                "signal propagation")  # fmt: skip
 
 
 def _num(v: Any) -> str:

@@ -98,7 +98,7 @@ def test_findings_listed_and_link_scrolls_to_layer(page):
     target = page.evaluate("location.hash")
     assert target.startswith("#layer-")
     top = page.eval_on_selector(target, "el => el.getBoundingClientRect().top")
-    assert 0 <= top < 900
+    assert -1 <= top < 900  # sub-pixel layout of the taller page-width figures
     assert page.inner_text(f"{target} h3").startswith(layer)
 
 
