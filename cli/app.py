@@ -255,6 +255,27 @@ def export_tensorboard(
     typer.echo(f"wrote {counts['scalars']} scalars and {counts['histograms']} histograms to {logdir}")
 
 
+@app.command(
+    epilog="Examples:\n\n  normscope top runs/exp1\n\n  normscope top runs/exp1 --refresh 5",
+)
+@C.handle_errors
+def top(
+    run_dir: Path = typer.Argument(..., help="A run directory being written by normscope.watch (or a finished one)."),
+    refresh: float = typer.Option(2.0, "--refresh", help="Seconds between re-reads of the run directory."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop following after this many seconds."),
+) -> None:
+    """Follow a run live: steps, loss, current findings and the worst layers per check, until it ends."""
+    from normscope_cli.top import follow
+
+    if not refresh > 0:
+        C.fail(f"--refresh must be a positive number of seconds, got {refresh}")
+    normscope.load(run_dir)  # not a run directory: one line, before the live view starts
+    snap = follow(run_dir, refresh, C.out_console(), timeout)
+    st = snap["state"]
+    if st["state"] == "running":
+        typer.echo(f"stopped following after --timeout; the run is still being written: {run_dir}")
+
+
 from normscope_cli.fold_cmd import register as _register_fold  # noqa: E402
 
 _register_fold(app)
