@@ -24,7 +24,7 @@ def test_top_follows_a_run_being_written_until_it_ends(tmp_path):
             model[0].bias.fill_(-50.0)  # every ReLU unit dead: dead-units fires while the run is written
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         with watch(model, path, every=1, flush_every=1) as scope:
-            for step in range(40):
+            for _ in range(40):
                 loss = model(torch.randn(64, 6)).pow(2).mean() + 1.0
                 opt.zero_grad()
                 loss.backward()
