@@ -7,9 +7,27 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import typer.core
 
 import normscope
 from normscope_cli import common as C
+
+
+def _no_type_for_flags() -> None:
+    """Plain flags (--quiet, --force, --help) take no value: typer's help would show ``<bool>``."""
+    cls = typer.core.TyperOption
+    if getattr(cls.display_type_rich, "_normscope", False):
+        return
+    orig = cls.display_type_rich
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else orig(self, ctx)
+
+    display_type_rich._normscope = True
+    cls.display_type_rich = display_type_rich
+
+
+_no_type_for_flags()
 
 app = typer.Typer(
     name="normscope",
@@ -88,6 +106,12 @@ def _emit(result, fmt: str, fail_on: Optional[str], quiet: bool) -> None:
         if findings:
             con.print(C.findings_table(findings))
         counts = C.summary(findings)
+        state = run.state
+        if state["state"] == "incomplete":
+            con.print(f"run {state['text']}", markup=False)
+        if report and report.name != "report.html":
+            con.print(f"{report.parent / 'report.html'} kept; the new report is {report.name} (--force replaces it)",
+                      markup=False)  # fmt: skip
         con.print(
             f"{counts['error']} error, {counts['warning']} warning, {counts['info']} info"
             f"{f'; {len(skipped)} check(s) could not run' if skipped else ''}  —  run: {run.run_dir}"
@@ -129,6 +153,9 @@ def inspect(
     config: Optional[str] = typer.Option(None, "--config", help="TOML file of check thresholds and options."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no table."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write the HTML report into the run directory."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing RUN_DIR/report.html (default: write report-2.html, …)."
+    ),
 ) -> None:
     """Probe a recipe or model (or read a run), run every check, print the findings and write a report."""
     C.check_choice("format", fmt, FORMATS)
@@ -136,7 +163,8 @@ def inspect(
     cfg = C.load_config(config)
     with _Progress(quiet) as progress:
         result = normscope.inspect(target, steps=steps, every=every, run_dir=out, input_shape=input_shape, config=cfg,
-                                   report=report, progress=progress, command=" ".join(["normscope", *sys.argv[1:]]))  # fmt: skip
+                                   report=report, progress=progress, command=" ".join(["normscope", *sys.argv[1:]]),
+                                   force=force)  # fmt: skip
     _emit(result, fmt, fail_on, quiet)
 
 
@@ -144,13 +172,20 @@ def inspect(
 @C.handle_errors
 def report(
     run_dir: Path = typer.Argument(..., help="A run directory written by normscope."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Report path (default RUN_DIR/report.html)."),
+    output: Optional[Path] = typer.Option(
+        None, "-o", "--output", help="Report file, in an existing folder (default RUN_DIR/report.html)."
+    ),
     config: Optional[str] = typer.Option(None, "--config", help="TOML file of check thresholds."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing RUN_DIR/report.html (default: write report-2.html, …)."
+    ),
 ) -> None:
     """(Re)build the HTML report of a run directory, with its findings."""
     run = normscope.load(run_dir)
+    normscope.pipeline.report_path(run_dir, output, force)  # a bad -o fails before the analysis
     analysis = _analyze(run, config=C.load_config(config))
-    typer.echo(str(normscope.pipeline.write_report(run, analysis, output, " ".join(["normscope", *sys.argv[1:]]))))
+    cmd = " ".join(["normscope", *sys.argv[1:]])
+    typer.echo(str(normscope.pipeline.write_report(run, analysis, output, cmd, force=force)))
 
 
 @app.command(
@@ -218,6 +253,27 @@ def export_tensorboard(
 
     counts = export(run_dir, logdir)
     typer.echo(f"wrote {counts['scalars']} scalars and {counts['histograms']} histograms to {logdir}")
+
+
+@app.command(
+    epilog="Examples:\n\n  normscope top runs/exp1\n\n  normscope top runs/exp1 --refresh 5",
+)
+@C.handle_errors
+def top(
+    run_dir: Path = typer.Argument(..., help="A run directory being written by normscope.watch (or a finished one)."),
+    refresh: float = typer.Option(2.0, "--refresh", help="Seconds between re-reads of the run directory."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop following after this many seconds."),
+) -> None:
+    """Follow a run live: steps, loss, current findings and the worst layers per check, until it ends."""
+    from normscope_cli.top import follow
+
+    if not refresh > 0:
+        C.fail(f"--refresh must be a positive number of seconds, got {refresh}")
+    normscope.load(run_dir)  # not a run directory: one line, before the live view starts
+    snap = follow(run_dir, refresh, C.out_console(), timeout)
+    st = snap["state"]
+    if st["state"] == "running":
+        typer.echo(f"stopped following after --timeout; the run is still being written: {run_dir}")
 
 
 from normscope_cli.fold_cmd import register as _register_fold  # noqa: E402

@@ -116,7 +116,9 @@ def findings_table(findings: list[dict], title: str = "Findings"):
     t.add_column("check", no_wrap=True)
     t.add_column("layer", overflow="fold", max_width=24)
     t.add_column("message", overflow="fold", ratio=1)
-    t.add_column("key number", overflow="fold", max_width=28)
+    keys = [key_number(f.get("evidence") or {}) for f in findings]
+    # a number is read whole: the column never wraps, it is as wide as its longest value
+    t.add_column("key number", no_wrap=True, min_width=max((len(k) for k in keys), default=10))
     for f in sorted(findings, key=lambda f: RANK.get(f["severity"], 9)):
         n = (f.get("evidence") or {}).get("affected_layers") or 1
         where = (f.get("layer") or "") + (f" (+{n - 1} more)" if n > 1 else "")

@@ -43,20 +43,39 @@ def compare_runs(a, b, analysis_a, analysis_b) -> dict[str, Any]:
     ka, kb = {_key(f) for f in fa}, {_key(f) for f in fb}
     layers = []
     na, nb = _last_layer_numbers(a), _last_layer_numbers(b)
-    for key in [k for k in na if k in nb]:
-        row: dict[str, Any] = {"layer": key[0], "call": key[1], "changed": []}
+    ta, tb = _types(a), _types(b)
+    union = list(na) + [k for k in nb if k not in na]  # A's order, then what only B has
+    nan = dict.fromkeys(METRICS, math.nan)
+    for key in union:
+        where = "both" if key in na and key in nb else "a" if key in na else "b"
+        row: dict[str, Any] = {"layer": key[0], "call": key[1], "in": where, "changed": [],
+                               "type_a": ta.get(key[0]), "type_b": tb.get(key[0])}  # fmt: skip
         for m in METRICS:
-            va, vb = na[key][m], nb[key][m]
+            va, vb = na.get(key, nan)[m], nb.get(key, nan)[m]
             row[m] = {"a": _clean(va), "b": _clean(vb)}
-            if _changed(m, va, vb):
+            if where == "both" and _changed(m, va, vb):
                 row["changed"].append(m)
         layers.append(row)
+    only_a = [f"{k[0]}#{k[1]}" for k in na if k not in nb]
+    only_b = [f"{k[0]}#{k[1]}" for k in nb if k not in na]
+    retyped = [k[0] for k in na if k in nb and ta.get(k[0]) != tb.get(k[0])]
+    warning = None
+    if only_a or only_b or retyped or ta.get("<root>") != tb.get("<root>"):
+        parts = [f"{len(only_a)} layer call(s) only in A", f"{len(only_b)} only in B"]
+        if retyped:
+            parts.append(f"{len(retyped)} with the same name but another type ({', '.join(retyped[:3])})")
+        warning = (f"the runs have different architectures ({ta.get('<root>', '?')} vs {tb.get('<root>', '?')}; "
+                   f"{', '.join(parts)}): layers are matched by name, and the table shows the union")  # fmt: skip
     return {
+        "architecture_warning": warning, "retyped": retyped,
         "run_a": str(a.run_dir), "run_b": str(b.run_dir), "checks": per_check,
         "new_findings": [f for f in fb if _key(f) not in ka], "resolved_findings": [f for f in fa if _key(f) not in kb],
-        "layers": layers, "only_in_a": [f"{k[0]}#{k[1]}" for k in na if k not in nb],
-        "only_in_b": [f"{k[0]}#{k[1]}" for k in nb if k not in na],
+        "layers": layers, "only_in_a": only_a, "only_in_b": only_b,
     }  # fmt: skip
+
+
+def _types(run) -> dict[str, str]:
+    return {m["name"]: m.get("type") for m in run.meta.get("modules", [])}
 
 
 def _clean(v: float) -> float | None:
@@ -90,13 +109,26 @@ def render_compare(doc: dict, console) -> None:
             fmt(c["b"], c["worst_b"]),
             f"[{style}]{c['status']}[/]" if style else c["status"],
         )
+    if doc.get("architecture_warning"):
+        console.print(f"[bold yellow]warning:[/] {_esc(doc['architecture_warning'])}")
     console.print(t)
-    changed = [r for r in doc["layers"] if r["changed"]]
-    lt = Table(title=f"layers with changed numbers ({len(changed)} of {len(doc['layers'])})")
-    for col in ("layer", *(m for m in METRICS)):
+    changed = [
+        r
+        for r in doc["layers"]
+        if r["changed"] or r.get("in", "both") != "both" or r["layer"] in doc.get("retyped", [])
+    ]
+    both = sum(1 for r in doc["layers"] if r.get("in", "both") == "both")
+    extra = len(doc["layers"]) - both
+    title = f"layers with changed numbers ({sum(1 for r in changed if r.get('in', 'both') == 'both')} of {both} in both"
+    title += f"; {extra} in one run only)" if extra else ")"
+    lt = Table(title=title)
+    for col in ("layer", "in", *(m for m in METRICS)):
         lt.add_column(col)
     for r in changed:
-        cells = []
+        where = {"a": "A only", "b": "B only"}.get(r.get("in", "both"), "both")
+        if r["layer"] in doc.get("retyped", []):
+            where = f"{r.get('type_a')} → {r.get('type_b')}"
+        cells = [where]
         for m in METRICS:
             a, b = r[m]["a"], r[m]["b"]
             txt = f"{_f(a)} → {_f(b)}"

@@ -107,13 +107,37 @@ def fold_into_run(run, model, example) -> dict | None:
     return read_fold(run.run_dir)  # what the report reads back
 
 
-def write_report(run, analysis, out: str | os.PathLike | None = None, command: str | None = None) -> Path:
-    """The HTML report of ``run`` with ``analysis``'s findings (needs the ``report`` extra)."""
+def report_path(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, force: bool = False) -> Path:
+    """Where a report goes. ``out``: that file, whose folder must exist (a typo never creates
+    directories); default ``<run_dir>/report.html``, or, when that exists and ``force`` is off, the
+    first free ``report-2.html``, ``report-3.html``, … (a report is never silently replaced)."""
+    if out is not None:
+        path = Path(out)
+        if path.is_dir():
+            raise NormscopeError(f"report path {path} is a directory: name a file, e.g. {path / 'report.html'}")
+        if not path.parent.is_dir():
+            raise NormscopeError(
+                f"cannot write the report to {path}: the folder {path.parent} does not exist (create it first)"
+            )
+        return path
+    path = Path(run_dir) / "report.html"
+    n = 2
+    while path.exists() and not force:
+        path = Path(run_dir) / f"report-{n}.html"
+        n += 1
+    return path
+
+
+def write_report(run, analysis, out: str | os.PathLike | None = None, command: str | None = None,
+                 force: bool = False) -> Path:  # fmt: skip
+    """The HTML report of ``run`` with ``analysis``'s findings (needs the ``report`` extra), at
+    :func:`report_path` (an existing default report is kept unless ``force``)."""
     try:
         from normscope_reports import build_report
     except ImportError:
         raise NormscopeError("the report layer is not installed: pip install 'normscope[report]'") from None
-    return build_report(run, findings=analysis.findings, skipped=analysis.skipped, out=out, command=command)
+    path = report_path(run.run_dir, out, force)
+    return build_report(run, findings=analysis.findings, skipped=analysis.skipped, out=path, command=command)
 
 
 def inspect(
@@ -127,6 +151,7 @@ def inspect(
     report: bool = True,
     progress: Callable[[int, int, float], None] | None = None,
     command: str | None = None,
+    force: bool = False,
 ) -> Inspection:
     """Probe, fold, analyze and report ``target``; returns an :class:`Inspection`.
 
@@ -136,7 +161,8 @@ def inspect(
     then fold and analyze; with ``input_shape`` (``"8,3,32,32"``): ``target`` is a model, a model
     factory or a spec of one, probed at initialisation on synthetic inputs. ``config``: a
     :class:`~normscope.Config` or a dict of thresholds (validated before any training).
-    ``report``: write ``<run_dir>/report.html``. ``progress(step, steps, loss)`` is called after
+    ``report``: write ``<run_dir>/report.html`` (for an existing run whose report.html exists:
+    ``report-2.html``, … unless ``force``). ``progress(step, steps, loss)`` is called after
     each training step.
     """
     from normscope.analyze.engine import analyze_full, as_config
@@ -158,8 +184,8 @@ def inspect(
         run = probe_model(factory, shape, steps=steps or 8, run_dir=run_dir, every=every)
     elif isinstance(target, Run):
         run = target
-    elif is_run_dir(target):
-        run = load(target)
+    elif is_run_dir(target) or (isinstance(target, (str, os.PathLike)) and Path(target).is_dir()):
+        run = load(target)  # a folder without meta.json: "not a normscope run directory"
     else:
         from normscope.probe import Recipe, load_recipe, probe
 
@@ -171,7 +197,7 @@ def inspect(
     path = None
     if report:
         try:
-            path = write_report(run, analysis, None, command)
+            path = write_report(run, analysis, None, command, force=force)
         except NormscopeError as e:
             if "not installed" not in str(e):
                 raise

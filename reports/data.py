@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from normscope.analyze.quantities import dead_fraction, drift
+from normscope.analyze.quantities import dead_fraction, drift, irregular_steps, regular_rows
 from normscope.roles import relu_layers
 
 
@@ -25,6 +25,46 @@ class Heatmap:
     log: bool = False
     unit: str = ""
     empty_text: str = "no data recorded"
+    fixed: tuple[float, float] | None = None  # a fixed colour scale (fractions: 0–1)
+    na_text: str = ""  # what an all-NaN row means (not applicable), shown in a legend
+    irregular: np.ndarray | None = None  # per column: holds a remainder (irregular) batch
+    note: str = ""  # what the plot leaves out or clips, said under its title
+    clip: bool = False  # colour scale clipped to the 1st–99th percentile
+
+
+def layer_label(layer: str, call: int, module_type: str | None) -> str:
+    """A layer's name as the report shows it: Sequential children are bare indices ("3"), so the
+    type goes with them ("3 · ReLU"); a second call of a module is "name#1"."""
+    name = layer if call == 0 else f"{layer}#{call}"
+    tail = layer.rsplit(".", 1)[-1]
+    if module_type and tail.isdigit():
+        return f"{name} · {module_type}"
+    return name
+
+
+def train_batch_sizes(run) -> pd.Series:
+    """Samples per sampled training step (first hooked layer's rows of the train phase; merged
+    eval passes are not batches), indexed by step."""
+    s = run.stats
+    s = s[(s.phase == "train") & (s.output != "input")]
+    if not len(s):
+        return pd.Series(dtype=np.int64)
+    first = s.groupby(["layer", "call"], sort=False).ngroup() == 0
+    return s[first.to_numpy()].groupby("step")["samples"].max().astype(np.int64)
+
+
+def batch_size_text(run) -> str:
+    """The usual training batch size (the most common one), with the remainder batches named."""
+    b = train_batch_sizes(run)
+    if not len(b):
+        return "?"
+    counts = b.value_counts()
+    main = int(counts.index[0])
+    other = b[b != main]
+    if not len(other):
+        return str(main)
+    sizes = ", ".join(str(int(v)) for v in sorted(other.unique()))
+    return f"{main} ({len(other)} sampled step(s) with {sizes}: remainder batches)"
 
 
 def layer_rows(run) -> pd.DataFrame:
@@ -40,7 +80,7 @@ def layer_rows(run) -> pd.DataFrame:
         out = main.get((r.layer, r.call))
         if out is None:
             continue
-        label = r.layer if r.call == 0 else f"{r.layer}#{r.call}"
+        label = layer_label(r.layer, r.call, r.module_type)
         rows.append({"layer": r.layer, "call": r.call, "output": out, "label": label, "module_type": r.module_type})
     return pd.DataFrame(rows, columns=["layer", "call", "output", "label", "module_type"])
 
@@ -84,9 +124,10 @@ def downsample_rows(values: np.ndarray, labels: list[str], max_rows: int) -> tup
 
 
 def drift_table(run, phase: str = "train") -> pd.DataFrame:
-    """Per layer output and sampled step: drift to the previous sampled step (``drift``: the mean
-    symmetric KL over live channels, computed by normscope.analyze.quantities.drift)."""
-    df = drift(run.stats[run.stats.phase == phase], lag=1)
+    """Per layer output and sampled step: drift to the previous regular sampled step (``drift``: the
+    mean symmetric KL over live channels, computed by normscope.analyze.quantities.drift); steps
+    with a remainder batch (quantities.irregular_steps) are left out on both sides."""
+    df = drift(regular_rows(run.stats[run.stats.phase == phase]), lag=1)  # remainder batches left out
     return df.rename(columns={"sym_kl": "drift"})[["layer", "call", "output", "step", "drift"]]
 
 
@@ -109,22 +150,34 @@ def heatmaps(run, phase: str = "train", max_cols: int = 200, max_rows: int = 120
     with np.errstate(divide="ignore", invalid="ignore"):
         s["log_std"] = np.log10(s["std"].where(s["std"] > 0))
         g = g.assign(log_rms=np.log10(g["rms"].where(g["rms"] > 0)))
+    irr = set(irregular_steps(s).tolist())
+    n_irr = len(irr)
+    irr_note = (f"▼ {n_irr} sampled step(s) with a remainder batch (smaller last batch of an epoch)"
+                if n_irr else "")  # fmt: skip
+    drift_note = "remainder batches left out; " if n_irr else ""
     specs = [
         ("Dead units (ReLU family: fraction never > 0 in the batch)", s, "dead", False, "fraction",
-         "no ReLU-family layer"),
+         "no ReLU-family layer", (0.0, 1.0), "not a ReLU-family layer", irr_note, False),
         ("Saturated fraction (sigmoid/tanh/hardtanh)", s_sat, "frac_sat", False, "fraction",
-         "no saturating layer (sigmoid, tanh, hardtanh)"),
-        ("Activation std", s, "log_std", True, "log10 std", "no data recorded"),
-        ("Gradient RMS w.r.t. layer output", g, "log_rms", True, "log10 RMS", "no gradient recorded"),
+         "no saturating layer (sigmoid, tanh, hardtanh)", (0.0, 1.0), "not a saturating layer", irr_note, False),
+        ("Activation std", s, "log_std", True, "log10 std", "no data recorded", None, "", irr_note, False),
+        ("Gradient RMS w.r.t. layer output", g, "log_rms", True, "log10 RMS", "no gradient recorded", None,
+         "no gradient recorded", irr_note, False),
         ("Drift: symmetric KL to the previous sampled step", _log_drift(drift_table(run, phase)), "log_drift", True,
-         "log10 nats", "needs two sampled steps"),
+         "log10 nats", "needs two sampled steps", None, "no channel statistics",
+         f"{drift_note}colours clipped to the 1st–99th percentile", True),
     ]  # fmt: skip
     out = []
-    for title, df, col, log, unit, empty in specs:
+    for title, df, col, log, unit, empty, fixed, na, note, clip in specs:
         vals, steps = _pivot(df, rows, col)
-        vals, steps = downsample_steps(vals, steps, max_cols)
+        flags = np.array([int(t) in irr for t in steps], dtype=bool)
+        vals, steps2 = downsample_steps(vals, steps, max_cols)
+        if len(steps2) != len(steps):  # a bin holds a remainder batch when any of its steps does
+            edges = np.searchsorted(steps, steps2)
+            flags = np.array([flags[a:b].any() for a, b in zip(edges, [*edges[1:], len(steps)])], dtype=bool)
         vals, lab = downsample_rows(vals, labels, max_rows)
-        out.append(Heatmap(title, lab, steps, vals, log=log, unit=unit, empty_text=empty))
+        out.append(Heatmap(title, lab, steps2, vals, log=log, unit=unit, empty_text=empty, fixed=fixed, na_text=na,
+                           irregular=flags, note=note if col != "log_drift" or len(steps) else "", clip=clip))  # fmt: skip
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from normscope.store.writer import file_mode
 from normscope_reports import data as D
 
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
@@ -64,13 +66,21 @@ def _jinja_env():
     )
 
 
-def _duration(meta: dict) -> str:
+def _duration(meta: dict, state: dict) -> str:
     try:
         t0 = _dt.datetime.fromisoformat(meta["created"])
         t1 = _dt.datetime.fromisoformat(meta["ended"])
         return f"{(t1 - t0).total_seconds():.0f} s"
     except (KeyError, TypeError, ValueError):
-        return "unknown (run still being written)" if meta.get("status") == "running" else "unknown"
+        pass
+    if state["state"] == "incomplete":
+        try:  # up to the last flush: what the rows on disk cover
+            t0 = _dt.datetime.fromisoformat(meta["created"])
+            t1 = _dt.datetime.fromisoformat(meta["heartbeat"])
+            return f"at least {(t1 - t0).total_seconds():.0f} s (the writer stopped without closing the run)"
+        except (KeyError, TypeError, ValueError):
+            return "unknown (the writer stopped without closing the run)"
+    return "unknown (run still being written)" if state["state"] == "running" else "unknown"
 
 
 def build_report(
@@ -100,6 +110,9 @@ def build_report(
     first_index = {}
     for (layer, _call), i in index.items():
         first_index.setdefault(layer, i)
+    labels_by_layer = {}
+    for r in rows.itertuples(index=False):
+        labels_by_layer.setdefault(r.layer, r.label)
     flagged = {f["layer"] for f in fl if f.get("layer")}
     for f in fl:  # a grouped finding: one cause in several layers, every one flagged
         grouped = (f.get("evidence") or {}).get("layers") if isinstance(f.get("evidence"), dict) else None
@@ -125,13 +138,23 @@ def build_report(
         for r in f.get("affected", []):
             r["anchor"] = f"row-{first_index[r['layer']]}" if r["layer"] in first_index else "layers"
         f["step_text"] = _step_text(f.get("step"))
-        ev = f.get("evidence")
-        f["evidence"] = json.dumps(ev, indent=1, default=str, allow_nan=True) if ev else ""
+        f["layer_label"] = labels_by_layer.get(lay, lay)
+        for r in f.get("affected", []):
+            r["label"] = labels_by_layer.get(r["layer"], r["layer"])
+        f["evidence"] = _evidence(f.get("evidence"))
     counts = {s: sum(1 for f in fl if f.get("severity") == s) for s in ("error", "warning", "info")}
 
-    hms = [{"src": F.heatmap(h), "alt": h.title} for h in D.heatmaps(run)]
+    hms, not_shown = [], []
+    for h in D.heatmaps(run):
+        made = F.heatmap(h)
+        if made is None:  # no empty placeholder panel: one line of text instead
+            not_shown.append(f"{h.title}: {h.empty_text}")
+            continue
+        hms.append({"src": made[0], "hover": _hover_json(made[1]), "alt": h.title, "note": h.note})
     labels, gseries = D.gradient_flow(run)
-    gradflow = F.gradient_flow(labels, gseries) if gseries else None
+    gradflow = _fig(F.gradient_flow(labels, gseries), "gradient flow") if gseries else None
+    if not gseries:
+        not_shown.append("Gradient flow: no gradient recorded")
     sigprop = _signal_figure(F, run, rows, index)
 
     details = []
@@ -145,15 +168,15 @@ def build_report(
         if len(ser):
             hists = np.stack([np.asarray(h, dtype=np.float64) for h in ser["hist"]])
             edges = hist_meta.get(lay, {}).get("edges", [])
-            img = F.layer_detail(ser.step.to_numpy(), hists, edges, ser["mean"].to_numpy(), ser["std"].to_numpy(),
-                                 ser["min"].to_numpy(), ser["max"].to_numpy(), f"{r.label} ({r.module_type})")  # fmt: skip
-            images.append({"src": img, "alt": f"{r.label}: histogram over time and mean ± std"})
+            made = F.layer_detail(ser.step.to_numpy(), hists, edges, ser["mean"].to_numpy(), ser["std"].to_numpy(),
+                                  ser["min"].to_numpy(), ser["max"].to_numpy(), f"{r.label} ({r.module_type})")  # fmt: skip
+            images.append(_fig(made, f"{r.label}: histogram over time and mean ± std"))
         extra = ""
         bn = (probe or {}).get("bn", {}).get(lay)
         if bn and bn.get("running_var") is not None:
             img, extra = _bn_detail(F, r.label, bn)
             if img:
-                images.append({"src": img, "alt": f"{r.label}: running vs population statistics"})
+                images.append({"src": img, "alt": f"{r.label}: running vs population statistics", "hover": ""})
         details.append({
             "anchor": anchors[lay], "label": r.label, "module_type": r.module_type,
             "findings": [f for f in fl if f.get("layer") == lay], "images": images, "extra": extra,
@@ -168,9 +191,10 @@ def build_report(
             "sort": {k: (d[k] if isinstance(d[k], str) else ("" if d[k] is None else _num(d[k]))) for k, _, _ in COLUMNS},
         })  # fmt: skip
 
-    steps = run.steps
+    train = run.stats[run.stats.phase == "train"]
+    steps = sorted(train["step"].unique().tolist()) if len(train) else []
     options = meta.get("options", {})
-    first = run.stats.iloc[0] if len(run.stats) else None
+    state = run.state
     ctx = {
         "model": {
             "name": meta.get("name", "model"), "cls": meta.get("model", {}).get("class", "?"),
@@ -179,27 +203,83 @@ def build_report(
         },
         "run": {
             "steps_text": f"{len(steps)} sampled ({steps[0]}–{steps[-1]})" if steps else "none recorded yet",
-            "every": options.get("every", "?"), "batch": int(first["samples"]) if first is not None else "?",
-            "duration": _duration(meta), "status": meta.get("status", "?"),
+            "every": options.get("every", "?"), "batch": D.batch_size_text(run),
+            "duration": _duration(meta, state), "status": state["text"], "incomplete": state["state"] == "incomplete",
         },
         "repro": json.dumps({"versions": meta.get("versions", {}), "options": options, "command": command or meta.get("command")},
                             indent=1, default=str),  # fmt: skip
         "findings": fl, "counts": counts, "skipped": [_as_dict(s) if not isinstance(s, dict) else s for s in (skipped or [])],
         "analyzed": analyzed if analyzed is not None else findings is not None,
-        "heatmaps": hms, "gradflow": gradflow, "sigprop": sigprop,
+        "heatmaps": hms, "gradflow": gradflow, "sigprop": sigprop, "not_shown": not_shown,
         "columns": [{"key": k, "title": t, "text": txt} for k, t, txt in COLUMNS], "table": trows,
         "details": details, "more_flagged": more_flagged, "fold": _fold_ctx(fold) if fold else None,
     }  # fmt: skip
     html = _jinja_env().get_template("report.html.j2").render(**ctx)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".html", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(html)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(html)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
 
 
-def _signal_figure(F, run, rows, index) -> str | None:
+def _hover_json(h: dict) -> str:
+    return json.dumps(h, separators=(",", ":"), allow_nan=False)
+
+
+def _fig(made: tuple[str, dict], alt: str) -> dict:
+    return {"src": made[0], "hover": _hover_json(made[1]), "alt": alt, "note": ""}
+
+
+def _sig(v: Any) -> str:
+    """A number for people: 4 significant digits (3 for ≥ 1e4 in scientific form), ints whole."""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return f"{int(v):,}" if abs(int(v)) >= 10_000 else str(int(v))
+    if isinstance(v, (float, np.floating)):
+        f = float(v)
+        if not math.isfinite(f):
+            return "NaN" if math.isnan(f) else ("∞" if f > 0 else "−∞")
+        return f"{f:.4g}"
+    return str(v)
+
+
+def _evidence_value(v: Any, depth: int = 0) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_evidence_value(x, depth + 1)}" for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        shown = [_evidence_value(x, depth + 1) for x in v[:8]]
+        more = f", … ({len(v) - 8} more)" if len(v) > 8 else ""
+        return ("[" + ", ".join(shown) + more + "]") if depth else ", ".join(shown) + more
+    return _sig(v)
+
+
+def _evidence(ev: Any) -> dict | None:
+    """Evidence as the page shows it: key/value rows with 4 significant digits, and the grouped
+    layers (a list of dicts) as a small table; never raw JSON."""
+    if not ev:
+        return None
+    if not isinstance(ev, dict):
+        return {"items": [{"key": "value", "text": _evidence_value(ev)}], "tables": []}
+    items, tables = [], []
+    for k, v in ev.items():
+        if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            cols = list(dict.fromkeys(c for x in v for c in x))
+            tables.append({"key": k, "cols": cols, "rows": [[_evidence_value(x.get(c, ""), 1) for c in cols] for x in v[:50]],
+                           "more": max(0, len(v) - 50)})  # fmt: skip
+        else:
+            items.append({"key": k, "text": _evidence_value(v)})
+    return {"items": items, "tables": tables}
+
+
+def _signal_figure(F, run, rows, index) -> dict | None:
     """Residual-block outputs (probe, with branch variance) when known, else every layer's output."""
     from normscope.analyze import signal_propagation
 
@@ -209,15 +289,17 @@ def _signal_figure(F, run, rows, index) -> str | None:
     if (sp.kind == "block").any():
         b = sp[sp.kind == "block"]
         last = b[b.when == b.when.iloc[-1]].sort_values("order")
-        return F.signal_propagation(last.layer.tolist(), last.avg_sq_mean.to_numpy(float), last.avg_var.to_numpy(float),
-                                    f"{last.when.iloc[-1]} (residual blocks)", last.branch_var.to_numpy(float))  # fmt: skip
+        return _fig(F.signal_propagation(last.layer.tolist(), last.avg_sq_mean.to_numpy(float),
+                                         last.avg_var.to_numpy(float), f"{last.when.iloc[-1]} (residual blocks)",
+                                         last.branch_var.to_numpy(float)), "signal propagation")  # fmt: skip
     last = sp[sp.step == sp.step.max()].set_index(["layer", "call"])
     keys = [(r.layer, r.call) for r in rows.itertuples(index=False) if (r.layer, r.call) in last.index]
     if not keys:
         return None
     sub = last.loc[keys]
-    return F.signal_propagation([rows.label[index[k]] for k in keys], sub["avg_sq_mean"].to_numpy(float),
-                                sub["avg_var"].to_numpy(float), f"step {int(sp.step.max())}")  # fmt: skip
+    return _fig(F.signal_propagation([rows.label[index[k]] for k in keys], sub["avg_sq_mean"].to_numpy(float),
+                                     sub["avg_var"].to_numpy(float), f"step {int(sp.step.max())}"),
+                "signal propagation")  # fmt: skip
 
 
 def _num(v: Any) -> str:

@@ -44,6 +44,7 @@ class Config:
                     known = ", ".join(sorted(defaults)) or "none"
                     raise NormscopeError(f"unknown setting {key!r} for check {cid!r}: known settings are {known}.")
                 self._values[cid][key] = _coerce(cid, key, defaults[key], v)
+            _check_order(cid, reg[cid].thresholds, self._values[cid])
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> Config:
@@ -96,3 +97,23 @@ def _coerce(cid: str, key: str, default: Any, v: Any) -> Any:
             raise NormscopeError(f"{cid}.{key} must be a string, got {v!r}.")
         return v
     return v
+
+
+def _check_order(cid: str, defaults: Mapping[str, Any], values: Mapping[str, Any]) -> None:
+    """A warn threshold must sit on the milder side of its error threshold, in the direction the
+    defaults give (dead-units: warn 0.1 < error 0.4; small-batch-bn: warn 16 > error 4)."""
+    for wk in defaults:
+        if "warn" not in wk:
+            continue
+        ek = wk.replace("warn", "error")
+        if ek not in defaults or not all(
+            isinstance(d.get(k), (int, float)) for d in (defaults, values) for k in (wk, ek)
+        ):
+            continue
+        rising = defaults[ek] > defaults[wk]  # larger values are worse
+        w, e = values[wk], values[ek]
+        if (rising and w > e) or (not rising and w < e):
+            side = "at or below" if rising else "at or above"
+            raise NormscopeError(
+                f"{cid}: {wk} = {w} must be {side} {ek} = {e} (a warning comes before an error); swap or fix them."
+            )

@@ -3,6 +3,8 @@
 The checks, the HTML report and the TensorBoard export all read these functions, so a number
 shown in a plot is the number a check judged:
 
+- :func:`irregular_steps` / :func:`regular_rows`: the remainder batches (smaller last batch of
+  an epoch) that step-to-step quantities should leave out;
 - :func:`drift` / :func:`covariate_shift`: per-channel Gaussian drift between sampled steps
   (symmetric KL and normalised W₂², dead or constant channels left out; CHECKS.md);
 - :func:`dead_fraction`: per recorded row of a ReLU-family layer, the fraction of units that
@@ -49,6 +51,26 @@ def _stack(col) -> np.ndarray | None:
     if (lens != lens[0]).any():
         return None
     return np.stack(vals).astype(np.float64, copy=False).reshape(len(vals), int(lens[0]))
+
+
+def irregular_steps(rows: pd.DataFrame) -> np.ndarray:
+    """Sampled steps whose batch is not the usual one: the remainder batch that ends an epoch (or
+    any step whose ``samples`` differ from the most common value). Statistics of a smaller batch
+    are noisier and biased (fewer samples for "never active", a variance from 29 samples), so a
+    step-to-step quantity across it measures the batch, not the training: :func:`regular_rows`."""
+    if not len(rows) or "samples" not in rows:
+        return np.zeros(0, dtype=np.int64)
+    per_step = rows.groupby("step")["samples"].max()
+    if not len(per_step):
+        return np.zeros(0, dtype=np.int64)
+    usual = per_step.value_counts().index[0]
+    return np.asarray(sorted(per_step.index[per_step != usual]), dtype=np.int64)
+
+
+def regular_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` without the :func:`irregular_steps` (remainder batches)."""
+    irr = irregular_steps(rows)
+    return rows[~rows["step"].isin(irr)] if len(irr) else rows
 
 
 def drift(rows: pd.DataFrame, lag: int = 1, call_order: dict | None = None) -> pd.DataFrame:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
+import socket
 from collections import defaultdict
 
 import numpy as np
@@ -60,6 +62,8 @@ def initial_meta(model, name: str, plans, options: dict) -> dict:
         "name": name,
         "status": "running",
         "created": _now(),
+        "writer": {"pid": os.getpid(), "host": socket.gethostname()},  # a reader tells a dead writer by these
+        "heartbeat": _now(),  # refreshed at every flush
         "versions": {
             "normscope": __version__,
             "torch": torch.__version__,

@@ -741,6 +741,7 @@ class Scope:
         self._last_flush = time.monotonic()
         self._meta["steps_recorded"] = self._steps_recorded
         self._meta["last_step"] = self.step_index
+        self._meta["heartbeat"] = _now()
         write_json(self.run_dir / "meta.json", self._meta)
 
     # --- metadata ----------------------------------------------------------------------------

@@ -57,6 +57,23 @@ def _loss_value(loss: Any) -> torch.Tensor:
     return loss
 
 
+def _training_failed(e: Exception, step: int, run_dir: Path) -> NormscopeError:
+    """The error of a recipe whose training raised: what, at which step, and the partial run kept."""
+    from normscope.probe.recipe import _first_line
+    from normscope.store import load
+
+    try:
+        last = load(run_dir).state["last_step"]
+    except Exception:  # noqa: BLE001 - the message must not fail
+        last = None
+    what = str(e) if isinstance(e, NormscopeError) else f"{type(e).__name__}: {_first_line(e)}"
+    kept = f"last recorded step {last}" if last is not None else "no step recorded"
+    return NormscopeError(
+        f"training raised at step {step}: {what}. The partial run is kept in {run_dir} (status failed, {kept}): "
+        f"open it with `normscope report {run_dir}` or `normscope inspect {run_dir}`."
+    )
+
+
 def _eval_loss(model: nn.Module, recipe: Recipe, dev) -> float:
     was = model.training
     model.eval()
@@ -124,28 +141,35 @@ def probe(recipe: Recipe | str | os.PathLike, steps: int | None = None, run_dir:
         bad = 0
         step = 0
         model.train()
-        with watch(model, run_dir, every=every, optimizer=opt, name=name, flush_every=flush_every) as scope:
-            if recipe.eval_data is not None:
-                scope.log(phase="eval", loss=_eval_loss(model, recipe, dev))
-            it = _cycle(recipe.train_data)
-            for step in range(steps):
-                x, y = M.split_batch(next(it))
-                x, y = M.to_device(x, dev), M.to_device(y, dev)
-                batches_seen.append(M.batch_size(x))
-                opt.zero_grad(set_to_none=True)
-                loss = _loss_value(recipe.loss_fn(M.forward(model, x), y))
-                loss.backward()
-                opt.step()
-                value = float(loss.detach())
-                scope.log(loss=value)
-                if progress is not None:
-                    progress(step, steps, value)
-                if recipe.eval_data is not None and (step + 1) % eval_every == 0:
+        started = False
+        try:
+            with watch(model, run_dir, every=every, optimizer=opt, name=name, flush_every=flush_every) as scope:
+                started = True
+                if recipe.eval_data is not None:
                     scope.log(phase="eval", loss=_eval_loss(model, recipe, dev))
-                bad = bad + 1 if not math.isfinite(value) else 0
-                if bad >= NAN_PATIENCE:
-                    stopped = f"stopped after step {step}: the loss was non-finite for {NAN_PATIENCE} steps"
-                    break
+                it = _cycle(recipe.train_data)
+                for step in range(steps):
+                    x, y = M.split_batch(next(it))
+                    x, y = M.to_device(x, dev), M.to_device(y, dev)
+                    batches_seen.append(M.batch_size(x))
+                    opt.zero_grad(set_to_none=True)
+                    loss = _loss_value(recipe.loss_fn(M.forward(model, x), y))
+                    loss.backward()
+                    opt.step()
+                    value = float(loss.detach())
+                    scope.log(loss=value)
+                    if progress is not None:
+                        progress(step, steps, value)
+                    if recipe.eval_data is not None and (step + 1) % eval_every == 0:
+                        scope.log(phase="eval", loss=_eval_loss(model, recipe, dev))
+                    bad = bad + 1 if not math.isfinite(value) else 0
+                    if bad >= NAN_PATIENCE:
+                        stopped = f"stopped after step {step}: the loss was non-finite for {NAN_PATIENCE} steps"
+                        break
+        except Exception as e:
+            if not started:
+                raise
+            raise _training_failed(e, step, run_dir) from e
     model.train(was_training)
 
     data = {

@@ -6,7 +6,7 @@ probe.json and fold.json; the other layers read and write them only through it.
 
 from pathlib import Path
 
-from normscope.store.reader import Run, read_table
+from normscope.store.reader import Run, read_table, writer_state
 from normscope.store.sidecars import FOLD_FILE, PROBE_FILE, read_fold, read_probe, write_fold, write_probe
 from normscope.store.writer import FORMAT, SCHEMA, TABLES, RunWriter, write_json
 
@@ -31,4 +31,5 @@ __all__ = [
     "write_fold",
     "write_json",
     "write_probe",
+    "writer_state",
 ]

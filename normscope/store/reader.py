@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
+import os
+import socket
+import time
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -87,12 +91,71 @@ class Run:
         return read_fold(self.run_dir)
 
     @property
+    def state(self) -> dict:
+        """Whether the run is still being written: :func:`writer_state` of ``meta`` with the last
+        step whose rows reached the disk."""
+        st = self.stats
+        last = int(st["step"].max()) if len(st) else None
+        return writer_state(self.meta, last)
+
+    @property
     def steps(self) -> list[int]:
         s = self.stats
         return sorted(s["step"].unique().tolist()) if len(s) else []
 
     def __repr__(self) -> str:
         return f"Run({str(self.run_dir)!r}, status={self.meta.get('status')!r})"
+
+
+STALE_S = 900.0  # a writer on another host is presumed dead after this long without a flush
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    except (OSError, OverflowError, ValueError):
+        return False
+    return True
+
+
+def writer_state(meta: dict, last_step: int | None = None, now: float | None = None) -> dict:
+    """``{"state", "last_step", "why", "text"}``; state is ``complete``, ``failed``, ``running`` (the
+    writer is alive, or cannot be checked) or ``incomplete`` (status says running but the writer
+    is gone: killed, crashed, or silent for :data:`STALE_S` on another host). ``last_step``: the
+    last step whose rows were flushed (default: ``meta["last_step"]``)."""
+    status = str(meta.get("status") or "?")
+    if last_step is None:
+        last_step = meta.get("last_step")
+    out = {"state": status, "last_step": last_step, "why": "", "text": status}
+    if status == "complete":
+        return out
+    if status.startswith("failed"):
+        out["state"] = "failed"
+        return out
+    if status != "running":
+        return out
+    w = meta.get("writer") or {}
+    why = ""
+    pid, host = w.get("pid"), w.get("host")
+    if isinstance(pid, int) and host == socket.gethostname():
+        if not _pid_alive(pid):
+            why = f"its writer (pid {pid} on {host}) is gone"
+    elif meta.get("heartbeat"):
+        try:
+            beat = _dt.datetime.fromisoformat(meta["heartbeat"]).timestamp()
+        except (TypeError, ValueError):
+            beat = None
+        age = (now if now is not None else time.time()) - beat if beat is not None else None
+        if age is not None and age > STALE_S:
+            why = f"no flush for {age / 60:.0f} min (writer pid {pid} on {host})"
+    if why:
+        shown = "none" if last_step is None else str(last_step)
+        out.update(state="incomplete", why=why, text=f"incomplete: last flushed step {shown} ({why})")
+    return out
 
 
 def _read_meta(run_dir: Path) -> dict:
