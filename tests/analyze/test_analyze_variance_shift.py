@@ -49,6 +49,8 @@ def test_structural_only_without_probe_uses_zero_mean_prediction(tmp_path):
     assert f.layer == "3" and f.evidence["dropouts"] == [{"module": "1", "p": 0.3, "direct": False}]
     assert f.evidence["graph"] == "fx" and "measured_shift" not in f.evidence
     assert f.evidence["predicted_shift"] == pytest.approx(1 / 0.7)
+    # regression: the one-module-per-check split renamed the thresholds argument inside this message
+    assert "(dropout p=0.3)" in f.message
 
 
 def test_no_finding_when_dropout_is_after_the_last_bn(tmp_path):

@@ -80,7 +80,7 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         shift = measured if measured is not None else predicted
         sev = "warning" if shift > t["warn"] else "info"
         how = "measured" if measured is not None else "predicted"
-        msg = (f"{name} (dropout t={num(p_drop)}) feeds {bn.module} with no normalisation in between, so BN's running "
+        msg = (f"{name} (dropout p={num(p_drop)}) feeds {bn.module} with no normalisation in between, so BN's running "
                f"variance is learned with dropout on: at test time the variance it normalises is off by ×{num(shift)} "
                f"({how}).")  # fmt: skip
         rec = (
