@@ -147,3 +147,32 @@ def test_minimal_run_inspects(tmp_path):
 def test_bad_preset_is_a_one_line_error():
     with pytest.raises(NormscopeError, match="stats must be one of"):
         watch(models.TinyResNet(), stats="everything")
+
+
+@pytest.mark.parametrize("stats", ["minimal", "standard"])
+def test_cross_rank_buffers_follow_the_preset(stats):
+    """The SUM / MAX buffers of the distributed path are built from the layout's own fields."""
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(4, 3, 6, generator=g) + 0.5, torch.randn(4, 3, 6, generator=g) * 2
+    hist = R.HistSpec("symlog")
+    lay = R.act_layout(a, 1, hist, stats=stats)
+    packs = [R.reduce_act(t, lay, hist, None, 65536, R.Scratch()) for t in (a, b)]
+    full = [P.expand(pack, lay, fast) for pack, fast in packs]
+    stacked = torch.stack(full)
+    assert stacked.shape[1] == lay.size
+    sums, exts = P.sum_part(stacked, lay), P.ext_part(stacked, lay)
+    assert sums.numel() == P.sum_width(lay) and exts.numel() == P.ext_width(lay)
+    r = P.from_reduced(sums.numpy(), exts.numpy(), lay)
+    assert set(r) == {f.name for f in lay.fields}
+    got = H.finish_act(r, lay.per_channel)
+    want = ref.act_stats(torch.cat([a, b]).numpy(), 1, hist, None, 65536)
+    assert got["count"] == want["count"] and got["samples"] == want["samples"]
+    assert got["mean"] == pytest.approx(want["mean"], rel=1e-5, abs=1e-6)
+    assert got["std"] == pytest.approx(want["std"], rel=1e-5)
+    assert got["min"] == pytest.approx(want["min"]) and got["max"] == pytest.approx(want["max"])
+    if stats == "minimal":
+        assert P.sum_width(lay) < P.sum_width(R.act_layout(a, 1, hist))
+        assert math.isnan(got["frac_nonpos"]) and len(got["hist"]) == 0
+    else:
+        assert got["frac_nonpos"] == pytest.approx(want["frac_nonpos"])
+        np.testing.assert_allclose(got["ch_var"], want["ch_var"], rtol=1e-4)
