@@ -781,6 +781,6 @@ def watch(model: nn.Module, run_dir: str | os.PathLike | None = None, every: int
     (min, max, mean, std and the NaN/Inf counts: the cheapest), ``"standard"`` (the default: also
     mean |x|, zero / non-positive / saturated fractions, per-channel moments, activity and a
     histogram of at most ``hist_max`` elements) or ``"full"`` (standard, its histogram over every
-    element); what a preset leaves out is stored as NaN or an empty list (README: Overhead).
+    element); what a preset leaves out is stored as NaN or an empty list (README: the stats= table).
     """
     return Scope(model, run_dir=run_dir, every=every, **options)

@@ -142,6 +142,9 @@ def test_minimal_run_inspects(tmp_path):
         models.train(model, 3)
     res = inspect(tmp_path / "r", report=False)  # the checks read NaN / empty where nothing was recorded
     assert {"non-finite", "vanishing-gradients", "small-batch-bn"} <= set(res.analysis.checks_run)
+    skipped = {s.check: s.reason for s in res.analysis.skipped}
+    for cid in ("dead-units", "saturation"):  # their data is not recorded: skipped with the reason
+        assert "stats='minimal'" in skipped[cid], cid
 
 
 def test_bad_preset_is_a_one_line_error():
