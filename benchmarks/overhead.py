@@ -1,6 +1,12 @@
 """Collector overhead, measured side by side: seconds per training step and peak RSS.
 
     .venv/bin/python benchmarks/overhead.py [--quick] [--json] [--threads 1] [--workloads resnet18,mlp]
+    .venv/bin/python benchmarks/overhead.py --device cuda      # the same workloads on a GPU
+
+Workloads (benchmarks/workloads.py): resnet18, mlp, transformer (large activations) and
+mobilenetv2 (transformers' MobileNetV2 from config, depth multiplier 0.5, 64x64, batch 16:
+~150 hooked calls on small activations, where the fixed per-hook cost dominates; skipped with a
+message when transformers is not installed).
 
 Variants, each on its own copy of the same model and optimizer (SGD, momentum 0.9), run
 interleaved in one process (rotating order every repeat) so that machine noise hits them alike:
@@ -12,6 +18,9 @@ interleaved in one process (rotating order every repeat) so that machine noise h
 - tensorboard   SummaryWriter.add_histogram on every layer output and gradient, every step
 - watch-every1  normscope.watch(every=1), the full statistic set
 - watch-default normscope.watch() at its default cadence
+- watch-unsampled normscope.watch() with every step after the warm-up unsampled (the hooks'
+                cost when they return at once)
+- watch-minimal / watch-full   watch(every=1, stats="minimal" / "full")
 - compiled-bare     torch.compile(model) (inductor), no hooks
 - compiled-every1   watch(every=1), then torch.compile(model): the hooks' custom ops in the graph
 - compiled-default  watch() at its default cadence, then torch.compile(model)
@@ -24,6 +33,12 @@ A repeat runs ``chunk`` steps of every variant; ``x bare`` is the median over re
 the right figure for the default cadence when a chunk holds fewer steps than the cadence (an
 even number of repeats of every/2 steps covers whole cadence periods). Peak RSS is measured in a
 fresh subprocess per variant (VmHWM: the high-water mark of that process image).
+
+``--device cuda`` moves every model and batch to the GPU, synchronises before reading the clock,
+and counts the host synchronisations of one sampled step per variant with
+``torch.cuda.set_sync_debug_mode("warn")`` (each sync raises one warning; normscope's sampled
+step should cost exactly 1, its single device-to-host copy). Without a CUDA device it says so
+and exits 0.
 """
 
 from __future__ import annotations
@@ -44,15 +59,27 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import WORKLOADS  # noqa: E402
+from workloads import WORKLOADS, has_transformers  # noqa: E402
 
 import normscope  # noqa: E402
 from normscope.collect import DEFAULT_EVERY  # noqa: E402
 from normscope.collect.outputs import iter_float_tensors  # noqa: E402
 from normscope.collect.select import plan_hooks  # noqa: E402
 
-VARIANTS = ["bare", "floor", "handwritten", "tensorboard", "watch-every1", "watch-default",
-            "compiled-bare", "compiled-every1", "compiled-default"]  # fmt: skip
+VARIANTS = ["bare", "floor", "handwritten", "tensorboard", "watch-every1", "watch-default", "watch-unsampled",
+            "watch-minimal", "watch-full", "compiled-bare", "compiled-every1", "compiled-default"]  # fmt: skip
+WATCH = {  # variant: (every, stats)
+    "watch-every1": (1, "standard"), "watch-default": (DEFAULT_EVERY, "standard"),
+    "watch-unsampled": (10**9, "standard"),  # step 0 (the warm-up) sampled, every timed step not
+    "watch-minimal": (1, "minimal"), "watch-full": (1, "full"),
+    "compiled-every1": (1, "standard"), "compiled-default": (DEFAULT_EVERY, "standard"),
+}  # fmt: skip
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 class Instrumented:
@@ -60,7 +87,7 @@ class Instrumented:
 
     def __init__(self, variant: str, base: nn.Module, tmp: Path):
         self.variant = variant
-        self.model = copy.deepcopy(base)
+        self.model = copy.deepcopy(base).to(DEVICE)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         self.handles = []
         self.scope = None
@@ -68,9 +95,10 @@ class Instrumented:
         self.sink = []
         self.step_no = 0
         targets = [(p.name, p.module) for p in plan_hooks(self.model)]
-        if variant in ("watch-every1", "watch-default", "compiled-every1", "compiled-default"):
-            every = 1 if variant.endswith("every1") else DEFAULT_EVERY
-            self.scope = normscope.watch(self.model, tmp / variant, every=every, optimizer=self.opt).start()
+        if variant in WATCH:
+            every, stats = WATCH[variant]
+            kw = {} if stats == "standard" else {"stats": stats}
+            self.scope = normscope.watch(self.model, tmp / variant, every=every, optimizer=self.opt, **kw).start()
         elif variant == "floor":
             for _, m in targets:
                 self.handles.append(m.register_forward_hook(self._floor))
@@ -128,11 +156,16 @@ def time_workload(name: str, repeats: int, chunk: int, variants: list[str]) -> d
     torch.manual_seed(0)
     base = factory()
     g = torch.Generator().manual_seed(0)
-    batches = [batch(g) for _ in range(4)]
+    batches = [tuple(t.to(DEVICE) for t in batch(g)) for _ in range(4)]
+    syncs: dict[str, int | None] = {}
     with tempfile.TemporaryDirectory() as tmp:
         runs = {v: Instrumented(v, base, Path(tmp)) for v in variants}
         for inst in runs.values():  # warm-up: allocator, lazy init, first-step meta writes
             inst.train_step(*batches[0])
+        if DEVICE.type == "cuda":  # one more step per variant, its host synchronisations counted
+            for v, inst in runs.items():
+                syncs[v] = count_syncs(inst, batches[1])
+        _sync()
         times: dict[str, list[float]] = {v: [] for v in variants}
         for r in range(repeats):
             order = variants[r % len(variants) :] + variants[: r % len(variants)]
@@ -141,6 +174,7 @@ def time_workload(name: str, repeats: int, chunk: int, variants: list[str]) -> d
                 t0 = time.perf_counter()
                 for i in range(chunk):
                     inst.train_step(*batches[i % len(batches)])
+                _sync()
                 times[v].append((time.perf_counter() - t0) / chunk)
         for inst in runs.values():
             inst.close()
@@ -151,12 +185,31 @@ def time_workload(name: str, repeats: int, chunk: int, variants: list[str]) -> d
             "median_s": statistics.median(times[v]),
             "ratio_to_bare": statistics.median(ratios),
             "ratio_total": sum(times[v]) / sum(times["bare"]),
+            "repeats": len(times[v]),
+            "syncs_per_step": syncs.get(v),
         }
         if v.startswith("compiled") and "compiled-bare" in variants:
             cr = [t / b for t, b in zip(times[v], times["compiled-bare"])]
             out[v]["ratio_to_compiled_bare"] = statistics.median(cr)
             out[v]["ratio_total_compiled"] = sum(times[v]) / sum(times["compiled-bare"])
     return out
+
+
+def count_syncs(inst: Instrumented, batch) -> int:
+    """Host synchronisations during one training step (torch's CUDA sync debug mode warns on each).
+
+    For watch-default this step is unsampled (step 1), for watch-every1 sampled."""
+    import warnings
+
+    _sync()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            inst.train_step(*batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def rss_child(name: str, variant: str, steps: int) -> None:
@@ -166,7 +219,7 @@ def rss_child(name: str, variant: str, steps: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         inst = Instrumented(variant, factory(), Path(tmp))
         for _ in range(steps):
-            inst.train_step(*batch(g))
+            inst.train_step(*(t.to(DEVICE) for t in batch(g)))
         inst.close()
     print(_vm_hwm_mib())
 
@@ -183,7 +236,8 @@ def _vm_hwm_mib() -> float:
 
 
 def peak_rss(name: str, variant: str, steps: int, threads: int) -> float:
-    cmd = [sys.executable, __file__, "--rss-child", name, variant, str(steps), "--threads", str(threads)]
+    cmd = [sys.executable, __file__, "--rss-child", name, variant, str(steps), "--threads", str(threads),
+           "--device", DEVICE.type]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -198,8 +252,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--chunk", type=int)
     ap.add_argument("--no-rss", action="store_true")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--rss-child", nargs=3, metavar=("WORKLOAD", "VARIANT", "STEPS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    global DEVICE
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here (torch.cuda.is_available() is False, torch "
+              f"{torch.__version__}); nothing measured. Run it on a machine with a GPU.")  # fmt: skip
+        return
+    DEVICE = torch.device(a.device)
     torch.set_num_threads(a.threads)
     if a.rss_child:
         rss_child(a.rss_child[0], a.rss_child[1], int(a.rss_child[2]))
@@ -211,9 +272,14 @@ def main() -> None:
         variants.insert(0, "bare")
     rows = []
     log = sys.stderr if a.json else sys.stdout
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} thread(s), {repeats} repeats x {chunk} steps "
+    print(f"# torch {torch.__version__}, device {DEVICE}"
+          + (f" ({torch.cuda.get_device_name()})" if DEVICE.type == "cuda" else "")
+          + f", {torch.get_num_threads()} thread(s), {repeats} repeats x {chunk} steps "
           f"per variant, interleaved; default cadence every={DEFAULT_EVERY}", file=log)  # fmt: skip
     for name in [w for w in a.workloads.split(",") if w]:
+        if name == "mobilenetv2" and not has_transformers():
+            print("mobilenetv2: skipped, transformers is not installed (pip install transformers)", file=log)
+            continue
         res = time_workload(name, repeats, chunk, variants)
         for v in variants:
             rss = math_nan() if a.no_rss else peak_rss(name, v, 2 if a.quick else 4, a.threads)
@@ -221,7 +287,8 @@ def main() -> None:
         if not a.json:
             print_table([r for r in rows if r["workload"] == name])
     if a.json:
-        keep = ("workload", "variant", "median_s", "ratio_to_bare", "ratio_to_compiled_bare", "peak_rss_mib")
+        keep = ("workload", "variant", "median_s", "ratio_to_bare", "ratio_total", "repeats", "syncs_per_step",
+                "ratio_to_compiled_bare", "peak_rss_mib")  # fmt: skip
         print(json.dumps([{k: r[k] for k in keep if k in r} for r in rows], indent=1))
 
 
@@ -232,10 +299,13 @@ def math_nan() -> float:
 def print_table(rows: list[dict]) -> None:
     bare_rss = next(r["peak_rss_mib"] for r in rows if r["variant"] == "bare")
     print(f"\n{rows[0]['workload']}")
-    print(f"  {'variant':<14} {'s/step':>8} {'x bare':>7} {'(total)':>8} {'peak RSS MiB':>13} {'x bare':>7}")
+    gpu = any(r.get("syncs_per_step") is not None for r in rows)
+    print(f"  {'variant':<16} {'s/step':>8} {'x bare':>7} {'(total)':>8} {'peak RSS MiB':>13} {'x bare':>7}"
+          + (f" {'syncs/step':>10}" if gpu else ""))  # fmt: skip
     for r in rows:
-        print(f"  {r['variant']:<14} {r['median_s']:8.4f} {r['ratio_to_bare']:7.3f} {r['ratio_total']:8.3f} "
+        print(f"  {r['variant']:<16} {r['median_s']:8.4f} {r['ratio_to_bare']:7.3f} {r['ratio_total']:8.3f} "
               f"{r['peak_rss_mib']:13.0f} {r['peak_rss_mib'] / bare_rss:7.3f}"
+              + (f" {r['syncs_per_step']:>10}" if gpu else "")
               + (f"   x cbare {r['ratio_to_compiled_bare']:.3f} ({r['ratio_total_compiled']:.3f})"
                  if "ratio_to_compiled_bare" in r else ""))  # fmt: skip
     sys.stdout.flush()

@@ -1,4 +1,4 @@
-"""The three benchmark workloads of benchmarks/overhead.py, generated data only."""
+"""The benchmark workloads of benchmarks/overhead.py, generated data only."""
 
 from __future__ import annotations
 
@@ -80,3 +80,35 @@ WORKLOADS = {
         lambda g: (torch.randint(0, 1000, (16, 128), generator=g), torch.randint(0, 10, (16,), generator=g)),
     ),
 }
+
+
+class HFLogits(nn.Module):
+    """A transformers image classifier as a plain ``x -> logits`` module."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(pixel_values=x).logits
+
+
+def mobilenetv2():
+    """transformers' MobileNetV2 from config (random init): depth multiplier 0.5 at 64x64, the
+    many-small-layers case (~150 hooked calls, small activations). Needs transformers."""
+    from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
+
+    cfg = MobileNetV2Config(depth_multiplier=0.5, image_size=64, num_labels=10)
+    return HFLogits(MobileNetV2ForImageClassification(cfg))
+
+
+def has_transformers() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformers") is not None
+
+
+WORKLOADS["mobilenetv2"] = (
+    mobilenetv2,
+    lambda g: (torch.randn(16, 3, 64, 64, generator=g), torch.randint(0, 10, (16,), generator=g)),
+)

@@ -60,6 +60,11 @@ def missing(ctx: Context, need: str) -> str | None:
         return None
     if need == "stats":
         return None if len(ctx.acts) else "no activation statistics in the run"
+    if need == "standard-stats":
+        preset = (ctx.meta.get("options") or {}).get("stats", "standard")
+        if preset == "minimal":
+            return "the run was recorded with watch(..., stats='minimal'): no fractions, activity or histograms"
+        return None
     if need == "grads":
         return (
             None

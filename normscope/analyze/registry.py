@@ -34,6 +34,7 @@ DOCS_DIR = "docs/checks"
 # What a check may declare it needs; the engine (engine.missing) says why a need is not met.
 NEEDS: dict[str, str] = {
     "stats": "activation statistics (train rows, or eval rows of an inference-only run)",
+    "standard-stats": "the standard statistic set (fractions, activity, histograms; not recorded under stats='minimal')",
     "grads": "gradient statistics w.r.t. hooked outputs",
     "params": "parameter statistics (norms per step)",
     "updates": "recorded parameter updates ‖Δw‖",

@@ -120,7 +120,9 @@ def finish_act(r: dict, per_channel: bool = True) -> dict:
     """Derived statistics (what the run directory stores) from raw fields.
 
     ``per_channel=False`` (a tensor above ``max_channels``, reduced as one channel): the global
-    statistics are exact, the per-channel lists (``ch_mean``, ``ch_var``, ``active``) are empty."""
+    statistics are exact, the per-channel lists (``ch_mean``, ``ch_var``, ``active``) are empty.
+    Fields absent from ``r`` (not computed under the run's ``stats=`` preset) give NaN scalars
+    and empty lists."""
     n = r["n"]
     cnt, s1, m2 = r["cnt"], r["s1"], r["m2"]
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -133,7 +135,8 @@ def finish_act(r: dict, per_channel: bool = True) -> dict:
         mn, mx = float(r["min"]), float(r["max"])
     else:
         mean = std = mn = mx = math.nan
-    frac = (lambda k: float(r[k] / n)) if n > 0 else (lambda k: math.nan)
+    frac = (lambda k: float(r[k] / n) if k in r else math.nan) if n > 0 else (lambda k: math.nan)
+    has_active, has_hist = "active" in r, "hist" in r
     return {
         "count": int(n + r["n_nan"] + r["n_inf"]),
         "samples": int(r["samples"]),
@@ -149,9 +152,9 @@ def finish_act(r: dict, per_channel: bool = True) -> dict:
         "inf_count": int(r["n_inf"]),
         "ch_mean": ch_mean.astype(np.float32) if per_channel else np.zeros(0, np.float32),
         "ch_var": ch_var.astype(np.float32) if per_channel else np.zeros(0, np.float32),
-        "active": r["active"].astype(np.int64) if per_channel else np.zeros(0, np.int64),
-        "hist": r["hist"].astype(np.int64),
-        "hist_count": int(r["hist_n"]),
+        "active": r["active"].astype(np.int64) if per_channel and has_active else np.zeros(0, np.int64),
+        "hist": r["hist"].astype(np.int64) if has_hist else np.zeros(0, np.int64),
+        "hist_count": int(r["hist_n"]) if has_hist else 0,
     }
 
 

@@ -177,7 +177,7 @@ def _shape(layout) -> tuple:
     """What fixes an entry's buffer layout (not the batch size, which may differ between ranks)."""
     if isinstance(layout, P.GradLayout):
         return ("grad",)
-    return (layout.channels, layout.hist_bins, layout.per_channel)
+    return (layout.channels, layout.hist_bins, layout.per_channel, layout.stats)
 
 
 def same_entries(sig: float, size: int, device) -> bool:

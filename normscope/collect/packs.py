@@ -12,7 +12,16 @@ Each field declares
   ``"sum"``, ``"min"``, ``"max"``, or ``"chan"`` (a per-channel sum of squared deviations,
   merged with Chan's parallel formula from the ``cnt`` and ``s1`` fields);
 - ``fast``: whether the CPU fast pack (all-finite tensors) carries it; the others are known on
-  the host from the layout (:func:`_derived`), which saves device work.
+  the host from the layout (:func:`_derived`), which saves device work;
+- ``level``: the least ``stats=`` preset (:data:`PRESETS`) that records it. A layout's
+  ``fields`` are those of its preset: a field absent from a pack was not computed, and decoding
+  stores NaN (scalars) or an empty list (vectors) for what derives from it.
+
+Presets: ``"minimal"`` records the moments (min, max, mean, std, as one channel) and the
+non-finite counts; ``"standard"`` (the default) adds mean |x|, zero / non-positive / saturated
+fractions, per-channel moments, activity and the histogram; ``"full"`` records the same fields
+as ``"standard"``, its histogram over every element instead of a bounded subsample (the
+collector's ``hist_max=0``).
 
 Scalar fields come first (in table order), then the vector fields (in table order).
 
@@ -32,6 +41,9 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+PRESETS = ("minimal", "standard", "full")
+DEFAULT_PRESET = "standard"
+
 
 @dataclass(frozen=True)
 class Field:
@@ -39,26 +51,37 @@ class Field:
     width: str  # "1" | "C" | "H"
     merge: str  # "sum" | "min" | "max" | "chan"
     fast: bool  # carried by the fast pack
+    level: str = "minimal"  # the least preset that records it
 
 
 ACT_FIELDS: tuple[Field, ...] = (
     Field("n", "1", "sum", False),  # finite elements
     Field("min", "1", "min", True),
     Field("max", "1", "max", True),
-    Field("abs_sum", "1", "sum", True),
-    Field("n_zero", "1", "sum", True),
-    Field("n_nonpos", "1", "sum", True),
-    Field("n_sat", "1", "sum", True),
+    Field("abs_sum", "1", "sum", True, "standard"),
+    Field("n_zero", "1", "sum", True, "standard"),
+    Field("n_nonpos", "1", "sum", True, "standard"),
+    Field("n_sat", "1", "sum", True, "standard"),
     Field("n_nan", "1", "sum", False),
     Field("n_inf", "1", "sum", False),
-    Field("hist_n", "1", "sum", False),  # elements in the histogram subsample
+    Field("hist_n", "1", "sum", False, "standard"),  # elements in the histogram subsample
     Field("samples", "1", "sum", False),
     Field("cnt", "C", "sum", False),  # finite elements per channel
     Field("s1", "C", "sum", True),  # per-channel sum
     Field("m2", "C", "chan", True),  # per-channel sum of squared deviations from the channel mean
-    Field("active", "C", "sum", True),  # samples in which the unit was > 0
-    Field("hist", "H", "sum", True),
+    Field("active", "C", "sum", True, "standard"),  # samples in which the unit was > 0
+    Field("hist", "H", "sum", True, "standard"),
 )
+
+
+@lru_cache(maxsize=8)
+def preset_fields(stats: str, fields: tuple[Field, ...] = ACT_FIELDS) -> tuple[Field, ...]:
+    """The fields a preset records (table order)."""
+    if stats not in PRESETS:
+        raise ValueError(f"unknown stats preset {stats!r}: one of {', '.join(PRESETS)}")
+    rank = PRESETS.index(stats)
+    return tuple(f for f in fields if PRESETS.index(f.level) <= rank)
+
 
 GRAD_FIELDS: tuple[Field, ...] = (
     Field("n", "1", "sum", False),
@@ -79,8 +102,14 @@ class ActLayout:
     axis: int
     hist_bins: int
     per_channel: bool = True  # False: channels above ``max_channels``, reduced as one channel
+    stats: str = DEFAULT_PRESET  # the preset: which fields the pack carries
 
-    fields = ACT_FIELDS
+    @property
+    def fields(self) -> tuple[Field, ...]:
+        return preset_fields(self.stats)
+
+    def has(self, name: str) -> bool:
+        return any(f.name == name for f in self.fields)
 
     def width(self, f: Field) -> int:
         return 1 if f.width == "1" else self.channels if f.width == "C" else self.hist_bins
@@ -148,10 +177,11 @@ def _derived(layout, have: dict, xp):
     if isinstance(layout, GradLayout):
         return {"n": float(layout.numel), "n_nan": 0.0, "n_inf": 0.0}
     c = layout.channels
-    return {
-        "n": float(layout.numel), "n_nan": 0.0, "n_inf": 0.0, "samples": float(layout.samples),
-        "hist_n": have["hist"].sum(), "cnt": xp.full(c, layout.numel / c),
-    }  # fmt: skip
+    out = {"n": float(layout.numel), "n_nan": 0.0, "n_inf": 0.0, "samples": float(layout.samples),
+           "cnt": xp.full(c, layout.numel / c)}  # fmt: skip
+    if "hist" in have:
+        out["hist_n"] = have["hist"].sum()
+    return out
 
 
 class _TorchNS:
@@ -191,11 +221,14 @@ def expand(pack: torch.Tensor, layout, fast: bool) -> torch.Tensor:
 
 
 def combine(a: dict, b: dict, fields: tuple[Field, ...] = ACT_FIELDS) -> dict:
-    """Merge the raw fields of two packs of one entry, field by field as the table declares."""
+    """Merge the raw fields of two packs of one entry, field by field as the table declares
+    (fields absent from either, not computed under their preset, stay absent)."""
     if "cnt" in a and np.shape(a["cnt"]) != np.shape(b["cnt"]):
         raise ValueError("channel count changed between forwards")
     out = {}
     for f in fields:
+        if f.name not in a or f.name not in b:
+            continue
         x, y = a[f.name], b[f.name]
         if f.merge == "sum":
             out[f.name] = x + y

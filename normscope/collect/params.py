@@ -79,8 +79,11 @@ class ParamTracker:
         """Squared norms (float64) of the local tensors; NaN where a tensor is missing."""
         tensors = [local(t) for t in tensors]
         present = [t for t in tensors if t is not None]
-        norms = iter(torch._foreach_norm([t.detach() for t in present])) if present else iter(())
+        norms = torch._foreach_norm([t.detach() for t in present]) if present else []
         dev = local(like[0]).device if like else torch.device("cpu")
+        if present and len(present) == len(tensors) and all(n.device == dev for n in norms):
+            return torch.stack(norms).double().pow_(2)  # the usual case: three ops, not three per tensor
+        norms = iter(norms)
         out = [next(norms).double().to(dev) ** 2 if t is not None else self._nan(like[0]) for t in tensors]
         return torch.stack(out) if out else torch.empty(0, device=dev)
 
@@ -120,10 +123,14 @@ class ParamTracker:
         if updated and self.track_updates and self._snap is not None:
             trainable = [local(p.detach()) for p in params if p.requires_grad]
             torch._foreach_sub_(self._snap, trainable)  # snap := w_before - w_after (measured faster than torch.dist)
-            upd = iter(torch._foreach_norm(self._snap))
-            du = torch.stack(
-                [next(upd).double().to(w.device) ** 2 if p.requires_grad else w.new_zeros(()) for p in params]
-            )
+            norms = torch._foreach_norm(self._snap)
+            if len(norms) == len(params) and all(n.device == w.device for n in norms):
+                du = torch.stack(norms).double().pow_(2) if norms else w.new_zeros(0)
+            else:
+                upd = iter(norms)
+                du = torch.stack(
+                    [next(upd).double().to(w.device) ** 2 if p.requires_grad else w.new_zeros(()) for p in params]
+                )
         else:
             du = torch.full_like(w, math.nan)
         self._pending = torch.stack([w, self._grad_norms, du]).double().view(-1)

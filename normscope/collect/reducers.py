@@ -212,13 +212,20 @@ def _sat_count(x: torch.Tensor, sat: SatSpec | None, buf: torch.Tensor | None) -
     return c + hi_op(x, hi, out=buf).sum()
 
 
-def act_layout(x: torch.Tensor, axis: int, spec: HistSpec, max_channels: int | None = None) -> ActLayout:
+def act_layout(
+    x: torch.Tensor, axis: int, spec: HistSpec, max_channels: int | None = None, stats: str = "standard"
+) -> ActLayout:
     """The layout of ``x``'s pack; above ``max_channels`` channels the tensor is reduced as one
-    channel (global statistics exact, no per-channel ones)."""
+    channel (global statistics exact, no per-channel ones). ``stats="minimal"``: always one
+    channel and no histogram (packs.preset_fields says what each preset records)."""
     a, c, s = channel_view_shape(x.shape, axis)
+    if stats == "minimal":
+        return ActLayout(numel=x.numel(), channels=1, samples=a, axis=axis, hist_bins=0, per_channel=False,
+                         stats=stats)  # fmt: skip
     if max_channels is not None and c > max_channels:
-        return ActLayout(numel=x.numel(), channels=1, samples=a, axis=axis, hist_bins=spec.bins, per_channel=False)
-    return ActLayout(numel=x.numel(), channels=c, samples=a, axis=axis, hist_bins=spec.bins)
+        return ActLayout(numel=x.numel(), channels=1, samples=a, axis=axis, hist_bins=spec.bins, per_channel=False,
+                         stats=stats)  # fmt: skip
+    return ActLayout(numel=x.numel(), channels=c, samples=a, axis=axis, hist_bins=spec.bins, stats=stats)
 
 
 def reduce_act(
@@ -248,6 +255,8 @@ def reduce_act(
         mn, mx = torch.aminmax(xf)
         lo = mn.item()  # CPU: reading a value is not a device sync
         if math.isfinite(lo) and math.isfinite(mx.item()):
+            if layout.stats == "minimal":
+                return _reduce_act_minimal_fast(xf, layout, mn, mx), True
             return _reduce_act_fast(xf, layout, hist, sat, hist_max, scratch, mn, mx, lo >= 0), True
     return _reduce_act_masked(xf, layout, hist, sat, hist_max), False
 
@@ -319,8 +328,21 @@ def _reduce_act_fast(xf, layout, hist, sat, hist_max, scratch, mn, mx, nonneg: b
     return assemble(layout, True, vals, dtype=s1.dtype).to(torch.float64)
 
 
+def _reduce_act_minimal_fast(xf, layout, mn, mx):
+    """stats="minimal", all finite (CPU): min/max (already read), the sum and the sum of squared
+    deviations, as one channel; two passes."""
+    wide = torch.float64 if xf.numel() >= (1 << 23) else None
+    flat = xf.view(-1)
+    s1 = flat.sum(dtype=wide).view(1)
+    d = flat - (s1 / max(flat.numel(), 1)).to(flat.dtype)
+    m2 = torch.dot(d, d).view(1) if wide is None else d.double().pow_(2).sum().view(1)
+    return assemble(layout, True, {"min": mn, "max": mx, "s1": s1, "m2": m2})
+
+
 def _reduce_act_masked(xf, layout, hist, sat, hist_max):
     a, c, s = channel_view_shape(xf.shape, layout.axis)
+    if layout.stats == "minimal":
+        return _reduce_act_minimal_masked(xf, layout, a)
     fin = torch.isfinite(xf)
     zero = torch.zeros((), dtype=xf.dtype, device=xf.device)
     xz = torch.where(fin, xf, zero)
@@ -351,6 +373,23 @@ def _reduce_act_masked(xf, layout, hist, sat, hist_max):
             "n_sat": n_sat, "n_nan": n_nan, "n_inf": n_inf, "hist_n": hn,
             "samples": torch.tensor(float(a), dtype=torch.float64, device=xf.device),
             "cnt": cnt, "s1": s1, "m2": m2, "active": active, "hist": h}  # fmt: skip
+    return assemble(layout, False, vals)
+
+
+def _reduce_act_minimal_masked(xf, layout, a):
+    """stats="minimal", NaN-safe (accelerators, non-finite tensors): moments and counts only."""
+    fin = torch.isfinite(xf).view(-1)
+    flat = xf.view(-1)
+    xz = torch.where(fin, flat, torch.zeros((), dtype=xf.dtype, device=xf.device))
+    cnt = fin.sum(dtype=torch.float64)
+    s1 = xz.sum(dtype=torch.float64)
+    d = torch.where(fin, xz.double() - s1 / cnt.clamp_min(1), torch.zeros((), dtype=torch.float64, device=xf.device))
+    inf = torch.tensor(math.inf, dtype=xf.dtype, device=xf.device)
+    n_nan = torch.isnan(flat).sum(dtype=torch.float64)
+    vals = {"n": cnt, "min": torch.where(fin, flat, inf).amin(), "max": torch.where(fin, flat, -inf).amax(),
+            "n_nan": n_nan, "n_inf": flat.numel() - cnt - n_nan,
+            "samples": torch.tensor(float(a), dtype=torch.float64, device=xf.device),
+            "cnt": cnt.view(1), "s1": s1.view(1), "m2": (d * d).sum().view(1)}  # fmt: skip
     return assemble(layout, False, vals)
 
 

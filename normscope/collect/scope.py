@@ -33,6 +33,7 @@ from normscope.collect import reducers as R
 from normscope.collect.decode import PendingEntry, StepAccumulator, expand_pending
 from normscope.collect.meta import _model_device, _now, _sel_json, _to_host, initial_meta
 from normscope.collect.outputs import iter_float_tensors
+from normscope.collect.packs import PRESETS
 from normscope.collect.params import ParamTracker, describe_optimizer, group_hparams
 from normscope.collect.select import HookPlan, Selector, canonical_names, plan_hooks, resolve_axis
 from normscope.collect.sentinel import FiniteSentinels
@@ -90,7 +91,7 @@ class Scope:
         optimizer: torch.optim.Optimizer | None = None,
         flush_every: int = 50,
         flush_seconds: float = 30.0,
-        hist_max: int = 16384,
+        hist_max: int | None = None,
         channel_axis: dict[str, int] | None = None,
         track_updates: bool = True,
         grads: bool = True,
@@ -99,12 +100,18 @@ class Scope:
         max_channels: int | None = None,
         grad_every: int = 1,
         finite_flags: bool = True,
+        stats: str = "standard",
     ):
         if not isinstance(model, nn.Module):
             raise NormscopeError(f"watch() needs a torch.nn.Module, got {type(model).__name__}.")
         for label, v in (("every", every), ("flush_every", flush_every), ("grad_every", grad_every)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise NormscopeError(f"{label} must be a whole number ≥ 1, got {v!r}.")
+        if stats not in PRESETS:
+            raise NormscopeError(f"stats must be one of {', '.join(repr(p) for p in PRESETS)}, got {stats!r}.")
+        self.stats = stats
+        if hist_max is None:  # "full": the histogram over every element; else a bounded subsample
+            hist_max = 0 if stats == "full" else 16384
         if isinstance(hist_max, bool) or not isinstance(hist_max, int) or hist_max < 0:
             raise NormscopeError(f"hist_max must be a whole number ≥ 0 (0 = every element), got {hist_max!r}.")
         if max_channels is not None and (isinstance(max_channels, bool) or not isinstance(max_channels, int)
@@ -131,7 +138,7 @@ class Scope:
             "channel_axis": dict(channel_axis or {}), "track_updates": track_updates, "grads": grads,
             "finite_flags": finite_flags,
             "roles": {(k if isinstance(k, str) else _sel_json(k)[0]): v for k, v in (roles or {}).items()},
-            "max_channels": max_channels, "grad_every": grad_every,
+            "max_channels": max_channels, "grad_every": grad_every, "stats": stats,
         }  # fmt: skip
         optimizer = _unwrap_optimizer(optimizer)
         self._explicit_opt = optimizer
@@ -457,7 +464,7 @@ class Scope:
             axis, layout, pack, fast = hit.axis, hit.layout, hit.pack, hit.fast  # same tensor, unchanged: reuse
         else:
             axis = resolve_axis(plan, t, inherited if hit is None else hit.axis)
-            layout = R.act_layout(t, axis, plan.hist, self.max_channels)
+            layout = R.act_layout(t, axis, plan.hist, self.max_channels, self.stats)
             pack, fast = R.reduce_act(t, layout, plan.hist, plan.sat, self.hist_max, self._scratch)
             if reuse:
                 if len(self._recent) >= _RECENT:
@@ -768,6 +775,10 @@ def watch(model: nn.Module, run_dir: str | os.PathLike | None = None, every: int
     ({name glob: axis}), ``track_updates``, ``grads``, ``name``, ``roles``; bounds on the pack
     (docs/scale.md): ``max_channels`` (a tensor with more channels is reduced as one channel: no
     per-channel statistics for it) and ``grad_every`` (output-gradient statistics on every k-th
-    sampled step only).
+    sampled step only); ``stats``: which statistics each hooked output gets, ``"minimal"``
+    (min, max, mean, std and the NaN/Inf counts: the cheapest), ``"standard"`` (the default: also
+    mean |x|, zero / non-positive / saturated fractions, per-channel moments, activity and a
+    histogram of at most ``hist_max`` elements) or ``"full"`` (standard, its histogram over every
+    element); what a preset leaves out is stored as NaN or an empty list (README: the stats= table).
     """
     return Scope(model, run_dir=run_dir, every=every, **options)

@@ -56,7 +56,7 @@ def dead_profile(ctx, layer: str, call: int, p: dict) -> dict | None:
 @register(
     id=ID, severity="error",
     summary="ReLU units that output ≤ 0 for every sample over a window of steps (born dead or died); dormant units as info.",
-    needs=("stats",),
+    needs=("stats", "standard-stats"),
     thresholds={"warn": 0.10, "error": 0.40, "window_frac": 0.1, "min_window_steps": 5, "min_samples": 512,
             "min_judge_samples": 128, "dormant_tau": 0.025, "dormant_info": 0.10},
 )  # fmt: skip

@@ -42,7 +42,7 @@ def episodes(steps, saturated) -> list[list]:
 @register(
     id=ID, severity="error",
     summary="Saturating activations (sigmoid, tanh, hardtanh) stuck in their flat regions, with when each layer entered and left saturation.",
-    needs=("stats",),
+    needs=("stats", "standard-stats"),
     thresholds={"warn": 0.2, "error": 0.5, "window_frac": 0.1, "min_window_steps": 3},
 )  # fmt: skip
 def check(ctx: Context, t: Thresholds) -> list[Finding]:
