@@ -11,7 +11,6 @@ they are written as Parquet parts. Memory is O(layers): no activation is kept.
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import os
 import sys
 import time
@@ -23,18 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from normscope.collect import compiled as C
 from normscope.collect import distributed as D
 from normscope.collect import reducers as R
-from normscope.collect.decode import PendingEntry, StepAccumulator, expand_pending
-from normscope.collect.meta import _model_device, _now, _sel_json, _to_host, initial_meta
+from normscope.collect.decode import PendingEntry
+from normscope.collect.meta import _now, _sel_json, initial_meta
 from normscope.collect.outputs import iter_float_tensors
 from normscope.collect.packs import PRESETS
-from normscope.collect.params import ParamTracker, describe_optimizer, group_hparams
+from normscope.collect.params import ParamTracker
+from normscope.collect.scope_compiled import CompiledRuntime
+from normscope.collect.scope_step import StepEnd
 from normscope.collect.select import HookPlan, Selector, canonical_names, plan_hooks, resolve_axis
 from normscope.collect.sentinel import FiniteSentinels
 from normscope.errors import NormscopeError
@@ -78,7 +78,7 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-class Scope:
+class Scope(CompiledRuntime, StepEnd):
     """Collects statistics while ``model`` trains. Use as a context manager (see :func:`watch`)."""
 
     def __init__(
@@ -480,115 +480,6 @@ class Scope:
             elif not torch.is_grad_enabled():  # first pass of a reentrant checkpoint: the gradient comes
                 self._await_grad[plan.name].append(key)  # with the recomputation in the backward
 
-    # --- under torch.compile: called at run time by the custom ops of normscope.collect.compiled ---
-    def _root_compiled(self, enter: bool, train: bool) -> None:
-        try:
-            if enter:
-                self._root_enter(train)
-            else:
-                self._on_root_post(None, None, None)
-        except Exception as e:  # never break the user's training
-            self._note_error("root", e)
-
-    def _observe_compiled(self, index: int, xs: list, paths: str, has_input: bool, train: bool, ngrad: int):
-        """What the eager hook does, for one call of a compiled module: ``xs`` are the real tensors
-        (the module's input first when ``has_input``, then its floating outputs, those that get a
-        gradient first). Returns the token (step, slot) that the gradient op brings back."""
-        plan = self._plans[index]
-        if not self._active or not self._sampling or plan.name in self._disabled:
-            return C._no_token()
-        try:
-            phase, call = self._begin_call(plan, train)
-            x = xs[0] if has_input else None
-            outs = xs[1:] if has_input else xs
-            names = paths.split(C.SEP)
-            src = self._axes.get(id(x)) if x is not None else None
-            src_axis = src[1] if src is not None and src[0]() is x else None
-            if x is not None:
-                self._reduce_output(plan, phase, call, "input", x, src_axis, grad=False, reuse=False)
-            for path, t in zip(names, outs):
-                inherited = None
-                if src_axis is not None and x is not None:
-                    same = t.dim() == x.dim() if plan.preserves_layout else t.shape == x.shape
-                    inherited = src_axis if same else None
-                # no reuse of a reduction by tensor identity: compiled kernels write buffers in place
-                # without bumping their version counter
-                self._reduce_output(plan, phase, call, path, t, inherited, grad=False, reuse=False)
-            if ngrad and phase == "train" and self._grads_now:
-                self._grad_slots.append((phase, plan.name, call, names[:ngrad]))
-                return torch.tensor([self.step_index, len(self._grad_slots) - 1], dtype=torch.int64)
-        except Exception as e:  # never break the user's training
-            self._disabled.add(plan.name)
-            self._note_error(plan.name, e)
-        return C._no_token()
-
-    def _observe_grad_compiled(self, token: torch.Tensor, gs: list) -> None:
-        step, slot = token.tolist()
-        if step < 0 or not self._active or step != self.step_index or slot >= len(self._grad_slots):
-            return
-        phase, name, call, names = self._grad_slots[slot]
-        if name in self._disabled:
-            return
-        try:
-            for path, g in zip(names, gs):
-                if g is not None:
-                    pack, fast = R.reduce_grad(g)
-                    key = (phase, name, call, path)
-                    self._pending.append(PendingEntry("grad", key, R.GradLayout(g.numel()), fast, pack))
-        except Exception as e:
-            self._disabled.add(name)
-            self._note_error(name, e)
-
-    def _drop_stale_compiled_code(self) -> None:
-        """Code that torch.compile traced before watch() has no hook in it, and dynamo does not guard
-        on hooks by default: it would run on, silently recording nothing. Drop it so that the next
-        call retraces the model with the hooks (one recompilation)."""
-        try:
-            from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list, reset_code
-            from torch._dynamo import config, external_utils
-
-            # code compiled from now on guards on module hooks: code compiled for another instance
-            # of the model without hooks is not reused for this one (a recompilation instead)
-            config.skip_nnmodule_hook_guards = False
-
-            codes, m = [], self.model
-            for _ in range(8):
-                fwd = getattr(type(m), "forward", None)
-                if getattr(fwd, "__code__", None) is not None:
-                    codes.append(fwd.__code__)
-                inner = getattr(m, "_orig_mod", None)
-                if not isinstance(inner, nn.Module):
-                    break
-                m = inner
-            codes.append(external_utils.wrap_inline(lambda: None).__code__)  # compiled torch.nn containers
-            stale = [c for c in codes if _debug_get_cache_entry_list(c)]
-            for c in stale:
-                reset_code(c)
-            if stale:
-                self._add_note("compiled code traced before watch() (without normscope's hooks) was dropped: "
-                               "the next call recompiles the model once, with the hooks")  # fmt: skip
-        except Exception as e:  # a torch without these internals: the first-step check still warns
-            self._note_error("torch.compile", e)
-
-    def _warn_unhooked(self) -> None:
-        """An optimizer step of the model with no forward seen: the model ran without the hooks."""
-        self._warned_unhooked = True
-        msg = ("the model ran this step without calling normscope's hooks, so nothing is recorded: most likely "
-               "code compiled by torch.compile before watch() (dynamo caches it without the hooks); call watch() "
-               "before the first compiled call, or torch._dynamo.reset() after watch()")  # fmt: skip
-        self._add_note(msg)
-        warnings.warn(f"normscope: {msg}.", stacklevel=3)
-
-    def _add_note(self, msg: str) -> None:
-        notes = self._meta.setdefault("notes", [])
-        if msg not in notes:
-            notes.append(msg)
-        if self._writer is not None:
-            try:
-                write_json(self.run_dir / "meta.json", self._meta)
-            except OSError as e:
-                self._note_error("meta.json", e)
-
     def _recomputed(self, plan: HookPlan, output) -> None:
         """A forward recomputed during the backward (gradient checkpointing): statistics were taken
         in the first pass; a reentrant checkpoint's first pass had no graph, so the gradient hooks
@@ -634,122 +525,6 @@ class Scope:
             warnings.warn(
                 f"normscope stopped recording {where} after an error ({msg}); training goes on.", stacklevel=3
             )
-
-    # --- step end: one transfer, decode, buffer, flush -------------------------------------------
-    def _finish_step(self, updated: bool, params: bool) -> None:
-        try:
-            self._finish_step_inner(params)
-        except Exception as e:
-            self._note_error("step", e)
-        finally:
-            self._pending = []
-            self._scalars = []
-
-    def _finish_step_inner(self, params: bool) -> None:
-        pending = self._pending
-        sq = self._params.take() if params else None  # 3 × P squared norms (of the local shards)
-        scal_t = [v for _, _, v in self._scalars if isinstance(v, torch.Tensor)]
-        flags = self._sentinels.take() if self._sentinels is not None else []
-        acc = StepAccumulator()
-        norms = None
-        if self._world > 1:
-            write, norms = self._reduce(pending, sq, acc)
-            if not write or (not pending and sq is None and not self._scalars):
-                return
-            host = _to_host(scal_t) if scal_t else np.zeros(0)
-            off = 0
-        else:
-            tensors = [e.pack for e in pending] + ([sq] if sq is not None else []) + scal_t + [f[4] for f in flags]
-            if not tensors and not self._scalars:
-                return
-            host = _to_host(tensors) if tensors else np.zeros(0)
-            off = acc.decode(pending, host)
-            if sq is not None:
-                n = len(self._params.entries)
-                norms = np.sqrt(host[off : off + 3 * n].reshape(3, n))
-                off += 3 * n
-        step = self.step_index
-        w = self._writer
-        acc.write(w, step)
-        if norms is not None:
-            hp = group_hparams(self._opt)
-            if self._opt is not None and "optimizer" not in self._meta:
-                self._meta["optimizer"] = describe_optimizer(self._opt)
-            for i, (pname, p, layer) in enumerate(self._params.entries):
-                lr, wd = hp.get(id(p), (math.nan, math.nan))
-                w.append("params", {
-                    "step": step, "param": pname, "layer": layer, "numel": p.numel(),
-                    "requires_grad": p.requires_grad, "norm": norms[0, i], "grad_norm": norms[1, i],
-                    "update_norm": norms[2, i], "lr": lr, "weight_decay": wd,
-                })  # fmt: skip
-        for phase, name, v in self._scalars:
-            if isinstance(v, torch.Tensor):
-                v = float(host[off])
-                off += 1
-            w.append("scalars", {"step": step, "phase": phase, "name": name, "value": float(v)})
-        if flags and self._world == 1 and self._sentinels.record(step, flags, host[off : off + 2 * len(flags)]):
-            self._meta["nonfinite_modules"] = self._sentinels.events
-        self._steps_recorded += 1
-        self._since_flush += 1
-        if self._exec_order:  # no root forward seen (submodules called directly)
-            self._on_root_post(None, None, None)
-        if self._since_flush >= self.flush_every or time.monotonic() - self._last_flush > self.flush_seconds:
-            self._flush()
-
-    def _reduce(self, pending: list, sq: torch.Tensor | None, acc: StepAccumulator) -> tuple[bool, Any]:
-        """Distributed: every rank's step merged by reductions whose size does not depend on the world
-        (:class:`distributed.StepReduction`). Returns (this rank writes the step, 3 × P norms or None)."""
-        dev = pending[0].pack.device if pending else sq.device if sq is not None else _model_device(self.model)
-        sharded = self._params.sharded() if sq is not None else []
-        red, sig = None, D.BAD_SIGNATURE
-        try:
-            extra = None
-            if sharded:  # DTensor shards: Σ over ranks of (local ‖·‖² / replication) = the full ‖·‖²
-                wts = torch.tensor(self._params.shard_weights(self._world), dtype=torch.float64, device=sq.device)
-                extra = sq.view(3, -1)[:, sharded] * wts
-            red = D.StepReduction.build(pending, extra, self._shifts, dev)
-            sig = red.sig
-        except Exception as e:  # still enter the check, with a signature that makes every rank skip
-            self._note_error("distributed", e)
-        if not D.same_entries(sig, red.size if red is not None else -1, dev):
-            if red is not None:
-                self._note_error("distributed", RuntimeError(
-                    "ranks recorded different layers this step (different modules ran, or a hook failed on one rank); "
-                    "only rank 0's own statistics are kept for it"))  # fmt: skip
-            if self._writer is None or red is None:
-                return False, None
-            if pending:
-                acc.decode(pending, _to_host(expand_pending(pending)), full=True)
-            return True, self._param_norms(sq, sharded, None)
-        red.run()
-        self._shifts.update(red.means)
-        if self._writer is None:
-            return False, None
-        sums, exts = red.host()
-        merged = red.decode(sums, exts, acc)
-        return True, self._param_norms(sq, sharded, merged)
-
-    def _param_norms(self, sq, sharded: list[int], merged) -> np.ndarray | None:
-        """3 × P norms on the writer: its own for replicated parameters (DDP), the merged sums for
-        sharded ones (NaN when they could not be merged)."""
-        if sq is None:
-            return None
-        own = _to_host([sq]).reshape(3, -1).copy()
-        if sharded:
-            own[:, sharded] = merged.reshape(3, len(sharded)) if merged is not None else math.nan
-        return np.sqrt(own)
-
-    def _flush(self) -> None:
-        if self._writer is None:
-            return
-        if self._writer.pending_rows:
-            self._writer.flush()
-        self._since_flush = 0
-        self._last_flush = time.monotonic()
-        self._meta["steps_recorded"] = self._steps_recorded
-        self._meta["last_step"] = self.step_index
-        self._meta["heartbeat"] = _now()
-        write_json(self.run_dir / "meta.json", self._meta)
 
     # --- metadata ----------------------------------------------------------------------------
     def _initial_meta(self) -> dict:
