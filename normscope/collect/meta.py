@@ -48,12 +48,14 @@ def initial_meta(model, name: str, plans, options: dict) -> dict:
     try:
         from normscope.collect.select import canonical_param_name
 
-        with torch.no_grad():
-            for raw, p in model.named_parameters():
-                # sharded (DTensor) parameters: their full RMS needs a collective, and only rank 0 gets
-                # here; the checks fall back to the first recorded step for them
-                if p.numel() and not hasattr(p, "to_local") and type(p).__name__ != "DTensor":
-                    init_rms[canonical_param_name(raw, names)] = float(p.detach().float().pow(2).mean().sqrt())
+        # sharded (DTensor) parameters: their full RMS needs a collective, and only rank 0 gets here;
+        # the checks fall back to the first recorded step for them
+        plain = [(raw, p.detach()) for raw, p in model.named_parameters() if p.numel() and not hasattr(p, "to_local")]
+        if plain:
+            with torch.no_grad():  # one fused norm and one host transfer for all of them
+                norms = _to_host([n.reshape(1).double() for n in torch._foreach_norm([p for _, p in plain])]).tolist()
+            for (raw, p), n in zip(plain, norms):
+                init_rms[canonical_param_name(raw, names)] = n / p.numel() ** 0.5
     except Exception:  # noqa: BLE001 - sharded or lazy parameters: the checks fall back to the first step
         init_rms = {}
     total = sum(p.numel() for p in model.parameters())
