@@ -258,3 +258,76 @@ def bn_running_vs_batch(channels: np.ndarray, running_mean, batch_mean, running_
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=TICK_PT + 1)
     return _uri(fig)
+
+
+def step_series(
+    title: str,
+    ylabel: str,
+    series: dict[str, tuple[np.ndarray, np.ndarray]],
+    log: bool = True,
+    threshold: float | None = None,
+    threshold_label: str | None = None,
+) -> tuple[str, dict]:
+    """One curve per label over training steps (``series``: label → (steps, values)), with an
+    optional dashed threshold line: the generic plot of a per-step diagnostic signal."""
+    fig, ax = plt.subplots(figsize=(WIDTH_IN, 4.2))
+    cmap = plt.get_cmap("viridis")
+    labels = list(series)
+    steps_all = sorted({int(s) for st, _ in series.values() for s in np.asarray(st)})
+    for i, lab in enumerate(labels):
+        st, v = series[lab]
+        ax.plot(np.asarray(st), np.asarray(v, dtype=float), marker="o", ms=3, lw=1.3,
+                color=cmap(0.1 + 0.75 * i / max(1, len(labels) - 1)), label=_short([lab])[0])  # fmt: skip
+    if threshold is not None:
+        ax.axhline(threshold, ls="--", lw=1, color="0.35", label=threshold_label or f"threshold {threshold:g}")
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("step", fontsize=TICK_PT + 1)
+    ax.set_ylabel(ylabel, fontsize=TICK_PT + 1)
+    ax.set_title(title, fontsize=TICK_PT + 2, loc="left")
+    ax.tick_params(labelsize=TICK_PT)
+    if len(labels) <= 12 or threshold is not None:
+        ax.legend(fontsize=TICK_PT - 1, ncol=2 if len(labels) > 6 else 1)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    x = np.asarray(steps_all, dtype=float)
+    ys = {}
+    for lab, (st, v) in series.items():
+        m = dict(zip((int(s) for s in np.asarray(st)), np.asarray(v, dtype=float)))
+        ys[lab] = np.array([m.get(int(s), np.nan) for s in steps_all])
+    hover = _curve_hover(ax, None, x, ys)
+    uri, boxes = _render(fig, [ax], tight=False)
+    hover["box"] = boxes[0]
+    return uri, hover
+
+
+def layer_bars(
+    title: str,
+    ylabel: str,
+    labels: list[str],
+    values: np.ndarray,
+    log: bool = True,
+    threshold: float | None = None,
+    threshold_label: str | None = None,
+) -> tuple[str, dict]:
+    """One value per layer (execution order), e.g. the max/median |x| ratio, with a threshold line."""
+    fig, ax = plt.subplots(figsize=(WIDTH_IN, 4.2))
+    x = np.arange(len(labels))
+    v = np.asarray(values, dtype=float)
+    ax.plot(x, v, marker="o", ms=4, lw=1.2, color=plt.get_cmap("viridis")(0.3))
+    if threshold is not None:
+        ax.axhline(threshold, ls="--", lw=1, color="0.35", label=threshold_label or f"threshold {threshold:g}")
+        ax.legend(fontsize=TICK_PT - 1)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("layer (execution order, input → output)", fontsize=TICK_PT + 1)
+    ax.set_ylabel(ylabel, fontsize=TICK_PT + 1)
+    ax.set_title(title, fontsize=TICK_PT + 2, loc="left")
+    _layer_ticks(ax, labels, "x")
+    ax.tick_params(axis="y", labelsize=TICK_PT)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    hover = _curve_hover(ax, None, x, {ylabel: v}, labels, "layer")
+    uri, boxes = _render(fig, [ax], tight=False)
+    hover["box"] = boxes[0]
+    return uri, hover

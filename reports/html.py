@@ -156,6 +156,11 @@ def build_report(
     if not gseries:
         not_shown.append("Gradient flow: no gradient recorded")
     sigprop = _signal_figure(F, run, rows, index)
+    from normscope_reports.panels import build_panels
+
+    panels, failed = build_panels(run, fl, F)
+    panels = [dict(p, hover=_hover_json(p.get("hover") or {})) for p in panels]
+    not_shown += failed
 
     details = []
     probe = _optional(lambda: run.probe) or None
@@ -210,7 +215,7 @@ def build_report(
                             indent=1, default=str),  # fmt: skip
         "findings": fl, "counts": counts, "skipped": [_as_dict(s) if not isinstance(s, dict) else s for s in (skipped or [])],
         "analyzed": analyzed if analyzed is not None else findings is not None,
-        "heatmaps": hms, "gradflow": gradflow, "sigprop": sigprop, "not_shown": not_shown,
+        "heatmaps": hms, "gradflow": gradflow, "sigprop": sigprop, "panels": panels, "not_shown": not_shown,
         "columns": [{"key": k, "title": t, "text": txt} for k, t, txt in COLUMNS], "table": trows,
         "details": details, "more_flagged": more_flagged, "fold": _fold_ctx(fold) if fold else None,
     }  # fmt: skip

@@ -149,6 +149,7 @@ class Scope(CompiledRuntime, StepEnd):
         self._sampling = True
         self._pending: list[PendingEntry] = []
         self._scalars: list[tuple[str, str, Any]] = []
+        self._signals: list[tuple[str, str, int, tuple[str, ...], torch.Tensor]] = []  # see emit()
         self._calls: dict[str, int] = defaultdict(int)
         self._recent: dict[int, CachedReduction] = {}
         self._axes: dict[int, tuple] = {}  # id(tensor) → (ref, axis, shape) of outputs reduced in this forward
@@ -314,6 +315,18 @@ class Scope(CompiledRuntime, StepEnd):
         for k, v in values.items():
             v = float(v.detach().reshape(-1)[0]) if isinstance(v, torch.Tensor) else float(v)
             self._writer.append("scalars", {"step": prev, "phase": phase, "name": k, "value": v})
+
+    def emit(self, phase: str, layer: str, call: int, names: tuple[str, ...], values: torch.Tensor) -> None:
+        """Queue named measurements of one layer call for this sampled step's single host transfer.
+
+        ``values``: a 1-D tensor with one entry per name, on any device (float64 keeps them exact);
+        they become rows of the ``signals`` table (step, phase, layer, call, name, value). The
+        collector's probes (attention logits, BN running statistics, ...) call this from their hooks
+        or at step end; nothing is copied to the host here.
+        """
+        if len(names) != values.numel():
+            raise ValueError(f"emit: {len(names)} names for {values.numel()} values")
+        self._signals.append((phase, layer, int(call), tuple(names), values.detach().reshape(-1)))
 
     def _owns(self, opt) -> bool:
         if self._explicit_opt is not None:

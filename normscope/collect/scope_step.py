@@ -33,22 +33,26 @@ class StepEnd:
         finally:
             self._pending = []
             self._scalars = []
+            self._signals = []
 
     def _finish_step_inner(self, params: bool) -> None:
         pending = self._pending
         sq = self._params.take() if params else None  # 3 × P squared norms (of the local shards)
         scal_t = [v for _, _, v in self._scalars if isinstance(v, torch.Tensor)]
         flags = self._sentinels.take() if self._sentinels is not None else []
+        sig_t = [v for *_, v in self._signals]
         acc = StepAccumulator()
         norms = None
         if self._world > 1:
             write, norms = self._reduce(pending, sq, acc)
-            if not write or (not pending and sq is None and not self._scalars):
+            if not write or (not pending and sq is None and not self._scalars and not sig_t):
                 return
-            host = _to_host(scal_t) if scal_t else np.zeros(0)
+            # the writer's own signals (per-rank measurements: not merged across ranks)
+            host = _to_host(scal_t + sig_t) if scal_t or sig_t else np.zeros(0)
             off = 0
         else:
             tensors = [e.pack for e in pending] + ([sq] if sq is not None else []) + scal_t + [f[4] for f in flags]
+            tensors += sig_t
             if not tensors and not self._scalars:
                 return
             host = _to_host(tensors) if tensors else np.zeros(0)
@@ -76,8 +80,15 @@ class StepEnd:
                 v = float(host[off])
                 off += 1
             w.append("scalars", {"step": step, "phase": phase, "name": name, "value": float(v)})
-        if flags and self._world == 1 and self._sentinels.record(step, flags, host[off : off + 2 * len(flags)]):
-            self._meta["nonfinite_modules"] = self._sentinels.events
+        if flags and self._world == 1:
+            if self._sentinels.record(step, flags, host[off : off + 2 * len(flags)]):
+                self._meta["nonfinite_modules"] = self._sentinels.events
+            off += 2 * len(flags)
+        for phase, layer, call, names, _v in self._signals:
+            for k, name in enumerate(names):
+                w.append("signals", {"step": step, "phase": phase, "layer": layer, "call": call, "name": name,
+                                     "value": float(host[off + k])})  # fmt: skip
+            off += len(names)
         self._steps_recorded += 1
         self._since_flush += 1
         if self._exec_order:  # no root forward seen (submodules called directly)

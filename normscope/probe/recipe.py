@@ -34,15 +34,33 @@ class Recipe:
       or None for ``torch.optim.SGD(lr=0.01)``.
     - ``eval_data``: optional held-out batches (enables overfitting/underfitting and measures
       BN statistics on the data you evaluate on).
+    - ``scheduler``: optional learning-rate scheduler, or a factory ``optimizer → scheduler``;
+      stepped once after every training step (warmup, cosine, ...).
+
+    Your own loop, when the default one is not how you train:
+
+    - ``train_step(model, batch, optimizer) → loss``: one training step as your loop writes it
+      (zero the gradients, forward, backward, ``optimizer.step()``; freeze layers, clip, ...).
+      ``batch`` is the ``(inputs, targets)`` pair already on the model's device. Return the loss
+      (a tensor or a float). The probe puts the model in train mode once, before the first step,
+      as a loop does at the start of an epoch; every other mode switch is yours.
+    - ``eval_step(model, batch) → loss | {metric: value}``: one evaluation batch as your loop
+      writes it. The probe does not touch the model's mode or the grad mode around it (your
+      evaluation runs exactly as written, and normscope watches what it does: a missing
+      ``model.eval()`` or ``torch.no_grad()`` is reported by eval-in-train-mode). Values are
+      averaged over ``eval_data`` weighted by batch size and logged as eval metrics.
     """
 
     model: Any
     train_data: Iterable
-    loss_fn: Callable
+    loss_fn: Callable | None = None
     optimizer: Any = None
     eval_data: Iterable | None = None
     steps: int = 100
     name: str | None = None
+    scheduler: Any = None
+    train_step: Callable | None = None
+    eval_step: Callable | None = None
 
     def __post_init__(self) -> None:
         from torch import nn
@@ -52,10 +70,21 @@ class Recipe:
         _check_reiterable("train_data", self.train_data)
         if self.eval_data is not None:
             _check_reiterable("eval_data", self.eval_data)
-        if not callable(self.loss_fn):
+        if self.loss_fn is None and (
+            self.train_step is None or (self.eval_data is not None and self.eval_step is None)
+        ):
+            raise NormscopeError(
+                "Recipe.loss_fn is needed by the default training and evaluation steps: pass loss_fn(outputs, targets), "
+                "or your own train_step (and eval_step when eval_data is given)."
+            )
+        if self.loss_fn is not None and not callable(self.loss_fn):
             raise NormscopeError(
                 f"Recipe.loss_fn must be callable as loss_fn(outputs, targets), got {type(self.loss_fn).__name__}."
             )
+        for label, fn, sig in (("train_step", self.train_step, "train_step(model, batch, optimizer) -> loss"),
+                               ("eval_step", self.eval_step, "eval_step(model, batch) -> loss or {metric: value}")):  # fmt: skip
+            if fn is not None and not callable(fn):
+                raise NormscopeError(f"Recipe.{label} must be callable as {sig}, got {type(fn).__name__}.")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise NormscopeError(f"Recipe.steps must be a whole number ≥ 1, got {self.steps!r}.")
         import torch
@@ -81,6 +110,26 @@ class Recipe:
                 )
             self.optimizer = opt
         return self.optimizer
+
+    def make_scheduler(self, optimizer):
+        """The scheduler (built from its factory on first use), or None."""
+        import torch
+
+        s = self.scheduler
+        if s is None or hasattr(s, "step") and not isinstance(s, type):
+            return s
+        if not callable(s):
+            raise NormscopeError(
+                f"Recipe.scheduler must be an lr scheduler or a factory optimizer → scheduler, got {type(s).__name__}."
+            )
+        made = s(optimizer)
+        if not hasattr(made, "step"):
+            raise NormscopeError(
+                f"Recipe.scheduler factory returned {type(made).__name__}, expected a scheduler with .step() "
+                f"(e.g. {torch.optim.lr_scheduler.LinearLR.__name__})."
+            )
+        self.scheduler = made
+        return made
 
 
 def _check_reiterable(label: str, data: Any) -> None:

@@ -74,6 +74,54 @@ def _training_failed(e: Exception, step: int, run_dir: Path) -> NormscopeError:
     )
 
 
+def _as_metrics(v: Any, where: str) -> dict[str, float]:
+    if isinstance(v, dict):
+        items = v.items()
+    else:
+        items = (("loss", v),)
+    out = {}
+    for k, x in items:
+        if isinstance(x, torch.Tensor) and x.numel() == 1:
+            x = float(x.detach())
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise NormscopeError(
+                f"{where} must return a number, a scalar tensor or a {{metric: number}} dict, got {type(x).__name__} "
+                f"for {k!r}."
+            )
+        out[str(k)] = float(x)
+    return out
+
+
+def _eval_metrics(model: nn.Module, recipe: Recipe, dev) -> dict[str, float]:
+    """The eval metrics over ``eval_data``: the user's ``eval_step`` run as written, or the default
+    (eval mode, no grad, the loss)."""
+    if recipe.eval_step is None:
+        return {"loss": _eval_loss(model, recipe, dev)}
+    sums: dict[str, float] = {}
+    n = 0
+    for b in recipe.eval_data:
+        x, y = M.split_batch(b)
+        x, y = M.to_device(x, dev), M.to_device(y, dev)
+        k = M.batch_size(x)
+        for name, v in _as_metrics(recipe.eval_step(model, (x, y)), "Recipe.eval_step").items():
+            sums[name] = sums.get(name, 0.0) + v * k
+        n += k
+    return {name: v / n for name, v in sums.items()} if n else {"loss": math.nan}
+
+
+def _train_step(model: nn.Module, recipe: Recipe, opt, x, y) -> float:
+    if recipe.train_step is not None:
+        loss = recipe.train_step(model, (x, y), opt)
+        if isinstance(loss, torch.Tensor):
+            loss = _loss_value(loss)
+        return float(_as_metrics(loss, "Recipe.train_step")["loss"])
+    opt.zero_grad(set_to_none=True)
+    loss = _loss_value(recipe.loss_fn(M.forward(model, x), y))
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
 def _eval_loss(model: nn.Module, recipe: Recipe, dev) -> float:
     was = model.training
     model.eval()
@@ -119,6 +167,7 @@ def probe(recipe: Recipe | str | os.PathLike, steps: int | None = None, run_dir:
         )
     model = recipe.model
     opt = recipe.make_optimizer()
+    sched = recipe.make_scheduler(opt)
     name = recipe.name or type(model).__name__
     run_dir = Path(run_dir) if run_dir is not None else _default_run_dir(name)
     dev = M.device_of(model)
@@ -146,22 +195,20 @@ def probe(recipe: Recipe | str | os.PathLike, steps: int | None = None, run_dir:
             with watch(model, run_dir, every=every, optimizer=opt, name=name, flush_every=flush_every) as scope:
                 started = True
                 if recipe.eval_data is not None:
-                    scope.log(phase="eval", loss=_eval_loss(model, recipe, dev))
+                    scope.log(phase="eval", **_eval_metrics(model, recipe, dev))
                 it = _cycle(recipe.train_data)
                 for step in range(steps):
                     x, y = M.split_batch(next(it))
                     x, y = M.to_device(x, dev), M.to_device(y, dev)
                     batches_seen.append(M.batch_size(x))
-                    opt.zero_grad(set_to_none=True)
-                    loss = _loss_value(recipe.loss_fn(M.forward(model, x), y))
-                    loss.backward()
-                    opt.step()
-                    value = float(loss.detach())
+                    value = _train_step(model, recipe, opt, x, y)
+                    if sched is not None:
+                        sched.step()
                     scope.log(loss=value)
                     if progress is not None:
                         progress(step, steps, value)
                     if recipe.eval_data is not None and (step + 1) % eval_every == 0:
-                        scope.log(phase="eval", loss=_eval_loss(model, recipe, dev))
+                        scope.log(phase="eval", **_eval_metrics(model, recipe, dev))
                     bad = bad + 1 if not math.isfinite(value) else 0
                     if bad >= NAN_PATIENCE:
                         stopped = f"stopped after step {step}: the loss was non-finite for {NAN_PATIENCE} steps"

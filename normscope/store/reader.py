@@ -27,6 +27,8 @@ class Run:
     - ``grads``: gradient statistics w.r.t. hooked outputs (same keys as ``stats``).
     - ``params``: per parameter tensor norms (‖w‖, ‖∇w‖, ‖Δw‖), lr and weight decay.
     - ``scalars``: values logged with ``Scope.log`` (loss, ...).
+    - ``signals``: named per-layer measurements beyond the activation pack (long format: step,
+      phase, layer, call, name, value), e.g. the attention-logit maximum or BN running-stat drift.
     - ``layers``: hooked layers in execution order of the first forward (DataFrame).
     - ``modules``: ``{name: {type, params, hooked, family, ...}}`` for every module of the model.
     - ``probe`` / ``fold``: the side files ``probe.json`` / ``fold.json`` ({} / None when absent).
@@ -57,6 +59,18 @@ class Run:
     @cached_property
     def scalars(self) -> pd.DataFrame:
         return self._table("scalars")
+
+    @cached_property
+    def signals(self) -> pd.DataFrame:
+        return self._table("signals")
+
+    def signal(self, name: str, phase: str | None = "train") -> pd.DataFrame:
+        """The rows of one signal (all phases when ``phase`` is None), sorted by layer and step."""
+        s = self.signals
+        s = s[s.name == name]
+        if phase is not None:
+            s = s[s.phase == phase]
+        return s.sort_values(["layer", "call", "step"]).reset_index(drop=True)
 
     @cached_property
     def layers(self) -> pd.DataFrame:

@@ -20,7 +20,7 @@ import numpy as np
 from normscope.store.parquet import encode_parquet
 
 FORMAT = "normscope-run/1"
-TABLES = ("stats", "grads", "params", "scalars")
+TABLES = ("stats", "grads", "params", "scalars", "signals")
 # Runs written before 0.2 keep activation statistics under stats/layers/: still read.
 LEGACY_TABLE_DIRS = {"stats": ("layers",)}
 
@@ -46,6 +46,10 @@ SCHEMA: dict[str, dict[str, str]] = {
         "update_norm": "float64", "lr": "float64", "weight_decay": "float64",
     },
     "scalars": {"step": "int64", "phase": "string", "name": "string", "value": "float64"},
+    # named per-layer measurements beyond the pack (attention logits, BN running-stat drift, ...):
+    # one row per step × phase × layer call × name, emitted by the collector's probes (Scope.emit)
+    "signals": {"step": "int64", "phase": "string", "layer": "string", "call": "int32", "name": "string",
+                "value": "float64"},
 }  # fmt: skip
 
 
