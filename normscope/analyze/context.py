@@ -84,6 +84,15 @@ class Context:
         return self.run.params
 
     @cached_property
+    def signals(self) -> pd.DataFrame:
+        """The run's ``signals`` table (named per-layer measurements of the collector's probes)."""
+        return self.run.signals
+
+    def signal(self, name: str, phase: str | None = "train") -> pd.DataFrame:
+        """One signal's rows (step, phase, layer, call, name, value), sorted by layer, call and step."""
+        return self.run.signal(name, phase)
+
+    @cached_property
     def scalars(self) -> pd.DataFrame:
         return self.run.scalars
 
