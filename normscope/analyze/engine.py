@@ -102,6 +102,10 @@ def missing(ctx: Context, need: str) -> str | None:
         if ctx.model is not None or ctx.probe.get("weights"):
             return None
         return "needs the weights: pass model= to analyze(), or record the run with normscope.probe"
+    if need == "modes":
+        if "modes" not in ctx.meta:
+            return "no train/eval mode audit in meta.json (a run recorded before normscope 0.2): record it again"
+        return None
     raise ValueError(f"unknown need {need!r}")  # registry.register refuses these
 
 

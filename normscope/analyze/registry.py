@@ -45,6 +45,7 @@ NEEDS: dict[str, str] = {
     "probe-inputs": "the input features' statistics (measured by normscope.probe)",
     "weights": "the weights (model= given to analyze, or the probe's measurement)",
     "training": "a run that trained (not a model-only probe on synthetic data)",
+    "modes": "the collector's train/eval mode audit (meta.json 'modes', recorded since normscope 0.2)",
 }
 
 

@@ -30,6 +30,7 @@ from normscope.collect import distributed as D
 from normscope.collect import reducers as R
 from normscope.collect.decode import PendingEntry
 from normscope.collect.meta import _now, _sel_json, initial_meta
+from normscope.collect.modes import ModeAudit
 from normscope.collect.outputs import iter_float_tensors
 from normscope.collect.packs import PRESETS
 from normscope.collect.params import ParamTracker
@@ -180,6 +181,7 @@ class Scope(CompiledRuntime, StepEnd):
         self._sid = 0  # this scope's id in compiled graphs (normscope.collect.compiled)
         self._grad_slots: list[tuple] = []  # compiled calls of this step awaiting their gradients
         self._warned_unhooked = False
+        self._modes: ModeAudit | None = None  # train/eval mode audit (normscope.collect.modes)
 
     # --- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> Scope:
@@ -207,6 +209,11 @@ class Scope(CompiledRuntime, StepEnd):
             self._meta["distributed"] = {"world_size": self._world, "backend": backend}
             write_json(self.run_dir / "meta.json", self._meta)
         self._sid = C.register_scope(self)
+        try:
+            self._modes = ModeAudit(self.model, canonical_names(self.model), self._explicit_opt)
+        except Exception as e:  # never break the user's training
+            self._modes = None
+            self._note_error("modes", e)
         C.run_eagerly_at_top(Scope._on_root_pre, Scope._on_root_post)
         root = self.model
         self._handles.append(root.register_forward_pre_hook(self._on_root_pre))
@@ -249,6 +256,7 @@ class Scope(CompiledRuntime, StepEnd):
                     self._finish_step(updated=False, params=False)
             elif self._pending or self._scalars:
                 self._finish_step(updated=False, params=False)
+            self._end_modes(emit=False)
             self._flush()
         finally:
             if self._writer is not None:
@@ -286,6 +294,7 @@ class Scope(CompiledRuntime, StepEnd):
                 )
                 self._warned_manual = True
             return
+        self._end_modes(emit=self._sampling)
         if self._sampling:
             # a manual update loop: ‖Δw‖ against the snapshot taken at the step's first forward
             self._guard(self._params.after_step, self._params.has_snapshot)
@@ -301,6 +310,8 @@ class Scope(CompiledRuntime, StepEnd):
         """
         if not self._active:
             raise NormscopeError("scope.log() called outside the watch() block: call it inside `with`.")
+        if self._modes is not None:
+            self._modes.on_log(phase, list(values))
         if self._forward_since_advance or self.step_index == 0:
             if not self._sampling:
                 return
@@ -350,6 +361,9 @@ class Scope(CompiledRuntime, StepEnd):
         self._optimizer_steps += 1
         if self._optimizer_steps == 1 and not self._forward_since_advance and not self._warned_unhooked:
             self._warn_unhooked()
+        if self._optimizer_steps == 1 and self._modes is not None:
+            self._guard(self._modes.set_optimizer, opt)
+        self._end_modes(emit=self._sampling)
         if self._sampling:
             self._guard(self._params.after_step, True)
             self._finish_step(updated=True, params=True)
@@ -370,6 +384,21 @@ class Scope(CompiledRuntime, StepEnd):
         self._grad_slots.clear()
         self._snapped = False
         self._forward_since_advance = False
+
+    def _end_modes(self, emit: bool) -> None:
+        """Classify this step's forwards by mode; on sampled steps emit the frozen BN layers' drift."""
+        if self._modes is None:
+            return
+        try:
+            frozen_train = self._modes.end_step(self.step_index)
+            if emit and self._modes.frozen:
+                for layer, names, vals in self._modes.drift(frozen_train):
+                    self.emit("train", layer, 0, names, vals)
+            if self._writer is not None:
+                self._meta["modes"] = self._modes.to_json()
+        except Exception as e:  # never break the user's training
+            self._modes = None
+            self._note_error("modes", e)
 
     def _guard(self, fn, *args) -> None:
         try:
@@ -395,6 +424,8 @@ class Scope(CompiledRuntime, StepEnd):
         # the phase of the whole forward: modules inside a reentrant checkpoint run with grad off
         # in its first pass, yet belong to this training forward
         self._root_phase = "train" if train else "eval"
+        if self._modes is not None:
+            self._guard(self._modes.on_forward)
         if self._sampling and not self._snapped and not self._optimizer_steps and self.track_updates:
             # no optimizer seen (yet): snapshot now so that scope.step() can measure ‖Δw‖ of a manual update
             self._snapped = True
@@ -405,6 +436,8 @@ class Scope(CompiledRuntime, StepEnd):
             return C.traced_root(self._sid, False, module, output)
         if not _in_backward():
             self._root_phase = None
+            if self._modes is not None:
+                self._guard(self._modes.after_forward, output)
         if self._writer is not None and self._exec_order is not None and self._exec_order:
             self._meta["execution_order"] = self._exec_order
             self._exec_order = None

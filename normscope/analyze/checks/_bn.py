@@ -57,3 +57,16 @@ def _pass(b: dict, key: str):
     if not ps:
         return None
     return np.asarray(ps["mean"], dtype=np.float64), np.asarray(ps["var"], dtype=np.float64)
+
+
+def frozen_kept_in_eval(ctx) -> set[str]:
+    """BatchNorm layers frozen on purpose: affine parameters that do not train (the mode audit's
+    ``frozen_bn``) and never in train mode during a sampled training forward."""
+    frozen = (ctx.meta.get("modes") or {}).get("frozen_bn") or {}
+    if not frozen:
+        return set()
+    s = ctx.signals
+    s = s[(s.phase == "train") & (s.name == "bn_train_forwards")]
+    in_train = set(s[s.value > 0].layer)
+    recorded = set(s.layer)
+    return {n for n in frozen if n in recorded and n not in in_train}

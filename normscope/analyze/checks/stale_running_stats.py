@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from normscope.analyze.checks._bn import _bn_train_batch, _pass, dropouts_upstream
+from normscope.analyze.checks._bn import _bn_train_batch, _pass, dropouts_upstream, frozen_kept_in_eval
 from normscope.analyze.checks._util import num, pct, stack
 from normscope.analyze.context import Context
 from normscope.analyze.finding import Finding
@@ -55,6 +55,16 @@ def _mismatch(rm, rv, pop, eps, t):
     return dmu, ratio, live, bad
 
 
+def _mode_cause(ctx: Context) -> str | None:
+    """What the collector's mode audit says happened to the running statistics, if anything."""
+    ev = (ctx.meta.get("modes") or {}).get("events") or {}
+    if "train-in-eval-mode" in ev:
+        return "training ran with the model in eval mode, so BatchNorm never updated its running statistics"
+    if any(k.startswith("eval-in-train-mode:") for k in ev):
+        return "evaluation forwards ran in train mode and updated the running statistics on evaluation batches"
+    return None
+
+
 @register(
     id=ID, severity="warning",
     summary="BatchNorm running mean/var that no longer match the population statistics of the data (and a train/eval output gap).",
@@ -68,6 +78,7 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     out = []
     flagged = []
     lagging = []
+    kept_frozen = frozen_kept_in_eval(ctx)
     skipped_small = []
     judged = 0
     for name, b in bn.items():
@@ -127,6 +138,22 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
             "a PreciseBN-style pass with equal weight per sample and dropout off), or check why the data changed "
             "between training and evaluation; a very small or very large BN momentum also leaves stale statistics."
         )
+        cause = _mode_cause(ctx)
+        if cause and not is_lag:
+            msg += f" Cause seen by the mode audit: {cause} (eval-in-train-mode)."
+            ev["mode_cause"] = cause
+        if name in kept_frozen and not is_lag:
+            severity = "info"
+            msg = (f"{name} is frozen on purpose (its affine parameters do not train and it stayed in eval mode), "
+                   f"so it keeps its pre-trained statistics; they differ from {src}: {pct(frac)} of channels are off "
+                   f"(median mean shift {num(ev['mean_shift_sigma_median'])} σ, median running/population variance "
+                   f"ratio {num(ev['var_ratio_median'])}) — expected when the new data differ from the pre-training "
+                   f"data.")  # fmt: skip
+            rec = (
+                "Nothing to do while the backbone stays frozen. If accuracy on the new domain suffers, re-estimate "
+                "the statistics on it once (normscope.recalibrate_bn; AdaBN, Li et al. 2016) or unfreeze the layer."
+            )
+            ev["frozen_on_purpose"] = True
         if is_lag:
             msg = (f"{name}'s running statistics lag the current weights: {pct(frac)} of channels differ from "
                    f"{src} recomputed now, yet they are the exponential average of the batches the layer saw "

@@ -1,0 +1,236 @@
+"""Train/eval mode audit: which forwards ran in which mode, and whether they reached a backward.
+
+Two mistakes live in the modes, not in the tensors (eval-in-train-mode, frozen-bn-drift):
+
+- an *evaluation* forward — grad disabled, inference mode, or an output that never reached a
+  backward before the step ended — while Dropout (p > 0) or BatchNorm with running statistics is
+  in train mode: dropout still drops, BN normalises with the batch's statistics and updates its
+  running statistics on the evaluation data;
+- a *training* forward (its output reached a backward) with the root module in eval mode (a
+  ``model.eval()`` never undone): BN never updates and never sees batch statistics, dropout is off.
+
+Every root forward is audited, sampled step or not, because evaluation loops rarely land on
+sampled steps: the audit reads a few ``.training`` flags (no tensor op) and, when grad is enabled,
+registers one tensor hook on the forward's output to learn whether a backward reached it. Results
+are counts kept on the host and written to ``meta.json`` (``modes``) with the run's meta.
+
+BatchNorm layers whose affine parameters do not train (``requires_grad=False``, ``affine=False``,
+or in no optimizer param group) are the frozen-bn-drift candidates: their running statistics are
+snapshotted when the scope starts and, on sampled steps, their drift is emitted as signals
+(``bn_mean_drift``: RMS over channels of |Δμ|/σ₀; ``bn_mean_drift_max``; ``bn_var_log_ratio``:
+mean of log(σ²/σ₀²); ``bn_var_log_ratio_max``: the largest |log(σ²/σ₀²)|; ``bn_train_forwards``:
+training forwards of this step with the layer in train mode).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+MAX_STEPS_LISTED = 20
+
+
+def _is_running_bn(m: nn.Module) -> bool:
+    return (
+        isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and bool(m.track_running_stats)
+        and (getattr(m, "running_mean", None) is not None)
+    )
+
+
+def _is_active_dropout(m: nn.Module) -> bool:
+    from normscope.roles import role
+
+    return role(m) == "dropout" and float(getattr(m, "p", 0.0) or 0.0) > 0.0
+
+
+def _grad_outputs(out: Any, limit: int = 8) -> list[torch.Tensor]:
+    """The output tensors a loss can be computed from (requiring grad): the tensor itself, or the
+    top-level tensors of a tuple/list, dict or ModelOutput (``.loss`` included), at most ``limit``."""
+    if isinstance(out, torch.Tensor):
+        vals = [out]
+    elif isinstance(out, (tuple, list)):
+        vals = list(out)
+    elif isinstance(out, dict) or hasattr(out, "values"):
+        vals = list(out.values())
+    else:
+        vals = []
+    return [v for v in vals if isinstance(v, torch.Tensor) and v.is_floating_point() and v.requires_grad][:limit]
+
+
+def _has_tensor(out: Any) -> bool:
+    if isinstance(out, torch.Tensor):
+        return True
+    vals = list(out) if isinstance(out, (tuple, list)) else list(out.values()) if hasattr(out, "values") else []
+    return any(isinstance(v, torch.Tensor) for v in vals)
+
+
+class _Forward:
+    __slots__ = ("grad", "inference", "root_train", "bn_train", "bn_eval", "drop_train", "drop_eval",
+                 "frozen_train", "backward", "logged", "__weakref__")  # fmt: skip
+
+    def __init__(self):
+        self.backward = False
+        self.logged: list[str] = []
+
+
+class ModeAudit:
+    """Counts forwards by mode; see the module docstring."""
+
+    def __init__(self, model: nn.Module, names: dict[str, str], optimizer=None):
+        self.root = model
+        self.bn = [m for m in model.modules() if _is_running_bn(m)]
+        self.dropout = [m for m in model.modules() if _is_active_dropout(m)]
+        self.names = names  # raw module name → canonical name
+        raw = {id(m): n for n, m in model.named_modules()}
+        self.bn_names = [names.get(raw[id(m)], raw[id(m)]) for m in self.bn]
+        self.frozen: list[tuple[str, nn.Module]] = []
+        self.frozen_why: dict[str, str] = {}
+        self._refs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._opt_ids = self._optimizer_ids(optimizer)
+        self._find_frozen()
+        self.current: list[_Forward] = []
+        self.events: dict[str, dict] = {}
+        self.totals = {"train": 0, "eval": 0}  # classified forwards: reached a backward or not
+        self.metrics_fed: list[str] = []
+
+    @staticmethod
+    def _optimizer_ids(optimizer) -> set[int] | None:
+        if optimizer is None:
+            return None
+        return {id(p) for g in optimizer.param_groups for p in g["params"]}
+
+    def set_optimizer(self, optimizer) -> None:
+        """The optimizer became known (first step): re-judge which BN layers are frozen."""
+        ids = self._optimizer_ids(optimizer)
+        if ids is not None and ids != self._opt_ids:
+            self._opt_ids = ids
+            self._find_frozen()
+
+    def _find_frozen(self) -> None:
+        frozen, why = [], {}
+        for name, m in zip(self.bn_names, self.bn):
+            ps = [p for p in (m.weight, m.bias) if p is not None]
+            if not ps:
+                reason = "affine=False"
+            elif not any(p.requires_grad for p in ps):
+                reason = "requires_grad=False"
+            elif self._opt_ids is not None and not any(id(p) in self._opt_ids for p in ps):
+                reason = "in no optimizer param group"
+            else:
+                continue
+            frozen.append((name, m))
+            why[name] = reason
+            if name not in self._refs:
+                # the reference the drift is measured from: the statistics when the scope started
+                self._refs[name] = (m.running_mean.detach().clone(), m.running_var.detach().clone())
+        self.frozen, self.frozen_why = frozen, why
+
+    # --- per forward -----------------------------------------------------------------------------
+    def on_forward(self) -> None:
+        f = _Forward()
+        f.grad = torch.is_grad_enabled()
+        f.inference = torch.is_inference_mode_enabled()
+        f.root_train = self.root.training
+        f.bn_train = sum(1 for m in self.bn if m.training)
+        f.bn_eval = len(self.bn) - f.bn_train
+        f.drop_train = sum(1 for m in self.dropout if m.training)
+        f.drop_eval = len(self.dropout) - f.drop_train
+        f.frozen_train = [name for name, m in self.frozen if m.training]
+        self.current.append(f)
+
+    def after_forward(self, output: Any) -> None:
+        if not self.current:
+            return
+        f = self.current[-1]
+        if not f.grad or f.inference:
+            return
+        ts = _grad_outputs(output) if output is not None else []
+        if not ts:
+            # no output seen (a compiled root) or none we can follow (a custom output object):
+            # unknown, so counted as training, never reported; outputs that are tensors without
+            # grad cannot reach a backward
+            f.backward = output is None or not _has_tensor(output)
+            return
+        ref = weakref.ref(f)
+
+        def reached(g):
+            fw = ref()
+            if fw is not None:
+                fw.backward = True
+
+        for t in ts:
+            t.register_hook(reached)
+
+    def on_log(self, phase: str, names: list[str]) -> None:
+        """Eval metrics were logged: they were computed from the forwards since the last log."""
+        if phase == "train":
+            return
+        for f in self.current:
+            f.logged += names
+
+    # --- step end --------------------------------------------------------------------------------
+    def end_step(self, step: int) -> dict[str, int]:
+        """Classify this step's forwards; returns per frozen BN the training forwards in train mode."""
+        frozen_train: dict[str, int] = {}
+        for f in self.current:
+            trained = f.grad and not f.inference and f.backward
+            self.totals["train" if trained else "eval"] += 1
+            if trained:
+                for name in f.frozen_train:
+                    frozen_train[name] = frozen_train.get(name, 0) + 1
+                if not f.root_train and (f.bn_eval or f.drop_eval):
+                    self._event("train-in-eval-mode", step, f)
+            elif f.bn_train or f.drop_train:
+                kind = "inference_mode" if f.inference else "no_grad" if not f.grad else "no_backward"
+                self._event(f"eval-in-train-mode:{kind}", step, f)
+                for n in f.logged:
+                    if n not in self.metrics_fed:
+                        self.metrics_fed.append(n)
+        self.current = []
+        return frozen_train
+
+    def _event(self, kind: str, step: int, f: _Forward) -> None:
+        e = self.events.setdefault(kind, {"forwards": 0, "first_step": step, "last_step": step, "steps": [],
+                                          "bn_train": 0, "bn_eval": 0, "dropout_train": 0, "dropout_eval": 0,
+                                          "metrics": []})  # fmt: skip
+        e["forwards"] += 1
+        e["last_step"] = step
+        if (not e["steps"] or e["steps"][-1] != step) and len(e["steps"]) < MAX_STEPS_LISTED:
+            e["steps"].append(step)
+        for k, v in (("bn_train", f.bn_train), ("bn_eval", f.bn_eval), ("dropout_train", f.drop_train),
+                     ("dropout_eval", f.drop_eval)):  # fmt: skip
+            e[k] = max(e[k], v)
+        for n in f.logged:
+            if n not in e["metrics"]:
+                e["metrics"].append(n)
+
+    def drift(self, frozen_train: dict[str, int]) -> list[tuple[str, tuple[str, ...], torch.Tensor]]:
+        """Per frozen BN: its running statistics' drift from the reference, as device tensors."""
+        out = []
+        names = ("bn_mean_drift", "bn_mean_drift_max", "bn_var_log_ratio", "bn_var_log_ratio_max",
+                 "bn_train_forwards")  # fmt: skip
+        for name, m in self.frozen:
+            ref = self._refs.get(name)
+            if ref is None or m.running_mean is None or ref[0].shape != m.running_mean.shape:
+                continue
+            rm0, rv0 = ref
+            with torch.no_grad():
+                sd0 = (rv0.double() + float(m.eps)).sqrt()
+                dm = ((m.running_mean.double() - rm0.double()) / sd0).abs()
+                lr = ((m.running_var.double() + float(m.eps)) / (rv0.double() + float(m.eps))).log()
+                vals = torch.stack([dm.square().mean().sqrt(), dm.max(), lr.mean(), lr.abs().max(),
+                                    torch.tensor(float(frozen_train.get(name, 0)), dtype=torch.float64,
+                                                 device=dm.device)])  # fmt: skip
+            out.append((name, names, vals))
+        return out
+
+    def to_json(self) -> dict:
+        return {
+            "batchnorm": len(self.bn), "dropout": len(self.dropout),
+            "forwards": dict(self.totals), "events": self.events, "metrics_fed": self.metrics_fed,
+            "frozen_bn": dict(self.frozen_why),
+        }  # fmt: skip
