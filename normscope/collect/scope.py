@@ -63,6 +63,12 @@ class CachedReduction:
         return self.ref() is t and (specs is None or (self.version == t._version and self.specs == specs))
 
 
+def _cacheable(t: torch.Tensor) -> bool:
+    """Inference-mode tensors have no version counter (reading ``_version`` raises), so a
+    reduction of one cannot be proven still valid: never cached."""
+    return not t.is_inference()
+
+
 _AXES = 4096  # outputs of one forward whose channel axis a consumer may inherit
 
 
@@ -362,7 +368,7 @@ class Scope(CompiledRuntime, StepEnd):
         if self._optimizer_steps == 1 and not self._forward_since_advance and not self._warned_unhooked:
             self._warn_unhooked()
         if self._optimizer_steps == 1 and self._modes is not None:
-            self._guard(self._modes.set_optimizer, opt)
+            self._audit("set_optimizer", opt)
         self._end_modes(emit=self._sampling)
         if self._sampling:
             self._guard(self._params.after_step, True)
@@ -406,6 +412,14 @@ class Scope(CompiledRuntime, StepEnd):
         except Exception as e:  # never break the user's training
             self._note_error("parameters", e)
 
+    def _audit(self, method: str, *args) -> None:
+        """Call the mode audit; on an error note it once and stop auditing (training goes on)."""
+        try:
+            getattr(self._modes, method)(*args)
+        except Exception as e:  # never break the user's training
+            self._modes = None
+            self._note_error("modes", e)
+
     # --- hooks -------------------------------------------------------------------------------
     def _on_root_pre(self, module, args) -> None:
         if torch.compiler.is_compiling():
@@ -425,7 +439,7 @@ class Scope(CompiledRuntime, StepEnd):
         # in its first pass, yet belong to this training forward
         self._root_phase = "train" if train else "eval"
         if self._modes is not None:
-            self._guard(self._modes.on_forward)
+            self._audit("on_forward")
         if self._sampling and not self._snapped and not self._optimizer_steps and self.track_updates:
             # no optimizer seen (yet): snapshot now so that scope.step() can measure ‖Δw‖ of a manual update
             self._snapped = True
@@ -437,7 +451,7 @@ class Scope(CompiledRuntime, StepEnd):
         if not _in_backward():
             self._root_phase = None
             if self._modes is not None:
-                self._guard(self._modes.after_forward, output)
+                self._audit("after_forward", output)
         if self._writer is not None and self._exec_order is not None and self._exec_order:
             self._meta["execution_order"] = self._exec_order
             self._exec_order = None
@@ -502,6 +516,7 @@ class Scope(CompiledRuntime, StepEnd):
 
     def _reduce_output(self, plan, phase, call, path, t, inherited, grad: bool, reuse: bool = True) -> None:
         key = (phase, plan.name, call, path)
+        reuse = reuse and _cacheable(t)
         hit = self._recent.get(id(t)) if reuse else None
         if hit is not None and not hit.matches(t):
             hit = None  # a dead tensor whose id was reused: not this one

@@ -61,6 +61,10 @@ class SyntheticRun:
     def scalar(self, step: int, value: float, phase: str = "train", name: str = "loss") -> None:
         self.w.append("scalars", {"step": step, "phase": phase, "name": name, "value": value})
 
+    def signal(self, step: int, layer: str, name: str, value: float, phase: str = "train", call: int = 0) -> None:
+        self.w.append("signals", {"step": step, "phase": phase, "layer": layer, "call": call, "name": name,
+                                  "value": value})  # fmt: skip
+
     def done(self, probe: dict | None = None, **meta):
         self.w.flush()
         write_json(self.path / "meta.json", self.meta | meta)
