@@ -94,7 +94,7 @@ def test_every_need_is_gated_by_the_engine(tmp_path, need):
     try:
         ctx = Context(run)
         reason = missing(ctx, need)
-        met = {"stats", "standard-stats", "grads", "params", "updates", "train-loss", "graph", "training"}
+        met = {"stats", "standard-stats", "grads", "params", "updates", "train-loss", "graph", "training", "modes"}
         assert (reason is None) == (need in met), (need, reason)
         a = analyze_full(run, checks=["test-need"])
         if reason is None:

@@ -36,7 +36,7 @@ def audit(tmp_path, m, loop, every=1):
 
 def test_no_grad_eval_in_train_mode_counted_with_the_metric_it_fed(tmp_path):
     def loop(m, opt, sc):
-        for s in range(4):
+        for _ in range(4):
             train_step(m, opt)
             with torch.no_grad():
                 sc.log(phase="eval", acc=float((m(X).argmax(1) == Y).float().mean()))
@@ -164,7 +164,7 @@ def test_frozen_bn_found_and_its_drift_matches_the_buffers(tmp_path, why):
     opt = torch.optim.SGD(params, lr=0.05)
     want = []
     with watch(m, tmp_path / "r", every=2, optimizer=opt):
-        for s in range(6):
+        for _ in range(6):
             opt.zero_grad()
             nn.functional.cross_entropy(m(X * 3 + 1), Y).backward()
             opt.step()
