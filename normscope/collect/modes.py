@@ -42,9 +42,17 @@ def _is_running_bn(m: nn.Module) -> bool:
 
 
 def _is_active_dropout(m: nn.Module) -> bool:
+    """A Dropout module with p > 0, or a module that applies dropout functionally: a float
+    attribute named like a dropout rate in (0, 1) (``attention_dropout`` of Llama/Qwen2
+    attention, ``dropout_p``, ``attn_drop``…) and no dropout module among its children — it calls
+    ``F.dropout(x, p, self.training)``, so its own train flag decides."""
     from normscope.roles import role
 
-    return role(m) == "dropout" and float(getattr(m, "p", 0.0) or 0.0) > 0.0
+    if role(m) == "dropout":
+        return float(getattr(m, "p", 0.0) or 0.0) > 0.0
+    rates = [v for k, v in vars(m).items() if isinstance(v, float) and not isinstance(v, bool)
+             and "drop" in k.lower() and 0.0 < v < 1.0]  # fmt: skip
+    return bool(rates) and not any(role(c) == "dropout" for c in m.children())
 
 
 def _grad_outputs(out: Any, limit: int = 8) -> list[torch.Tensor]:

@@ -238,3 +238,27 @@ def test_inference_mode_forward_does_not_stop_recording(tmp_path):
     assert run.meta["hook_errors"] == []
     train = run.stats[run.stats.phase == "train"]
     assert sorted(train.step.unique()) == [0, 1, 2] and set(run.stats.phase) == {"train", "eval"}
+
+
+def test_functional_dropout_counts_as_dropout(tmp_path):
+    class Attn(nn.Module):
+        def __init__(self, rate):
+            super().__init__()
+            self.lin = nn.Linear(8, 3)
+            self.attention_dropout = rate  # applied with F.dropout, as Llama's attention does
+
+        def forward(self, x):
+            return nn.functional.dropout(self.lin(x), self.attention_dropout, self.training)
+
+    def loop(m, opt, sc):
+        train_step(m, opt)
+        with torch.no_grad():
+            m(X)
+
+    modes = audit(tmp_path / "a", Attn(0.1), loop)
+    assert modes["dropout"] == 1 and modes["events"]["eval-in-train-mode:no_grad"]["dropout_train"] == 1
+    assert audit(tmp_path / "b", Attn(0.0), loop)["dropout"] == 0  # rate 0: the mode changes nothing
+    # a rate stored next to a Dropout child is that child's, counted once
+    m = nn.Sequential(nn.Linear(8, 3), nn.Dropout(0.2))
+    m.dropout_rate = 0.2
+    assert audit(tmp_path / "c", m, loop)["dropout"] == 1

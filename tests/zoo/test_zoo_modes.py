@@ -15,6 +15,10 @@ NAMES = [z.name for z in Z.ZOO]
 def _expected(model):
     bn = sum(1 for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats)
     drop = sum(1 for m in model.modules() if isinstance(m, nn.Dropout) and m.p > 0)
+    # modules that call F.dropout with their own rate (read from transformers' sources, by class)
+    functional = {"T5Attention": "dropout", "SwinDropPath": "drop_prob", "LlamaAttention": "attention_dropout",
+                  "Qwen2Attention": "attention_dropout"}  # fmt: skip
+    drop += sum(1 for m in model.modules() if getattr(m, functional.get(type(m).__name__, "-"), 0.0) > 0)
     return bn, drop
 
 
@@ -65,3 +69,23 @@ def test_zoo_frozen_backbone_bn_drift(tmp_path, name):
     assert set(run.meta["modes"]["frozen_bn"]) == set(bns) and bns
     drift = run.signal("bn_mean_drift")
     assert set(drift.layer) == set(bns) and (drift.value > 0).all()  # random init stats (0, 1) move at once
+
+
+def test_llama_functional_attention_dropout_is_audited(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = Z.BY_NAME["llama"]
+    cfg = Z.BY_NAME["llama"].build().config
+    cfg.attention_dropout = 0.1
+    model = LlamaForCausalLM(LlamaConfig(**cfg.to_dict()))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with watch(model, tmp_path / "r", every=1, optimizer=opt):
+        opt.zero_grad()
+        model(**base.batch(0)).loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model(**base.batch(1))
+    modes = load(tmp_path / "r").meta["modes"]
+    layers = cfg.num_hidden_layers
+    assert modes["dropout"] == layers and modes["events"]["eval-in-train-mode:no_grad"]["dropout_train"] == layers
