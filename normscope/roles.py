@@ -247,6 +247,9 @@ def relu_layers(modules: Mapping[str, Mapping[str, Any]]) -> set[str]:
 # (query child, key child) names of attention modules with separate projections: BERT/RoBERTa
 # (query/key), Llama/Qwen2/Mistral/ViT/Swin in transformers ≥ 5 (q_proj/k_proj), T5 (q/k)
 QK_CHILDREN = (("q_proj", "k_proj"), ("query", "key"), ("q", "k"))
+# QK-norm children (Qwen3, OLMo2, Gemma 3, ViT-22B-style models): applied to q and k before the logits
+QK_NORM_CHILDREN = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"), ("query_norm", "key_norm"),
+                    ("norm_q", "norm_k"))  # fmt: skip
 _HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 _HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "key_value_proj_dim", "d_kv")
 
@@ -273,11 +276,12 @@ class AttentionSpec:
     scale: float
     causal: bool
     batch_first: bool = True
+    qk_norm: tuple[str, str] | None = None
 
     def as_json(self) -> dict:
         return {"kind": self.kind, "q": self.q[0] if self.q else None, "k": self.k[0] if self.k else None,
                 "heads": self.heads, "kv_heads": self.kv_heads, "head_dim": self.head_dim, "scale": self.scale,
-                "causal": self.causal}  # fmt: skip
+                "causal": self.causal, "qk_norm": list(self.qk_norm) if self.qk_norm else None}  # fmt: skip
 
 
 def _out_features(m) -> int | None:
@@ -357,8 +361,9 @@ def attention_spec(module: Any) -> AttentionSpec | None:
         d = hd or qo // heads
         if qo % d or ko % d or (qo // d) % (ko // d):
             continue
+        qkn = next(((a, b) for a, b in QK_NORM_CHILDREN if a in children and b in children), None)
         return AttentionSpec("separate", (qn, 0, qo), (kn, 0, ko), qo // d, ko // d, d, _scale(module, d),
-                             getattr(module, "is_causal", None) is True)  # fmt: skip
+                             getattr(module, "is_causal", None) is True, qk_norm=qkn)  # fmt: skip
     return None
 
 

@@ -14,6 +14,7 @@ Signals (rows of the ``signals`` table, per module call):
   declared causal mask hides are left out); ``attn_logit_head_mean`` — the mean over heads of each
   head's maximum; ``attn_logit_bound`` — max‖q‖·max‖k‖·scale over the same positions (the cheap
   bound); ``attn_rotary`` — 1 when the model's rotary embedding was applied to q and k first.
+  A QK-norm of the module (``q_norm``/``k_norm``, ...) is applied to the sampled q and k first.
 - the model output (layer :data:`OUTPUT_LAYER`), when its last axis has ≥ 2 entries (classifier or
   LM logits): ``logz_mean`` / ``logz_std`` — log Σ exp(z) over the last axis, mean and std over a
   subsample of ≤ :data:`ROWS` rows; ``z_absmax`` — max |z| and ``z_mean`` — the mean logit there.
@@ -34,7 +35,7 @@ from torch import nn
 
 from normscope.collect.outputs import iter_float_tensors
 from normscope.collect.select import canonical_names
-from normscope.roles import AttentionSpec, attention_modules, transformer_blocks
+from normscope.roles import AttentionSpec, attention_modules, feature_size, transformer_blocks
 
 SEQS = 2  # sequences of a batch the attention logits are measured on
 POSITIONS = 64  # query and key positions per sequence (evenly spaced, position 0 and the last included)
@@ -280,6 +281,9 @@ class TransformerProbes:
                         st.k, st.pos_k = y[..., spec.k[1] : spec.k[2]], pos
                     if st.q is None or st.k is None:
                         return None
+                    if spec.qk_norm is not None:
+                        st.q = _qk_norm(getattr(st.module, spec.qk_norm[0]), st.q, spec.head_dim)
+                        st.k = _qk_norm(getattr(st.module, spec.qk_norm[1]), st.k, spec.head_dim)
                     rot = None
                     if st.rot is not None and st.q.shape[1] == st.k.shape[1]:
                         cos, sin = st.rot
@@ -340,6 +344,15 @@ class TransformerProbes:
             return None
 
         return hook
+
+
+def _qk_norm(norm: nn.Module, t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """QK-norm as the model applies it, per head (normalized size = head_dim) or over the whole
+    projection; through ``forward`` so that no hook sees this extra call."""
+    if feature_size(norm) == t.shape[-1] and t.shape[-1] != head_dim:
+        return norm.forward(t)
+    b, p, w = t.shape
+    return norm.forward(t.reshape(b, p, w // head_dim, head_dim)).reshape(b, p, w)
 
 
 def _arg(args, kwargs, i: int, name: str):
