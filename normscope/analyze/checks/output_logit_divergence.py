@@ -30,7 +30,7 @@ REC = (
     id=ID, severity="error",
     summary="The final logits' mean log-partition log Σ exp(z) drifts far from 0 (runaway logit scale; fix: z-loss).",
     needs=("training",),
-    thresholds={"drift": 10.0, "abs_warn": 20.0, "error": 100.0, "window_frac": 0.1, "min_window_steps": 3},
+    thresholds={"drift": 10.0, "abs_warn": 50.0, "error": 100.0, "window_frac": 0.1, "min_window_steps": 3},
 )  # fmt: skip
 def check(ctx: Context, t: Thresholds) -> list[Finding]:
     phase = signal_phase(ctx, "logz_mean")

@@ -1,0 +1,286 @@
+"""The transformer probes (normscope/collect/attention.py) against brute force, on the zoo.
+
+Attention logits: the reference is each model's own pre-softmax logits, q·kᵀ·scaling as its eager
+attention function receives them (after rotary embeddings, QK-norm and the head split; key heads
+repeated for GQA), max |·| over the pairs the model's mask leaves visible, on the first two
+sequences (the probe's subsample is every position when L ≤ 64). Output log Z: torch.logsumexp
+over every row. Massive activations: torch.median over every element of the block output.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import normscope
+from normscope.collect import attention as A
+from normscope.roles import attention_modules, transformer_blocks
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "zoo"))
+import zoo_models as Z  # noqa: E402
+
+MODELING = {"vit": "vit", "swin": "swin", "bert": "bert", "gpt2": "gpt2", "llama": "llama", "qwen2": "qwen2",
+            "t5": "t5"}  # fmt: skip
+EXPECT = {  # zoo model → (attention modules, q child, k child, heads, kv heads, scale, causal modules, blocks)
+    "vit": (2, "q_proj", "k_proj", 2, 2, 0.25, 0, 2),
+    "swin": (2, "q_proj", "k_proj", 2, 2, None, 0, 2),
+    "bert": (2, "query", "key", 2, 2, 0.25, 0, 2),
+    "gpt2": (2, "c_attn", "c_attn", 2, 2, 0.25, 2, 2),
+    "llama": (2, "q_proj", "k_proj", 2, 1, 0.25, 2, 2),
+    "qwen2": (2, "q_proj", "k_proj", 2, 1, 0.25, 2, 2),
+    "t5": (6, "q", "k", 2, 2, 1.0, 2, 4),
+}
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("name", [z.name for z in Z.ZOO])
+def test_recognition_finds_the_q_and_k_of_every_zoo_model(name):
+    m = Z.build(Z.BY_NAME[name])
+    specs = attention_modules(m)
+    if name not in EXPECT:
+        assert specs == {} and transformer_blocks(m, specs) == []
+        return
+    n, qn, kn, h, kvh, scale, causal, nblocks = EXPECT[name]
+    assert len(specs) == n
+    for raw, s in specs.items():
+        mod = m.get_submodule(raw)
+        assert s.q[0] == qn and s.k[0] == kn and s.heads == h and s.kv_heads == kvh
+        q_out = getattr(mod, qn)
+        width = q_out.nf if hasattr(q_out, "nf") else q_out.out_features
+        if qn == kn:  # fused: q, k, v side by side
+            assert (s.q[1], s.q[2], s.k[1], s.k[2]) == (0, width // 3, width // 3, 2 * width // 3)
+        assert s.scale == pytest.approx(scale if scale is not None else s.head_dim**-0.5)
+    assert sum(s.causal for s in specs.values()) == causal
+    blocks = transformer_blocks(m, specs)
+    assert len(blocks) == nblocks and all(Z.submodule(m, b) is not None for b in blocks)
+
+
+def _record_eager(model, name, store):
+    """Patch the model's eager attention function to record its logits (max over visible pairs)."""
+    mod = importlib.import_module(f"transformers.models.{MODELING[name]}.modeling_{MODELING[name]}")
+    orig = mod.eager_attention_forward
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def rec(module, query, key, value, attention_mask, scaling=None, *a, **kw):
+        s = scaling if scaling is not None else query.size(-1) ** -0.5
+        k = key
+        if k.shape[1] != query.shape[1]:
+            k = k.repeat_interleave(query.shape[1] // k.shape[1], dim=1)
+        logits = (query[:2].float() @ k[:2].float().transpose(-1, -2)).abs() * s
+        if attention_mask is not None:
+            visible = attention_mask[: logits.shape[0]].float() > -1e4
+            logits = torch.where(visible.expand_as(logits), logits, torch.zeros(()))
+        store.setdefault(names[id(module)], []).append(float(logits.max()))
+        return orig(module, query, key, value, attention_mask, scaling, *a, **kw)
+
+    model.config._attn_implementation = "eager"
+    for sub in model.modules():
+        cfg = getattr(sub, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            cfg._attn_implementation = "eager"
+    return mod, orig, rec
+
+
+@pytest.mark.parametrize("name", list(MODELING))
+def test_attention_logit_max_matches_the_models_own_logits(tmp_path, name):
+    z = Z.BY_NAME[name]
+    m = Z.build(z)
+    ref: dict[str, list[float]] = {}
+    mod, orig, rec = _record_eager(m, name, ref)
+    mod.eager_attention_forward = rec
+    try:
+        with normscope.watch(m, tmp_path / "r", every=1):
+            Z.train(m, z, steps=1)
+    finally:
+        mod.eager_attention_forward = orig
+    run = normscope.load(tmp_path / "r")
+    got = run.signal("attn_logit_max")
+    assert len(got) == len(ref) and len(ref) == EXPECT[name][0]
+    for _, r in got.iterrows():
+        assert r.value == pytest.approx(ref[r.layer][0], rel=1e-5), r.layer
+    rot = run.signal("attn_rotary")
+    assert set(rot.value) == ({1.0} if name in ("llama", "qwen2") else {0.0})
+    bound = run.signal("attn_logit_bound").set_index("layer").value
+    assert all(bound[r.layer] >= r.value * (1 - 1e-6) for _, r in got.iterrows())  # Cauchy–Schwarz
+
+
+def test_rotary_changes_the_logit_the_probe_reports(tmp_path):
+    """Llama: the probe applies the model's rotary embedding; without it (pre-rotary q·k) the
+    number differs (docs/checks/attention-logit-growth.md quotes the gap)."""
+    z = Z.BY_NAME["llama"]
+    m = Z.build(z)
+    with normscope.watch(m, tmp_path / "r", every=1):
+        Z.train(m, z, steps=1)
+    with_rot = normscope.load(tmp_path / "r").signal("attn_logit_max").value.to_numpy()
+    m2 = Z.build(z)
+    for sub in m2.modules():  # drop the rotary embedding from the probe's view only
+        sub.register_forward_pre_hook(lambda mod, a, kw: None, with_kwargs=True)
+    orig = A._Attn.reset
+
+    def no_rot(self):
+        orig(self)
+        self.rot = None
+
+    A._Attn.reset = no_rot
+    try:
+        pe_key = A.TransformerProbes._attn_pre
+
+        def pre_no_rot(self, st):
+            inner = pe_key(self, st)
+            return lambda module, args, kwargs: inner(module, args, {k: v for k, v in kwargs.items()
+                                                                     if k != "position_embeddings"})  # fmt: skip
+
+        A.TransformerProbes._attn_pre = pre_no_rot
+        with normscope.watch(m2, tmp_path / "r2", every=1):
+            Z.train(m2, z, steps=1)
+    finally:
+        A._Attn.reset = orig
+        A.TransformerProbes._attn_pre = pe_key
+    pre = normscope.load(tmp_path / "r2").signal("attn_logit_max").value.to_numpy()
+    assert not torch.allclose(torch.tensor(with_rot), torch.tensor(pre))
+
+
+class MHAModel(nn.Module):
+    def __init__(self, batch_first: bool, kdim: int | None = None, causal: bool = False):
+        super().__init__()
+        self.bf, self.causal = batch_first, causal
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first, kdim=kdim, vdim=kdim)
+        self.kin = nn.Linear(16, kdim) if kdim else nn.Identity()
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        k = self.kin(x)
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1]) if self.causal else None
+        if not self.bf:
+            x, k = x.transpose(0, 1), k.transpose(0, 1)
+        y = self.attn(x, k, k, attn_mask=mask, need_weights=False)[0]
+        y = y if self.bf else y.transpose(0, 1)
+        return self.head(y)
+
+
+def _mha_reference(model: MHAModel, x: torch.Tensor) -> float:
+    a = model.attn
+    e, h = a.embed_dim, a.num_heads
+    k_in = model.kin(x)[:2]
+    if a._qkv_same_embed_dim:
+        wq, wk = a.in_proj_weight[:e], a.in_proj_weight[e : 2 * e]
+    else:
+        wq, wk = a.q_proj_weight, a.k_proj_weight
+    q = nn.functional.linear(x[:2], wq, a.in_proj_bias[:e]).view(2, -1, h, e // h).transpose(1, 2)
+    k = nn.functional.linear(k_in, wk, a.in_proj_bias[e : 2 * e]).view(2, -1, h, e // h).transpose(1, 2)
+    s = (q @ k.transpose(-1, -2)).abs() / (e // h) ** 0.5
+    if model.causal:
+        s = s.tril()
+    return float(s.max())
+
+
+@pytest.mark.parametrize("batch_first,kdim,causal,length", [(True, None, False, 10), (False, None, True, 10),
+                                                            (True, 8, False, 10), (True, None, True, 40)])  # fmt: skip
+def test_multihead_attention_logits_match_brute_force(tmp_path, batch_first, kdim, causal, length):
+    torch.manual_seed(0)
+    m = MHAModel(batch_first, kdim, causal)
+    x = torch.randn(3, length, 16) * 3
+    with normscope.watch(m, tmp_path / "r", every=1):
+        opt = torch.optim.SGD(m.parameters(), lr=0.0)
+        m(x).sum().backward()
+        opt.step()
+    (v,) = normscope.load(tmp_path / "r").signal("attn_logit_max").value
+    with torch.no_grad():
+        assert v == pytest.approx(_mha_reference(m, x), rel=1e-5)
+
+
+def test_long_sequences_are_subsampled_and_bounded_by_the_full_maximum(tmp_path):
+    torch.manual_seed(0)
+    m = MHAModel(True)
+    x = torch.randn(4, 300, 16)
+    with normscope.watch(m, tmp_path / "r", every=1):
+        m(x).sum().backward()
+        torch.optim.SGD(m.parameters(), lr=0.0).step()
+    (v,) = normscope.load(tmp_path / "r").signal("attn_logit_max").value
+    with torch.no_grad():
+        full = _mha_reference(m, x)
+        pos = A.spaced(300, A.POSITIONS, "cpu")
+        assert len(pos) == A.POSITIONS and pos[0] == 0 and pos[-1] == 299
+        sub = _mha_reference(m, x[:, pos])
+    assert v == pytest.approx(sub, rel=1e-5) and v <= full * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "t5"])
+def test_output_log_partition_and_massive_stats_match_brute_force(tmp_path, name):
+    z = Z.BY_NAME[name]
+    m = Z.build(z)
+    outs, blocks = [], {}
+    specs = attention_modules(m)
+    names = transformer_blocks(m, specs)
+    def keep(b):
+        def hook(mod, a, o):
+            blocks.setdefault(b, (o[0] if isinstance(o, tuple) else o).detach().clone())
+
+        return hook
+
+    hs = [m.register_forward_hook(lambda mod, a, o: outs.append(o.logits.detach().clone()) and None)]
+    hs += [m.get_submodule(b).register_forward_hook(keep(b)) for b in names]
+    with normscope.watch(m, tmp_path / "r", every=1):
+        Z.train(m, z, steps=1)
+    for h in hs:
+        h.remove()
+    run = normscope.load(tmp_path / "r")
+    lz = torch.logsumexp(outs[0].double(), dim=-1)
+    sig = {n: run.signal(n).value.iloc[0] for n in A.LOGIT_NAMES}
+    assert sig["logz_mean"] == pytest.approx(float(lz.mean()), rel=1e-5)
+    assert sig["logz_std"] == pytest.approx(float(lz.std(unbiased=False)), rel=1e-4, abs=1e-6)
+    assert sig["z_absmax"] == pytest.approx(float(outs[0].abs().max()), rel=1e-6)
+    for b, x in blocks.items():
+        rows = run.signals[(run.signals.layer == b) & (run.signals.call == 0)].set_index("name").value
+        assert rows["massive_absmax"] == pytest.approx(float(x.abs().max()), rel=1e-6)
+        assert rows["massive_median"] == pytest.approx(float(x.abs().flatten().median()), rel=1e-6)
+        ch = x.abs().amax(dim=(0, 1))
+        assert int(rows["massive_ch_0"]) == int(ch.argmax())
+        assert int(rows["massive_pos_0"]) == int(x[..., int(ch.argmax())].abs().amax(0).argmax())
+
+
+def test_massive_median_on_a_large_output_is_exact_on_its_row_subsample():
+    torch.manual_seed(0)
+    x = torch.randn(8, 512, 64)
+    x[0, 0, 3] = 5000.0
+    names, v = A.massive_values(x, 1)
+    d = dict(zip(names, v.tolist()))
+    rows = x.reshape(-1, 64)[A.spaced(8 * 512, A.MEDIAN_MAX // 64, "cpu")].abs().flatten()
+    assert d["massive_median"] == pytest.approx(float(rows.median()), rel=1e-6)
+    assert d["massive_median"] == pytest.approx(float(x.abs().median()), rel=0.02)  # ≈ 0.674 of N(0, 1)
+    assert d["massive_absmax"] == 5000.0 and d["massive_ch_0"] == 3 and d["massive_pos_0"] == 0
+
+
+def test_probes_cost_nothing_on_unsampled_steps_and_a_failure_does_not_stop_training(tmp_path):
+    z = Z.BY_NAME["gpt2"]
+    m = Z.build(z)
+    with normscope.watch(m, tmp_path / "r", every=2):
+        Z.train(m, z, steps=3)
+    s = normscope.load(tmp_path / "r").signals
+    assert set(s.step) == {0, 2}
+    m2 = Z.build(z)
+    orig = A.head_logits
+    A.head_logits = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+    try:
+        with normscope.watch(m2, tmp_path / "r2", every=1):
+            losses = Z.train(m2, z, steps=2)
+    finally:
+        A.head_logits = orig
+    run = normscope.load(tmp_path / "r2")
+    assert len(losses) == 2 and any("boom" in e for e in run.meta["hook_errors"])
+    assert not len(run.signal("attn_logit_max")) and len(run.signal("logz_mean")) == 2
