@@ -227,6 +227,7 @@ def test_output_log_partition_and_massive_stats_match_brute_force(tmp_path, name
     outs, blocks = [], {}
     specs = attention_modules(m)
     names = transformer_blocks(m, specs)
+
     def keep(b):
         def hook(mod, a, o):
             blocks.setdefault(b, (o[0] if isinstance(o, tuple) else o).detach().clone())

@@ -4,7 +4,8 @@ Cross-entropy does not see a constant added to all logits, so nothing holds log 
 Wortsman et al. 2023 saw it drift far from 0 before the loss diverged, and PaLM's z-loss
 1e-4·(log Z)² pins it. The collector records log Z over a subsample of output rows per sampled
 step (normscope.collect.attention). Flags a mean log Z that moved by ``drift`` nats from the
-first sampled step and ends beyond ``abs_warn`` nats from 0 (error beyond ``error``)."""
+first sampled step and ends beyond ``abs_warn`` nats from 0 (error beyond ``error``); logits
+already beyond ``abs_warn`` at the first sampled step are the initialisation's scale (info)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         if abs(drift) < t["drift"] or abs(end) < t["abs_warn"]:
             continue
         sev = "error" if abs(end) >= t["error"] else "warning"
+        at_init = abs(first) >= t["abs_warn"]  # too large from the start: the initialisation's scale, not a drift
+        if at_init:
+            sev = "info"
         zmax = d.z_absmax.to_numpy(dtype=np.float64)
         zmean = d.z_mean.to_numpy(dtype=np.float64)
         ev = {
@@ -67,5 +71,8 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
             f"{int(steps[0])} ({'+' if drift > 0 else ''}{num(drift)} nats); max |z| went from {num(zmax[0])} to "
             f"{num(ev['z_absmax_end'])}."
         )
+        if at_init:
+            msg += " The logits were already that large at the first sampled step: see the initialisation's scale."
+        ev["at_init"] = at_init
         out.append(Finding(ID, sev, layer, (int(steps[w0]), int(steps[-1])), msg, ev, REC))
     return out
