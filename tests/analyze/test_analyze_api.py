@@ -26,7 +26,8 @@ CATALOG = {
     "dead-units", "saturation", "non-finite", "covariate-shift", "dropout-bn-variance-shift", "small-batch-bn",
     "stale-running-stats", "syncbn-recommended", "redundant-bias", "bn-in-sequence-model", "vanishing-gradients",
     "exploding-gradients", "update-ratio", "effective-lr", "norm-weight-decay", "unnormalized-inputs",
-    "overfitting", "underfitting", "legacy-lrn", "weight-sparsity",
+    "overfitting", "underfitting", "legacy-lrn", "weight-sparsity", "attention-logit-growth",
+    "output-logit-divergence", "massive-activations",
 }  # fmt: skip
 
 
