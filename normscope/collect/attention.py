@@ -87,7 +87,8 @@ def head_logits(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, pos_q: to
         qh = qh * cos + rotate_half(qh) * sin
         kh = kh * cos + rotate_half(kh) * sin
     if kh.shape[1] != qh.shape[1]:  # grouped-query attention: key head j serves query heads j·g … j·g+g-1
-        kh = kh.repeat_interleave(qh.shape[1] // kh.shape[1], dim=1)
+        b_, hk, pk, _ = kh.shape  # expand + reshape: repeat_interleave's order, without its size computation
+        kh = kh[:, :, None].expand(b_, hk, qh.shape[1] // hk, pk, d).reshape(b_, qh.shape[1], pk, d)
     s = (qh @ kh.transpose(-1, -2)).abs_() * spec.scale  # (b, H, Pq, Pk)
     hide = mask
     if causal and pos_q.shape == pos_k.shape:
@@ -102,7 +103,7 @@ def head_logits(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, pos_q: to
 
 def attention_values(per_head_and_bound: torch.Tensor, rotary: bool) -> torch.Tensor:
     ph = per_head_and_bound[:-1]
-    extra = torch.tensor([1.0 if rotary else 0.0], dtype=torch.float64, device=ph.device)
+    extra = torch.full((1,), 1.0 if rotary else 0.0, dtype=torch.float64, device=ph.device)  # a fill: no copy
     return torch.cat([ph.max().reshape(1), ph.mean().reshape(1), per_head_and_bound[-1:], extra])
 
 
@@ -204,10 +205,12 @@ class TransformerProbes:
     # --- gating -----------------------------------------------------------------------------------
     def _live(self, key: str):
         """The scope when this sampled step records ``key``, else None (before any tensor op)."""
+        if torch.compiler.is_compiling():  # first: dynamo must not trace (and guard on) the scope's state
+            return None
         scope = self._scope()
         if scope is None or not scope._active or not scope._sampling or key in self.disabled:
             return None
-        if torch.compiler.is_compiling() or _in_backward() or _functorch():
+        if _in_backward() or _functorch():
             return None
         return scope
 

@@ -120,39 +120,40 @@ def test_attention_logit_max_matches_the_models_own_logits(tmp_path, name):
 
 
 def test_rotary_changes_the_logit_the_probe_reports(tmp_path):
-    """Llama: the probe applies the model's rotary embedding; without it (pre-rotary q·k) the
-    number differs (docs/checks/attention-logit-growth.md quotes the gap)."""
+    """Llama: the probe applies the model's rotary embedding (the eager test above shows the result
+    is the model's own logit); off the diagonal the pre-rotary q·k of the same projections is a
+    different number (docs/checks/attention-logit-growth.md quotes the gap after healthy training:
+    at initialisation the maximum sits on the diagonal, which rotary leaves unchanged)."""
     z = Z.BY_NAME["llama"]
     m = Z.build(z)
+    specs = attention_modules(m)
+    cap: dict[str, dict] = {}
+    hs = []
+    for raw in specs:
+        mod = m.get_submodule(raw)
+        hs.append(
+            mod.register_forward_pre_hook(
+                lambda md, a, kw, raw=raw: cap.setdefault(raw, {}).update(pe=kw["position_embeddings"]),
+                with_kwargs=True,
+            )
+        )
+        hs.append(mod.q_proj.register_forward_hook(lambda md, a, o, raw=raw: cap[raw].update(q=o.detach())))
+        hs.append(mod.k_proj.register_forward_hook(lambda md, a, o, raw=raw: cap[raw].update(k=o.detach())))  # fmt: skip
     with normscope.watch(m, tmp_path / "r", every=1):
         Z.train(m, z, steps=1)
-    with_rot = normscope.load(tmp_path / "r").signal("attn_logit_max").value.to_numpy()
-    m2 = Z.build(z)
-    for sub in m2.modules():  # drop the rotary embedding from the probe's view only
-        sub.register_forward_pre_hook(lambda mod, a, kw: None, with_kwargs=True)
-    orig = A._Attn.reset
-
-    def no_rot(self):
-        orig(self)
-        self.rot = None
-
-    A._Attn.reset = no_rot
-    try:
-        pe_key = A.TransformerProbes._attn_pre
-
-        def pre_no_rot(self, st):
-            inner = pe_key(self, st)
-            return lambda module, args, kwargs: inner(module, args, {k: v for k, v in kwargs.items()
-                                                                     if k != "position_embeddings"})  # fmt: skip
-
-        A.TransformerProbes._attn_pre = pre_no_rot
-        with normscope.watch(m2, tmp_path / "r2", every=1):
-            Z.train(m2, z, steps=1)
-    finally:
-        A._Attn.reset = orig
-        A.TransformerProbes._attn_pre = pe_key
-    pre = normscope.load(tmp_path / "r2").signal("attn_logit_max").value.to_numpy()
-    assert not torch.allclose(torch.tensor(with_rot), torch.tensor(pre))
+    for h in hs:
+        h.remove()
+    got = normscope.load(tmp_path / "r").signal("attn_logit_max").set_index("layer").value
+    for raw, c in cap.items():
+        pos = torch.arange(c["q"].shape[1])
+        rot = tuple(t[:2].detach() for t in c["pe"])
+        with_rot = float(A.head_logits(c["q"][:2], c["k"][:2], specs[raw], pos, pos, True, rot)[:-1].max())
+        assert got[raw] == pytest.approx(with_rot, rel=1e-6)
+        # off the diagonal (offset 0 is not rotated) the pre-rotary maximum is another number
+        off = torch.eye(len(pos), dtype=torch.bool).unsqueeze(0)
+        a = float(A.head_logits(c["q"][:2], c["k"][:2], specs[raw], pos, pos, True, rot, off)[:-1].max())
+        b = float(A.head_logits(c["q"][:2], c["k"][:2], specs[raw], pos, pos, True, None, off)[:-1].max())
+        assert abs(b / a - 1) > 1e-3
 
 
 class MHAModel(nn.Module):
