@@ -286,3 +286,46 @@ def test_probes_cost_nothing_on_unsampled_steps_and_a_failure_does_not_stop_trai
     run = normscope.load(tmp_path / "r2")
     assert len(losses) == 2 and any("boom" in e for e in run.meta["hook_errors"])
     assert not len(run.signal("attn_logit_max")) and len(run.signal("logz_mean")) == 2
+
+
+def test_a_sampled_step_adds_no_host_synchronising_op(tmp_path):
+    """The probes' work on a sampled step is device-side only: compared with the same step without
+    the probes, no op that reads a value to the host (``.item()``/``bool(t)`` →
+    _local_scalar_dense) or has a data-dependent size (nonzero, masked_select, unique) is added."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from normscope.collect import scope as S
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func).split(".")[1] if str(func).startswith("aten.") else str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    sync = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "item")
+
+    def ops(name, probes: bool):
+        z = Z.BY_NAME[name]
+        m = Z.build(z)
+        orig = S.transformer_probes
+        if not probes:
+            S.transformer_probes = lambda scope: []
+        try:
+            with normscope.watch(m, tmp_path / f"{name}-{probes}", every=1):
+                opt = torch.optim.SGD(m.parameters(), lr=0.0)
+                with CountOps() as c:
+                    m(**z.batch(0)).loss.backward()
+                opt.step()
+        finally:
+            S.transformer_probes = orig
+        return c.ops
+
+    for name in ("llama", "gpt2"):
+        on, off = ops(name, True), ops(name, False)
+        assert sum((on - off).values()) > 0  # the probes did run
+        assert {k: on[k] for k in sync} == {k: off[k] for k in sync}, name
