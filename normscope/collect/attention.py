@@ -167,6 +167,7 @@ class TransformerProbes:
         self.disabled: set[str] = set()
         self._block_calls: dict[str, int] = {}
         self._root_phase: str | None = None  # the phase of the root forward, for its output
+        self._step = -1  # the step the call counters belong to
 
     # --- set up ---------------------------------------------------------------------------------
     def register(self) -> list:
@@ -212,6 +213,9 @@ class TransformerProbes:
             return None
         if _in_backward() or _functorch():
             return None
+        if scope.step_index != self._step:  # a new step (also when submodules are called without the root)
+            self._step = scope.step_index
+            self._new_forward()
         return scope
 
     def _fail(self, scope, key: str, e: BaseException) -> None:
@@ -227,6 +231,9 @@ class TransformerProbes:
         if scope is None:
             return
         self._root_phase = self._phase(scope)
+        self._new_forward()
+
+    def _new_forward(self) -> None:
         for st in self.attn:
             st.calls = 0
             st.reset()

@@ -329,3 +329,16 @@ def test_a_sampled_step_adds_no_host_synchronising_op(tmp_path):
         on, off = ops(name, True), ops(name, False)
         assert sum((on - off).values()) > 0  # the probes did run
         assert {k: on[k] for k in sync} == {k: off[k] for k in sync}, name
+
+
+def test_call_indices_restart_every_step_without_a_root_forward(tmp_path):
+    torch.manual_seed(0)
+    m = MHAModel(True)
+    x = torch.randn(2, 6, 16)
+    with normscope.watch(m, tmp_path / "r", every=1) as scope:
+        for _ in range(2):
+            for _ in range(2):  # the attention module called directly, twice per step
+                m.attn(x, x, x, need_weights=False)[0].sum().backward()
+            scope.step()
+    s = normscope.load(tmp_path / "r").signal("attn_logit_max")
+    assert sorted(zip(s.step, s.call)) == [(0, 0), (0, 1), (1, 0), (1, 1)]
