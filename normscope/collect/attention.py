@@ -189,7 +189,7 @@ class TransformerProbes:
                 handles.append(getattr(m, child).register_forward_hook(self._proj_hook(st, child)))
         for raw in transformer_blocks(self.model, specs):
             m = mods[raw]
-            inner = [s for s in specs.values() if s.kind == "mha"]
+            inner = [s for a, s in specs.items() if a.startswith(raw + ".") and s.kind == "mha"]
             seq_axis = 1 if (not inner or all(s.batch_first for s in inner)) else 0
             if getattr(m, "batch_first", None) is False:
                 seq_axis = 0

@@ -342,3 +342,19 @@ def test_call_indices_restart_every_step_without_a_root_forward(tmp_path):
             scope.step()
     s = normscope.load(tmp_path / "r").signal("attn_logit_max")
     assert sorted(zip(s.step, s.call)) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_massive_channel_and_position_on_a_torch_encoder(tmp_path, batch_first):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first, norm_first=True)
+    m = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    x = torch.randn(3, 10, 16)
+    x[1, 4, 5] = 1000.0  # sequence 1, position 4, channel 5
+    with normscope.watch(m, tmp_path / "r", every=1) as scope:
+        m(x if batch_first else x.transpose(0, 1)).sum().backward()
+        scope.step()
+    s = normscope.load(tmp_path / "r").signals
+    for blk in ("layers.0", "layers.1"):
+        r = s[s.layer == blk].set_index("name").value
+        assert r["massive_ch_0"] == 5 and r["massive_pos_0"] == 4 and r["massive_absmax"] > 900
