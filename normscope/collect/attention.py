@@ -168,6 +168,7 @@ class TransformerProbes:
         self._block_calls: dict[str, int] = {}
         self._root_phase: str | None = None  # the phase of the root forward, for its output
         self._step = -1  # the step the call counters belong to
+        self.handles: list = []
 
     # --- set up ---------------------------------------------------------------------------------
     def register(self) -> list:
@@ -175,8 +176,9 @@ class TransformerProbes:
         names = canonical_names(self.model)
         mods = dict(self.model.named_modules())
         specs = attention_modules(self.model)
-        handles = [self.model.register_forward_pre_hook(self._root_pre),
-                   self.model.register_forward_hook(self._root_post)]  # fmt: skip
+        handles = self.handles
+        handles += [self.model.register_forward_pre_hook(self._root_pre),
+                    self.model.register_forward_hook(self._root_post)]  # fmt: skip
         for raw, spec in specs.items():
             m = mods[raw]
             st = _Attn(names.get(raw, raw), spec, m)
@@ -424,8 +426,11 @@ def _logits_of(output: Any) -> torch.Tensor | None:
 
 def register(scope) -> list:
     """Install the transformer probes on ``scope.model``; returns the hook handles (none on error)."""
+    probes = TransformerProbes(scope)
     try:
-        return TransformerProbes(scope).register()
+        return probes.register()
     except Exception as e:  # an unrecognisable model must not stop the collector
+        for h in probes.handles:  # none left half-installed
+            h.remove()
         scope._note_error("transformer probes", e)
         return []

@@ -358,3 +358,21 @@ def test_massive_channel_and_position_on_a_torch_encoder(tmp_path, batch_first):
     for blk in ("layers.0", "layers.1"):
         r = s[s.layer == blk].set_index("name").value
         assert r["massive_ch_0"] == 5 and r["massive_pos_0"] == 4 and r["massive_absmax"] > 900
+
+
+def test_a_failing_registration_leaves_no_hook_and_records_the_error(tmp_path, monkeypatch):
+    z = Z.BY_NAME["gpt2"]
+    m = Z.build(z)
+
+    def boom(model, attention=None):
+        raise RuntimeError("no blocks today")
+
+    monkeypatch.setattr(A, "transformer_blocks", boom)
+    with normscope.watch(m, tmp_path / "r", every=1) as scope:
+        n = scope.hook_count
+        Z.train(m, z, steps=1)
+    monkeypatch.undo()
+    with normscope.watch(Z.build(z), tmp_path / "r2", every=1) as scope2:
+        assert scope2.hook_count > n  # the probes' hooks, when registration works
+    run = normscope.load(tmp_path / "r")
+    assert any("no blocks today" in e for e in run.meta["hook_errors"]) and not len(run.signals)
