@@ -28,6 +28,7 @@ from torch import nn
 from normscope.collect import compiled as C
 from normscope.collect import distributed as D
 from normscope.collect import reducers as R
+from normscope.collect.attention import register as transformer_probes
 from normscope.collect.decode import PendingEntry
 from normscope.collect.meta import _now, _sel_json, initial_meta
 from normscope.collect.modes import ModeAudit
@@ -228,6 +229,7 @@ class Scope(CompiledRuntime, StepEnd):
             self._handles.append(plan.module.register_forward_hook(self._make_hook(plan, i)))
         if self._sentinels is not None:
             self._handles += self._sentinels.register(self)
+        self._handles += transformer_probes(self)  # attention logits, output log Z, massive activations
         if "torch._dynamo" in sys.modules:  # torch.compile used in this process: drop code traced without the hooks
             self._drop_stale_compiled_code()
         if self._explicit_opt is not None:

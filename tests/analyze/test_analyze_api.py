@@ -27,6 +27,7 @@ CATALOG = {
     "stale-running-stats", "syncbn-recommended", "redundant-bias", "bn-in-sequence-model", "vanishing-gradients",
     "exploding-gradients", "update-ratio", "effective-lr", "norm-weight-decay", "unnormalized-inputs",
     "overfitting", "underfitting", "legacy-lrn", "weight-sparsity", "eval-in-train-mode", "frozen-bn-drift",
+    "attention-logit-growth", "output-logit-divergence", "massive-activations",
 }  # fmt: skip
 
 

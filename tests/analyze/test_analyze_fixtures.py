@@ -10,7 +10,7 @@ from analyze_testlib import fixture_files
 from normscope.analyze.formulas import variance_shift_closed_form
 
 FIXTURES = [p.stem for p in fixture_files()]
-HEALTHY = ["healthy_cnn_digits", "healthy_mlp_wine", "healthy_finetune_frozen_bn"]
+HEALTHY = ["healthy_cnn_digits", "healthy_mlp_wine", "healthy_finetune_frozen_bn", "healthy_transformer_digits"]
 
 
 def test_fixture_catalog_covers_every_check():
