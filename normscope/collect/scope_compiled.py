@@ -24,16 +24,24 @@ class CompiledRuntime:
     def _root_compiled(self, enter: bool, train: bool) -> None:
         try:
             if enter:
+                self._mark_compiled()
+            if enter:
                 self._root_enter(train)
             else:
                 self._on_root_post(None, None, None)
         except Exception as e:  # never break the user's training
             self._note_error("root", e)
 
+    def _mark_compiled(self) -> None:
+        """Note in meta.json that compiled code ran (the checks whose probes only run eagerly say so)."""
+        if self._writer is not None and "compiled" not in self._meta:
+            self._meta["compiled"] = True
+
     def _observe_compiled(self, index: int, xs: list, paths: str, has_input: bool, train: bool, ngrad: int):
         """What the eager hook does, for one call of a compiled module: ``xs`` are the real tensors
         (the module's input first when ``has_input``, then its floating outputs, those that get a
         gradient first). Returns the token (step, slot) that the gradient op brings back."""
+        self._mark_compiled()
         plan = self._plans[index]
         if not self._active or not self._sampling or plan.name in self._disabled:
             return C._no_token()

@@ -94,6 +94,14 @@ def test_fullgraph_after_watch_equals_eager(tmp_path):
     assert c.meta["hook_errors"] == [] and c.meta["status"] == "complete"
     calls = c.stats[(c.stats.step == 0) & (c.stats.layer == "layer1.relu")]["call"].tolist()
     assert sorted(calls) == [0, 1]
+    # the transformer probes do not run compiled: a check on their signals says so, not "no block found"
+    assert c.meta["compiled"] is True and "compiled" not in e.meta
+    from normscope.analyze import analyze_full
+
+    skip = {s.check: s.reason for s in analyze_full(c, checks=["output-logit-divergence"]).skipped}
+    assert "torch.compile" in skip["output-logit-divergence"]
+    # the mode audit still counts the compiled forwards (their outputs are not followed: training)
+    assert c.meta["modes"]["forwards"]["train"] == e.meta["modes"]["forwards"]["train"] > 0
 
 
 def test_shared_module_call_sites_without_fullgraph(tmp_path):

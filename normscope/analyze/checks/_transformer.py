@@ -19,6 +19,15 @@ def signal_phase(ctx: Context, name: str) -> str | None:
     return "train" if (s.phase == "train").any() else "eval"
 
 
+def unrecorded(ctx: Context, reason: str) -> str:
+    """A skip reason for a signal that is absent: under torch.compile the transformer probes do not
+    run, which the run's meta records (``compiled``); else ``reason``."""
+    if ctx.meta.get("compiled"):
+        return ("the model ran under torch.compile, where the transformer probes (attention logits, output "
+                "log Z, block outputs) do not run: record a few eager steps to judge it")  # fmt: skip
+    return reason
+
+
 def wide(ctx: Context, names: tuple[str, ...] | list[str], phase: str, agg: str = "max") -> pd.DataFrame:
     """Rows (layer, step) × one column per signal name; several calls of a layer in a step (the
     module used twice, or several forwards per step) combine by ``agg``."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from normscope.analyze.checks._transformer import end_window, signal_phase, thin, wide
+from normscope.analyze.checks._transformer import end_window, signal_phase, thin, unrecorded, wide
 from normscope.analyze.checks._util import num
 from normscope.analyze.context import Context
 from normscope.analyze.finding import Finding
@@ -37,8 +37,11 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     phase = signal_phase(ctx, "attn_logit_max")
     if phase is None:
         raise SkipCheck(
-            "no attention block was recognised (nn.MultiheadAttention, q/k projections or a fused c_attn; "
-            "docs/roles.md), or the run predates the attention probe"
+            unrecorded(
+                ctx,
+                "no attention block was recognised (nn.MultiheadAttention, q/k projections or a fused c_attn; "
+                "docs/roles.md), or the run predates the attention probe",
+            )
         )
     w = wide(ctx, NAMES, phase)
     specs = (ctx.meta.get("transformer") or {}).get("attention") or {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from normscope.analyze.checks._transformer import end_window, next_norm, signal_phase, thin, wide
+from normscope.analyze.checks._transformer import end_window, next_norm, signal_phase, thin, unrecorded, wide
 from normscope.analyze.checks._util import num
 from normscope.analyze.context import Context
 from normscope.analyze.finding import Finding
@@ -51,8 +51,11 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     phase = signal_phase(ctx, "massive_absmax")
     if phase is None:
         raise SkipCheck(
-            "no transformer block output was recorded (no ModuleList of identical blocks holding attention; "
-            "docs/roles.md), or the run predates the probe"
+            unrecorded(
+                ctx,
+                "no transformer block output was recorded (no ModuleList of identical blocks holding attention; "
+                "docs/roles.md), or the run predates the probe",
+            )
         )
     w, names = block_rows(ctx, phase)
     k = sum(1 for n in names if n.startswith("massive_ch_"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from normscope.analyze.checks._transformer import end_window, signal_phase, thin, wide
+from normscope.analyze.checks._transformer import end_window, signal_phase, thin, unrecorded, wide
 from normscope.analyze.checks._util import num
 from normscope.analyze.context import Context
 from normscope.analyze.finding import Finding
@@ -37,8 +37,11 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     phase = signal_phase(ctx, "logz_mean")
     if phase is None:
         raise SkipCheck(
-            "no output logits were recorded (the model's output is not a float tensor, .logits or tuple whose "
-            "last axis has ≥ 2 entries), or the run predates the output probe"
+            unrecorded(
+                ctx,
+                "no output logits were recorded (the model's output is not a float tensor, .logits or tuple whose "
+                "last axis has ≥ 2 entries), or the run predates the output probe",
+            )
         )
     w = wide(ctx, NAMES, phase, agg="first")
     out = []
