@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from normscope.analyze.registry import SkipCheck
-from normscope.roles import EMBEDDING, is_norm_info
+from normscope.roles import EMBEDDING, block_of, is_norm_info
 
 
 def _window(df, window_frac: float):
@@ -116,16 +116,6 @@ def weight_profile(ctx, window_frac: float) -> dict:
             "values": rho, "ratio": ratio, "group": k, "window_steps": span, "rate_per_layer": rate,
             "blocks": [{"block": b, "median": g} for b, g in zip(groups, gvals)],
             "left_out_near_zero_init": sorted(zero)}  # fmt: skip
-
-
-def block_of(layer: str) -> str:
-    """The repeated block a layer belongs to: its name up to the first numeric part ("model.layers.3",
-    a Sequential's "4"); a layer outside any numbered container is its own block ("lm_head")."""
-    parts = layer.split(".")
-    for i, p in enumerate(parts):
-        if p.isdigit():
-            return ".".join(parts[: i + 1])
-    return layer
 
 
 def output_profile(ctx, window_frac: float) -> dict:
