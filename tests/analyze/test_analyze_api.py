@@ -26,7 +26,7 @@ CATALOG = {
     "dead-units", "saturation", "non-finite", "covariate-shift", "dropout-bn-variance-shift", "small-batch-bn",
     "stale-running-stats", "syncbn-recommended", "redundant-bias", "bn-in-sequence-model", "vanishing-gradients",
     "exploding-gradients", "update-ratio", "effective-lr", "norm-weight-decay", "unnormalized-inputs",
-    "overfitting", "underfitting", "legacy-lrn", "weight-sparsity",
+    "overfitting", "underfitting", "legacy-lrn", "weight-sparsity", "weight-norm-init", "post-ln-gradient",
 }  # fmt: skip
 
 
@@ -74,6 +74,8 @@ def test_defaults_follow_checks_md():
         and cfg.thresholds("unnormalized-inputs")["mean_std"] == 3
     )
     assert cfg.get("weight-sparsity", "rel") == 1e-3
+    assert (cfg.get("weight-norm-init", "low"), cfg.get("weight-norm-init", "high")) == (0.1, 10)
+    assert cfg.get("post-ln-gradient", "ratio") == 10
 
 
 @pytest.mark.parametrize("data,match", [

@@ -86,10 +86,14 @@ def weight_profile(ctx, window_frac: float) -> dict:
             continue
         layer = name.rsplit(".", 1)[0] if "." in name else ""
         info = ctx.modules.get(layer or "<root>", {})
-        if not name.endswith("weight") or is_norm_info(info) or info.get("type") in EMBEDDING:
+        # a weight-normalised layer's direction v stands for its weight (w = g·v/‖v‖: ρ_v = ρ of w's direction)
+        wn_v = {f"{layer}.{w['v']}" if layer else w["v"] for w in info.get("weight_norm") or ()}
+        if (not name.endswith("weight") and name not in wn_v) or is_norm_info(info) or info.get("type") in EMBEDDING:
             continue
         keep.append((ctx.order(layer or "<root>"), name, layer))
     keep.sort()
+    if len(keep) < 2:
+        raise SkipCheck("fewer than two conv/linear weights with recorded statistics")
     win, span = _window(p[p.param.isin([k[1] for k in keep])], window_frac)
     rho, names, layers = [], [], []
     for _, name, layer in keep:

@@ -82,7 +82,7 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     e = [p for p in judged if "v_effective_lr_first" in p]
     v_txt = (
         f"v's effective learning rate η/‖v‖² went {num(e[0]['v_effective_lr_first'])} → {num(e[0]['v_effective_lr_last'])} "
-        f"({e[0]['layer']})"
+        f"(layer {e[0]['layer']})"
         if e
         else "v's learning rate not recorded"
     )
@@ -103,7 +103,8 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     msg = (
         f"{len(bad)} of {len(judged)} weight-normalised layer(s) start with output std far from 1 (outside "
         f"[{num(t['low'])}, {num(t['high'])}]): {listed}. With w = g·v/‖v‖ the output scale is set by g, and "
-        f"{g_txt}: {worst['layer']}'s output std is still {num(drift)} at the last step (×{num(worst['std_drift'])}); "
+        f"{g_txt}: {worst['layer']}'s output std is {num(drift)} at the last step (×{num(worst['std_drift'])} over "
+        f"the run); "
         f"{v_txt}."
     )
     rec = (
