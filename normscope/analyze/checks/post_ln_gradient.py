@@ -65,6 +65,17 @@ def warmup(ctx: Context, params: list[str], t: Thresholds) -> dict | None:
     return {"start_lr": float(lr[0]), "peak_lr": peak, "peak_step": int(d.index[int(np.argmax(lr >= 0.99 * peak))])}
 
 
+def post_ln_stacks(ctx: Context) -> dict[str, list[str]]:
+    """{stack: [block, ...]}: stacks of two or more post-LayerNorm blocks (channel norms left out)."""
+    placement = ctx.norm_placement
+    stacks = {}
+    for stack, blocks in block_stacks(placement, "post").items():
+        blocks = [b for b in blocks if ctx.type_of(placement[b]["last"]) not in CHANNEL_NORMS]
+        if len(blocks) >= 2:
+            stacks[stack] = blocks
+    return stacks
+
+
 @register(
     id=ID, severity="warning",
     summary="Post-LN transformer: the last block's weight-gradient norm > 10 × the first block's at the start (needs warmup, or pre-LN).",
@@ -75,11 +86,7 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     placement = ctx.norm_placement
     if not placement:
         raise SkipCheck("no repeated block (numbered container of two or more modules) in the execution order")
-    stacks = {}
-    for stack, blocks in block_stacks(placement, "post").items():
-        blocks = [b for b in blocks if ctx.type_of(placement[b]["last"]) not in CHANNEL_NORMS]
-        if len(blocks) >= 2:
-            stacks[stack] = blocks
+    stacks = post_ln_stacks(ctx)
     if not stacks:
         kinds = sorted({str(v["placement"]) for v in placement.values()})
         raise SkipCheck(f"no stack of two or more post-LayerNorm blocks (block norm placements: {', '.join(kinds)})")
