@@ -266,3 +266,17 @@ def test_fixture_numbers(fixture_runs):
     (h,) = [f for f in c.findings if f.check == "weight-norm-init"]
     assert h.severity == "info" and all(abs(p["std_first"] - 1) < 0.05 for p in h.evidence["layers"])
     assert np.isfinite([p["g_rel_update_median"] for p in h.evidence["layers"]]).all()
+
+
+def test_report_shows_the_panels(fixture_runs, tmp_path):
+    from normscope_reports import build_report
+
+    for name, check, n in (("post_ln_transformer", "post-ln-gradient", 2), ("weight_norm_no_data_init",
+                                                                          "weight-norm-init", 3)):  # fmt: skip
+        _, run, a = fixture_runs.get(name)
+        html = build_report(run, findings=a.findings, skipped=a.skipped, out=tmp_path / f"{name}.html").read_text()
+        assert html.count(f'id="panel-{check}"') == n, name
+        assert "panel:" not in html  # no panel module failed ("Not shown: <name> panel: ...")
+    _, run, a = fixture_runs.get("healthy_pre_ln_transformer")  # pre-LN: nothing to show
+    html = build_report(run, findings=a.findings, skipped=a.skipped, out=tmp_path / "pre.html").read_text()
+    assert 'id="panel-post-ln-gradient"' not in html
