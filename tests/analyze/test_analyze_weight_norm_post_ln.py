@@ -280,3 +280,15 @@ def test_report_shows_the_panels(fixture_runs, tmp_path):
     _, run, a = fixture_runs.get("healthy_pre_ln_transformer")  # pre-LN: nothing to show
     html = build_report(run, findings=a.findings, skipped=a.skipped, out=tmp_path / "pre.html").read_text()
     assert 'id="panel-post-ln-gradient"' not in html
+
+
+def test_pre_ln_fixture_gradient_stays_even(fixture_runs):
+    """The healthy pre-LN counterpart: the same last/first block ratio the check reads stays below 1."""
+    from normscope.analyze.checks.post_ln_gradient import block_grad_norms
+
+    _, run, a = fixture_runs.get("healthy_pre_ln_transformer")
+    ctx = Context(run)
+    blocks = roles.block_stacks(ctx.norm_placement, "pre")["tr.decoder.layers"]
+    g, _ = block_grad_norms(ctx, blocks, sorted(int(s) for s in ctx.params.step.unique())[:3])
+    assert len(blocks) == 8 and float(np.median(g[-1] / g[0])) < 1
+    assert "post-ln-gradient" in {s.check for s in a.skipped}
