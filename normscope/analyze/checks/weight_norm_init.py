@@ -41,6 +41,8 @@ def layer_profile(ctx: Context, layer: str, wn: dict) -> dict:
             if cv.size:
                 prof["unit_std_first_median"] = float(np.sqrt(np.nanmedian(cv)))
     p = ctx.params
+    if not len(p):
+        return prof
     g = p[p.param == prof["g"]].sort_values("step")
     if len(g):
         n, u = g.norm.to_numpy(float), g.update_norm.to_numpy(float)
