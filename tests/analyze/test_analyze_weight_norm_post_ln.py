@@ -78,6 +78,20 @@ def test_weight_norm_run_records_layers_and_params(tmp_path):
     )
 
 
+def test_parametrized_param_names_are_canonical():
+    from normscope.collect.select import canonical_names, canonical_param_name
+
+    net = nn.Sequential(weight_norm(nn.Linear(2, 2)), nn.utils.parametrizations.spectral_norm(nn.Linear(2, 2)))
+    names = canonical_names(net)
+    got = [canonical_param_name(raw, names) for raw, _ in net.named_parameters()]
+    assert got == ["0.bias", "0.weight_original0", "0.weight_original1", "1.bias", "1.weight_original"]
+    assert roles.role(net[1].parametrizations.weight[0]) is None and roles.weight_norm(net[1]) == []
+    root = weight_norm(nn.Linear(2, 2))
+    assert [canonical_param_name(r, canonical_names(root)) for r, _ in root.named_parameters()] == [
+        "bias", "weight_original0", "weight_original1"]  # fmt: skip
+    assert canonical_param_name("enc.parametrizations.weight.original0", {"enc": "enc"}) == "enc.weight_original0"
+
+
 # --- recognition: pre-LN / post-LN ----------------------------------------------------------------------
 def _encoder(norm_first, layers=3):
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True, norm_first=norm_first)
