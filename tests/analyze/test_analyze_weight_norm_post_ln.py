@@ -306,3 +306,21 @@ def test_pre_ln_fixture_gradient_stays_even(fixture_runs):
     g, _ = block_grad_norms(ctx, blocks, sorted(int(s) for s in ctx.params.step.unique())[:3])
     assert len(blocks) == 8 and float(np.median(g[-1] / g[0])) < 1
     assert "post-ln-gradient" in {s.check for s in a.skipped}
+
+
+def test_bug_vanishing_gradients_on_weight_normalised_layers(tmp_path):
+    """vanishing-gradients failed with an IndexError on a model whose only matrices are weight-normalised
+    (no parameter named *weight): it now reads v as the layer's weight, and skips without two weights."""
+    mods = {str(i): {"type": "Linear", "params": 10, "weight_norm": WN} for i in range(3)}
+    r = SyntheticRun(tmp_path / "a", mods)
+    for step in range(4):
+        for i in range(3):
+            r.param(step, f"{i}.weight_original1", norm=2.0, grad_norm=1e-2 * (1e-4 if i == 0 else 1.0),
+                    update_norm=1e-3)  # fmt: skip
+            r.param(step, f"{i}.weight_original0", norm=2.0, grad_norm=1.0, update_norm=1e-3)
+    a, got = _findings(r.done(), "vanishing-gradients")
+    assert [f.severity for f in got] == ["warning"] and got[0].evidence["first_layer"] == "0"
+    r = SyntheticRun(tmp_path / "b", {"0": {"type": "Linear", "params": 2}})
+    r.param(0, "0.bias", 1.0, 0.1, 0.01)
+    a, got = _findings(r.done(), "vanishing-gradients")
+    assert got == [] and _skip(a, "vanishing-gradients").startswith("fewer than two conv/linear weights")
