@@ -32,6 +32,7 @@ from normscope.fold import FoldResult, export_onnx, fold_bn, fold_onnx, recalibr
 from normscope.pipeline import Inspection, inspect  # noqa: E402
 from normscope.probe import Recipe, load_recipe, measure_ics, probe_model  # noqa: E402
 from normscope.store import Run, load
+from normscope.weightnorm import weight_norm_data_init
 
 __all__ = [
     "Analysis",
@@ -60,5 +61,6 @@ __all__ = [
     "Scope",
     "load",
     "watch",
+    "weight_norm_data_init",
     "__version__",
 ]

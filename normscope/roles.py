@@ -53,6 +53,8 @@ def module_class(module: Any) -> type:
         for base in cls.__mro__[1:]:
             if base.__name__ == cls.__name__[4:]:
                 return base
+    if cls.__name__.startswith("Parametrized") and cls.__module__ == "torch.nn.utils.parametrize":
+        return cls.__mro__[1]  # register_parametrization's ParametrizedLinear(Linear): still a Linear
     return cls
 
 
@@ -110,8 +112,21 @@ _NORM_NAME = re.compile(r"Norm(?!al)")  # LayerNorm, RMSNorm, FrozenBatchNorm2d;
 _DROPOUT_NAME = re.compile(r"Dropout")
 
 
+PARAMETRIZATION_ORIGINS = ("torch.nn.utils.parametrize", "torch.nn.utils.parametrizations")
+
+
 def _own_params(module) -> list:
     return list(module.parameters(recurse=False))
+
+
+def own_parameters(module) -> list:
+    """A module's own parameters, a parametrised layer's originals (``weight_norm``'s g and v,
+    kept in ``module.parametrizations``) included."""
+    ps = list(module.parameters(recurse=False))
+    plist = getattr(module, "parametrizations", None)
+    if plist is not None and hasattr(plist, "parameters"):
+        ps += list(plist.parameters())
+    return ps
 
 
 def _is_leaf(module) -> bool:
@@ -142,6 +157,8 @@ def role(module: Any, name: str = "", user_roles: Mapping | None = None) -> str 
         return "dropout"
     cls = module_class(module)
     origin = cls.__module__ or ""
+    if origin.startswith(PARAMETRIZATION_ORIGINS):
+        return None  # _WeightNorm, _SpectralNorm: they compute a weight, they never see an activation
     if origin == "torch.nn.modules.activation" or origin.startswith("transformers.activations"):
         return "activation"
     if not _is_leaf(module):
@@ -399,3 +416,119 @@ def transformer_blocks(model: Any, attention: Mapping[str, Any] | None = None) -
         if all(any(a.startswith(f + ".") for a in attn) for f in full):
             cands += full
     return [c for c in cands if not any(o != c and o.startswith(c + ".") for o in cands)]
+
+
+# --- weight normalisation (Salimans & Kingma 2016): w = g · v / ‖v‖ ------------------------------
+def is_parametrization_path(name: str) -> bool:
+    """A module inside ``<layer>.parametrizations`` (the ParametrizationList computing a weight and
+    its ``_WeightNorm``/``_SpectralNorm`` members): weight computations, not layers."""
+    return name == "parametrizations" or name.startswith("parametrizations.") or ".parametrizations" in f".{name}"
+
+
+def parametrized_param_leaf(leaf_path: str) -> str | None:
+    """``parametrizations.<t>.original`` → ``<t>_original``, ``...original<k>`` → ``<t>_original<k>``:
+    a parametrised layer's trainable tensors named on the layer itself (so that the layer of a
+    parameter stays everything before its last dot); None for any other path."""
+    m = re.fullmatch(r"parametrizations\.([A-Za-z_]\w*)\.(original\d*)", leaf_path)
+    return f"{m.group(1)}_{m.group(2)}" if m else None
+
+
+def weight_norm(module: Any) -> list[dict]:
+    """The weight-normalised tensors of a live module, each ``{"tensor", "api", "dim", "g", "v"}``
+    (``g``/``v``: the parameter names on the module, canonical form, see
+    :func:`parametrized_param_leaf`): ``torch.nn.utils.parametrizations.weight_norm`` (``api``
+    "parametrizations": ``original0`` is g, ``original1`` is v) and the legacy hook-based
+    ``torch.nn.utils.weight_norm`` (``api`` "legacy": ``weight_g``, ``weight_v``). ``dim`` is the
+    dimension g keeps (0: one g per output unit; None: one g for the whole tensor)."""
+    out = []
+    plist = getattr(module, "parametrizations", None)
+    if plist is not None:
+        for tname in list(plist.keys()):
+            ps = plist[tname]
+            if len(ps) == 1 and type(ps[0]).__name__ == "_WeightNorm" and hasattr(ps, "original0"):
+                dim = getattr(ps[0], "dim", 0)
+                out.append({"tensor": tname, "api": "parametrizations", "dim": None if dim == -1 else int(dim),
+                            "g": f"{tname}_original0", "v": f"{tname}_original1"})  # fmt: skip
+    for hook in getattr(module, "_forward_pre_hooks", {}).values():
+        if type(hook).__name__ == "WeightNorm" and type(hook).__module__ == "torch.nn.utils.weight_norm":
+            dim = getattr(hook, "dim", 0)
+            out.append({"tensor": hook.name, "api": "legacy", "dim": None if dim == -1 else int(dim),
+                        "g": f"{hook.name}_g", "v": f"{hook.name}_v"})  # fmt: skip
+    return out
+
+
+# --- where a repeated block normalises: pre-LN or post-LN (Xiong et al. 2020) --------------------
+def block_of(layer: str) -> str:
+    """The repeated block a layer belongs to: its name up to the first numeric part ("model.layers.3",
+    a Sequential's "4"); a layer outside any numbered container is its own block ("lm_head")."""
+    parts = layer.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[: i + 1])
+    return layer
+
+
+def numbered_prefixes(layer: str) -> list[str]:
+    """Every container of ``layer`` that ends in a numeric part, outermost first ("1", "1.layers.0")."""
+    parts = layer.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts) - 1) if parts[i].isdigit()]
+
+
+def norm_placement(order: list[Mapping[str, Any]], modules: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
+    """Per repeated block, where its normalisation sits, from the recorded execution order
+    (``meta.json`` ``execution_order``: the hooked modules in the order their forwards ended).
+
+    A block is any numbered container holding two or more hooked modules ("bert.encoder.layer.3",
+    "1.layers.0", T5's "encoder.block.0.layer.1" inside "encoder.block.0"); containers among the
+    hooked modules (they end after their children) are left out of its sequence. Its placement:
+
+    - ``"pre"``: the first module the block runs (dropouts aside) is a norm — each branch normalises
+      the residual stream on entry (GPT-2, Llama, T5, ViT, Swin; ``norm_first=True``);
+    - ``"post"``: the block's last module is a norm and its first is not — the norm follows the
+      residual sum (the original Transformer, BERT; ``TransformerEncoderLayer(norm_first=False)``);
+    - ``"both"``: first and last are norms (sandwich norms); ``None``: no norm at either end.
+
+    Returns ``{block: {"placement", "first", "last", "norms", "stack"}}`` in execution order;
+    ``stack`` is the container the block repeats in ("bert.encoder.layer").
+    """
+    seen: dict[str, list[str]] = {}
+    for r in order:
+        if int(r.get("call", 0)) != 0:
+            continue
+        layer = r["layer"]
+        for b in numbered_prefixes(layer):
+            if layer not in seen.setdefault(b, []):
+                seen[b].append(layer)
+    out = {}
+    for b, layers in seen.items():
+        leaves = [x for x in layers if not any(y.startswith(x + ".") for y in layers)]
+        if len(leaves) < 2:
+            continue
+
+        def info(x):
+            return modules.get(x, {})
+
+        def norm(x):
+            return is_norm_info(info(x))
+
+        body = [x for x in leaves if info(x).get("role") != "dropout"] or leaves
+        first_norm, last_norm = norm(body[0]), norm(leaves[-1])
+        placement = ("both" if first_norm and last_norm else "pre" if first_norm else "post" if last_norm
+                     else None)  # fmt: skip
+        out[b] = {"placement": placement, "first": body[0], "last": leaves[-1],
+                  "norms": [x for x in leaves if norm(x)], "stack": b.rpartition(".")[0]}  # fmt: skip
+    return out
+
+
+def block_stacks(placement: Mapping[str, Mapping[str, Any]], kind: str | None = None) -> dict[str, list[str]]:
+    """Stacks of repeated blocks (``{stack: [block, ...]}`` in execution order, two blocks or more),
+    from :func:`norm_placement`; with ``kind``, only blocks of that placement, and the innermost
+    stacks only (a numbered container of whole stacks is not itself judged)."""
+    stacks: dict[str, list[str]] = {}
+    for b, v in placement.items():
+        if kind is None or v["placement"] == kind:
+            stacks.setdefault(v["stack"], []).append(b)
+    stacks = {k: v for k, v in stacks.items() if len(v) >= 2}
+    inner = {k: v for k, v in stacks.items()
+             if not any(o != k and any(ob.startswith(b + ".") for b in v for ob in ov) for o, ov in stacks.items())}  # fmt: skip
+    return inner

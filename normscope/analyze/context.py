@@ -62,7 +62,7 @@ class Context:
             return model_modules(self.model)
         if self.probe.get("modules"):
             return dict(self.probe["modules"])
-        keep = ("family", "role")
+        keep = ("family", "role", "weight_norm")
         return {name: {"type": m["type"], "own_params": m.get("params", 0)} | {k: m[k] for k in keep if k in m}
                 for name, m in self.run.modules.items()}  # fmt: skip
 
@@ -207,6 +207,31 @@ class Context:
         if order:
             return from_execution_order(order, {k: v.get("type") for k, v in self.modules.items()})
         return None
+
+    @cached_property
+    def norm_placement(self) -> dict[str, dict]:
+        """Per repeated block, where its norm sits ("pre", "post", "both", None): from the recorded
+        execution order (:func:`normscope.roles.norm_placement`), and where the graph records
+        functional ops (fx, hooks), a "post" block's last norm must take a residual sum (an add)
+        as input — a BatchNorm closing a conv branch before the add (MobileNetV2) is not post-norm.
+        Each block says what decided it (``"by"``: "graph" or "execution-order")."""
+        from normscope.analyze.graph import _ADD_NAMES
+        from normscope.roles import norm_placement
+
+        out = norm_placement(self.meta.get("execution_order") or [], self.modules)
+        g = self.graph
+        functional = g is not None and g.source in ("fx", "hooks")
+        for v in out.values():
+            v["by"] = "execution-order"
+            if v["placement"] not in ("post", "both") or not functional:
+                continue
+            nodes = g.module_nodes(v["last"])
+            if not nodes:
+                continue  # the graph treats the block as one leaf: the order alone decides
+            v["by"] = "graph"
+            if not any(p.op == "function" and p.type in _ADD_NAMES for n in nodes for p in g.producers(n.id)):
+                v["placement"] = "pre" if v["placement"] == "both" else None
+        return out
 
     def node_type(self, node) -> str | None:
         if node.op != "module":

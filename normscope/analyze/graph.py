@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from normscope.roles import is_parametrization_path
+
 GRAPH_SOURCES = ("fx", "hooks", "execution-order")
 _ADD_NAMES = {"add", "iadd", "__add__", "__iadd__", "add_", "__radd__"}
 
@@ -131,13 +133,19 @@ def _json_attr(v: Any) -> Any:
     return None
 
 
+def _is_layer_leaf(m) -> bool:
+    """A childless module, or a parametrised layer (weight_norm: its only children compute its weight)."""
+    kids = [n for n, _ in m.named_children()]
+    return not kids or (kids == ["parametrizations"] and getattr(m, "parametrizations", None) is not None)
+
+
 def trace_fx(model) -> Graph:
     """Trace ``model`` with torch.fx (childless modules are leaves). Raises on failure."""
     import torch.fx as fx
 
     class _Tracer(fx.Tracer):
         def is_leaf_module(self, m, qualname):  # noqa: D401
-            return super().is_leaf_module(m, qualname) or not any(True for _ in m.children())
+            return super().is_leaf_module(m, qualname) or _is_layer_leaf(m)
 
     fxg = _Tracer().trace(model)
     types = {name: type(m).__name__ for name, m in model.named_modules()}
@@ -210,7 +218,8 @@ def trace_hooks(model, example_inputs: Any) -> Graph:
             producer[id(t)] = node_id
             keep.append(t)
 
-    leaves = {m: (name or "<root>") for name, m in model.named_modules() if not any(True for _ in m.children())}
+    leaves = {m: (name or "<root>") for name, m in model.named_modules()
+              if _is_layer_leaf(m) and not is_parametrization_path(name)}  # fmt: skip
     containers = {m: name for name, m in model.named_modules() if name and m not in leaves}
 
     def leaf_pre(mod, args, kwargs):

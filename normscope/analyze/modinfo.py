@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from normscope.roles import family, role
+from normscope.roles import family, own_parameters, role, type_name, weight_norm
 
 
 def module_info(module) -> dict[str, Any]:
     """Small JSON-safe description of one module (only what the checks read)."""
     from torch import nn
 
-    info: dict[str, Any] = {"type": type(module).__name__}
+    info: dict[str, Any] = {"type": type_name(module)}  # ParametrizedLinear (weight_norm) is a Linear
     if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, nn.Bilinear)):
         info["bias"] = getattr(module, "bias", None) is not None
         info["linear_like"] = True
@@ -34,7 +34,10 @@ def module_info(module) -> dict[str, Any]:
     r = role(module)
     if r is not None:
         info["role"] = r
-    info["own_params"] = sum(p.numel() for p in module.parameters(recurse=False))
+    wn = weight_norm(module)
+    if wn:
+        info["weight_norm"] = wn
+    info["own_params"] = sum(p.numel() for p in own_parameters(module))
     info["leaf"] = not any(True for _ in module.children())
     return info
 

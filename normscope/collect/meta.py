@@ -19,7 +19,7 @@ def initial_meta(model, name: str, plans, options: dict) -> dict:
     """meta.json at the start of a run: model summary, options, histogram edges, versions."""
     from normscope._version import __version__
     from normscope.collect.select import canonical_names
-    from normscope.roles import family, role, type_name
+    from normscope.roles import family, own_parameters, role, type_name, weight_norm
 
     hooked = {p.name for p in plans}
     roles = {p.name: p.role for p in plans}
@@ -29,8 +29,8 @@ def initial_meta(model, name: str, plans, options: dict) -> dict:
         cname = names[raw] or "<root>"
         entry = {
             "name": cname, "type": type_name(m),
-            "params": sum(p.numel() for p in m.parameters(recurse=False)),
-            "trainable": sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad),
+            "params": sum(p.numel() for p in own_parameters(m)),
+            "trainable": sum(p.numel() for p in own_parameters(m) if p.requires_grad),
             "hooked": cname in hooked,
         }  # fmt: skip
         if raw != names[raw]:
@@ -41,6 +41,9 @@ def initial_meta(model, name: str, plans, options: dict) -> dict:
         fam = family(m)
         if fam is not None:
             entry["family"] = fam
+        wn = weight_norm(m)
+        if wn:
+            entry["weight_norm"] = wn
         by_name.pop(cname, None)
         by_name[cname] = entry
     modules = list(by_name.values())

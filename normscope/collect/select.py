@@ -80,6 +80,11 @@ def canonical_names(model: nn.Module) -> dict[str, str]:
 def canonical_param_name(raw: str, names: Mapping[str, str]) -> str:
     """A parameter's name with the canonical name of its module."""
     mod, _, leaf = raw.rpartition(".")
+    if ".parametrizations." in f".{raw}":  # a parametrised layer's originals, named on the layer itself
+        head, _, tail = f".{raw}".rpartition(".parametrizations.")
+        pleaf = ROLES.parametrized_param_leaf(f"parametrizations.{tail}")
+        if pleaf is not None:
+            mod, leaf = head[1:], pleaf
     cmod = names.get(mod, mod)
     return f"{cmod}.{leaf}" if cmod else leaf
 
@@ -120,6 +125,8 @@ def is_default_target(module: nn.Module, role: str | None = None) -> bool:
         return True
     if any(True for _ in module.parameters(recurse=False)):
         return True
+    if getattr(module, "parametrizations", None) is not None:
+        return True  # a parametrised layer (weight_norm): its weight lives in .parametrizations
     is_leaf = not any(True for _ in module.children())
     return is_leaf and any(True for _ in module.parameters())
 
@@ -182,7 +189,7 @@ def plan_hooks(
             is_root_leaf = name == "" and not any(True for _ in module.children())
             role = ROLES.role(module, name, user_roles)
             chosen = (name != "" or is_root_leaf) and is_default_target(module, role) and not _is_wrapper(module)
-        if not chosen or (exc and _matches(name, module, exc)):
+        if not chosen or (exc and _matches(name, module, exc)) or ROLES.is_parametrization_path(name):
             continue
         role = ROLES.role(module, name, user_roles)
         hist, sat = hist_and_sat(module)

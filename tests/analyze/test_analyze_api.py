@@ -27,7 +27,7 @@ CATALOG = {
     "stale-running-stats", "syncbn-recommended", "redundant-bias", "bn-in-sequence-model", "vanishing-gradients",
     "exploding-gradients", "update-ratio", "effective-lr", "norm-weight-decay", "unnormalized-inputs",
     "overfitting", "underfitting", "legacy-lrn", "weight-sparsity", "eval-in-train-mode", "frozen-bn-drift",
-    "attention-logit-growth", "output-logit-divergence", "massive-activations",
+    "attention-logit-growth", "output-logit-divergence", "massive-activations", "weight-norm-init", "post-ln-gradient",
 }  # fmt: skip
 
 
@@ -75,6 +75,8 @@ def test_defaults_follow_checks_md():
         and cfg.thresholds("unnormalized-inputs")["mean_std"] == 3
     )
     assert cfg.get("weight-sparsity", "rel") == 1e-3
+    assert (cfg.get("weight-norm-init", "low"), cfg.get("weight-norm-init", "high")) == (0.1, 10)
+    assert cfg.get("post-ln-gradient", "ratio") == 10
 
 
 @pytest.mark.parametrize("data,match", [

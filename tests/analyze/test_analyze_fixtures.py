@@ -10,7 +10,14 @@ from analyze_testlib import fixture_files
 from normscope.analyze.formulas import variance_shift_closed_form
 
 FIXTURES = [p.stem for p in fixture_files()]
-HEALTHY = ["healthy_cnn_digits", "healthy_mlp_wine", "healthy_finetune_frozen_bn", "healthy_transformer_digits"]
+HEALTHY = [
+    "healthy_cnn_digits",
+    "healthy_mlp_wine",
+    "healthy_finetune_frozen_bn",
+    "healthy_transformer_digits",
+    "healthy_pre_ln_transformer",
+    "healthy_weight_norm_data_init",
+]
 
 
 def test_fixture_catalog_covers_every_check():

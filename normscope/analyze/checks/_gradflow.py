@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from normscope.analyze.registry import SkipCheck
-from normscope.roles import EMBEDDING, is_norm_info
+from normscope.roles import EMBEDDING, block_of, is_norm_info
 
 
 def _window(df, window_frac: float):
@@ -86,10 +86,14 @@ def weight_profile(ctx, window_frac: float) -> dict:
             continue
         layer = name.rsplit(".", 1)[0] if "." in name else ""
         info = ctx.modules.get(layer or "<root>", {})
-        if not name.endswith("weight") or is_norm_info(info) or info.get("type") in EMBEDDING:
+        # a weight-normalised layer's direction v stands for its weight (w = g·v/‖v‖: ρ_v = ρ of w's direction)
+        wn_v = {f"{layer}.{w['v']}" if layer else w["v"] for w in info.get("weight_norm") or ()}
+        if (not name.endswith("weight") and name not in wn_v) or is_norm_info(info) or info.get("type") in EMBEDDING:
             continue
         keep.append((ctx.order(layer or "<root>"), name, layer))
     keep.sort()
+    if len(keep) < 2:
+        raise SkipCheck("fewer than two conv/linear weights with recorded statistics")
     win, span = _window(p[p.param.isin([k[1] for k in keep])], window_frac)
     rho, names, layers = [], [], []
     for _, name, layer in keep:
@@ -116,16 +120,6 @@ def weight_profile(ctx, window_frac: float) -> dict:
             "values": rho, "ratio": ratio, "group": k, "window_steps": span, "rate_per_layer": rate,
             "blocks": [{"block": b, "median": g} for b, g in zip(groups, gvals)],
             "left_out_near_zero_init": sorted(zero)}  # fmt: skip
-
-
-def block_of(layer: str) -> str:
-    """The repeated block a layer belongs to: its name up to the first numeric part ("model.layers.3",
-    a Sequential's "4"); a layer outside any numbered container is its own block ("lm_head")."""
-    parts = layer.split(".")
-    for i, p in enumerate(parts):
-        if p.isdigit():
-            return ".".join(parts[: i + 1])
-    return layer
 
 
 def output_profile(ctx, window_frac: float) -> dict:
