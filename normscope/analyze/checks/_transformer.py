@@ -33,6 +33,8 @@ def wide(ctx: Context, names: tuple[str, ...] | list[str], phase: str, agg: str 
     module used twice, or several forwards per step) combine by ``agg``."""
     s = ctx.signals
     s = s[(s.phase == phase) & s.name.isin(list(names))]
+    if ctx.nonfinite_step is not None:  # from the first NaN/Inf on, the run is non-finite's to report
+        s = s[s.step < ctx.nonfinite_step]
     if not len(s):
         return pd.DataFrame(columns=["layer", "step", *names])
     w = s.pivot_table(index=["layer", "step"], columns="name", values="value", aggfunc=agg).reset_index()

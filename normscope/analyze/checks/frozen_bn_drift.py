@@ -36,7 +36,7 @@ FIX = (
 def drift_table(ctx: Context):
     """Per frozen BN layer: the signals over sampled steps (a DataFrame, columns = signal names)."""
     s = ctx.signals
-    s = s[(s.phase == "train") & s.name.isin(SIGNALS)]
+    s = ctx._finite(s[(s.phase == "train") & s.name.isin(SIGNALS)])  # before the first NaN/Inf
     if not len(s):
         return None
     return s.pivot_table(index=["layer", "step"], columns="name", values="value", aggfunc="last").reset_index()
