@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -90,41 +91,29 @@ class StepAccumulator:
         return off
 
     def _decode_columns(self, pending: list[PendingEntry], host: np.ndarray) -> int:
-        sizes = [e.layout.pack_size(e.fast) for e in pending]
-        offs = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        groups: dict[tuple, list[int]] = {}
-        for i, e in enumerate(pending):
-            groups.setdefault((e.kind, e.layout, e.fast), []).append(i)
-        out = {"act": [None] * len(pending), "grad": [None] * len(pending)}
-        for (kind, layout, fast), idx in groups.items():
-            rows = host[offs[idx][:, None] + np.arange(layout.pack_size(fast))]
-            cols = finish_act_many(rows, layout, fast) if kind == "act" else finish_grad_many(rows, layout, fast)
-            names = list(cols)
-            for j, i in enumerate(idx):
-                out[kind][i] = [cols[c][j] for c in names]
-            out.setdefault(kind + "_names", names)
-        self._columns = (pending, out)
+        tmpls = [_template(e.layout, e.fast) for e in pending]  # one cached lookup per pack
+        offs = np.concatenate([[0], np.cumsum([t[0] for t in tmpls])]).astype(np.int64)
+        cols = {}
+        for kind, finish in (("act", finish_act_flat), ("grad", finish_grad_flat)):
+            idx = [i for i, e in enumerate(pending) if e.kind == kind]
+            if idx:
+                cols[kind] = (idx, finish([pending[i] for i in idx], offs[idx], host, [tmpls[i] for i in idx]))
+        self._columns = (pending, cols)
         return int(offs[-1])
 
     def _write_columns(self, writer, step: int) -> None:
-        pending, out = self._columns
+        pending, cols = self._columns
         for kind, table in (("act", "stats"), ("grad", "grads")):
-            idx = [i for i, v in enumerate(out[kind]) if v is not None]
-            if not idx:
+            if kind not in cols:
                 continue
-            names = out[kind + "_names"]
-            cols = {c: [out[kind][i][k] for i in idx] for k, c in enumerate(names)}
+            idx, c = cols[kind]
             es = [pending[i] for i in idx]
-            cols["step"] = [step] * len(es)
-            cols["phase"] = [e.key[0] for e in es]
-            cols["layer"] = [e.key[1] for e in es]
-            cols["call"] = [e.key[2] for e in es]
-            cols["output"] = [e.key[3] for e in es]
+            c = dict(c, step=[step] * len(es), phase=[e.key[0] for e in es], layer=[e.key[1] for e in es],
+                     call=[e.key[2] for e in es], output=[e.key[3] for e in es])  # fmt: skip
             if kind == "act":
-                cols["module_type"] = [e.module_type for e in es]
-                cols["channel_axis"] = [e.layout.axis for e in es]
-                cols["forwards"] = [1] * len(es)
-            writer.extend(table, cols)
+                c.update(module_type=[e.module_type for e in es], channel_axis=[e.layout.axis for e in es],
+                         forwards=[1] * len(es))  # fmt: skip
+            writer.extend(table, c)
 
     def write(self, writer, step: int) -> None:
         if self._columns is not None:
@@ -227,91 +216,144 @@ def finish_grad(r: dict) -> dict:
     }
 
 
-# --- column-wise: many packs of one layout at once (rows of a 2-D host array) ------------------
+# --- column-wise: every pack of a step at once, each field gathered from all packs in one index ----
 
 
-def _raw_many(rows: np.ndarray, layout, fast: bool) -> dict:
-    """Raw fields of ``rows`` (m packs of one layout): scalars (m,), vectors (m, width); the fields
-    a fast pack leaves out as :func:`packs._derived` gives them (broadcastable)."""
+_SCALARS = {"act": [f.name for f in P.ACT_FIELDS if f.width == "1"], "grad": [f.name for f in P.GRAD_FIELDS]}
+_VECTORS = [f.name for f in P.ACT_FIELDS if f.width != "1"]
+
+
+@lru_cache(maxsize=4096)
+def _template(layout, fast: bool) -> tuple:
+    """(pack size, scalar positions, vector starts, vector widths) of a pack of ``layout``, over
+    the table's scalar and vector fields (position -1: not in the pack, derived or not recorded;
+    ``cnt`` keeps its width when derived)."""
     sl = P.slices(layout, fast)
-    out = {}
-    for f in P._ordered(layout.fields, fast):
-        v = rows[:, sl[f.name]]
-        out[f.name] = v[:, 0] if f.width == "1" else v
-    if fast:
-        d = P._derived(layout, {}, np)
-        if "hist" in out:
-            d["hist_n"] = out["hist"].sum(1)
-        if "cnt" in d:
-            d["cnt"] = d["cnt"][None, :]
-        out.update(d)
-    return out
+    kind = "grad" if isinstance(layout, GradLayout) else "act"
+    pos = tuple(sl[k].start if k in sl else -1 for k in _SCALARS[kind])
+    if kind == "grad":
+        return P.pack_size(layout, fast), pos, (), ()
+    have = {f.name: layout.width(f) for f in layout.fields}
+    starts = tuple(sl[k].start if k in sl else -1 for k in _VECTORS)
+    widths = tuple(have[k] if k in sl or (k == "cnt" and k in have) else 0 for k in _VECTORS)
+    return P.pack_size(layout, fast), pos, starts, widths
 
 
-def finish_act_many(rows: np.ndarray, layout: ActLayout, fast: bool) -> dict:
-    """:func:`finish_act` of each pack in ``rows`` (m × pack size, one layout), as columns: the
-    same values, one numpy pass per field instead of one per field per row."""
-    r = _raw_many(rows, layout, fast)
-    m = rows.shape[0]
-    n = np.broadcast_to(np.asarray(r["n"], np.float64), (m,))
-    cnt, s1, m2 = np.broadcast_to(r["cnt"], r["s1"].shape), r["s1"], r["m2"]
+class _Packs:
+    """The packs of one kind in a step's host vector, with every field's position in one array."""
+
+    def __init__(self, entries, offs: np.ndarray, host: np.ndarray, tmpls: list):
+        self.host, self.offs, self.m = host, offs, len(entries)
+        self.kind = "act" if entries[0].kind == "act" else "grad"
+        self.pos = np.array([t[1] for t in tmpls], dtype=np.int64).reshape(self.m, -1)
+        if self.kind == "act":
+            self.vstart = np.array([t[2] for t in tmpls], dtype=np.int64).reshape(self.m, -1)
+            self.vwidth = np.array([t[3] for t in tmpls], dtype=np.int64).reshape(self.m, -1)
+
+    def scalar(self, name: str, default) -> np.ndarray:
+        """One scalar field of every pack (``default`` where a pack derives it or lacks it)."""
+        pos = self.pos[:, _SCALARS[self.kind].index(name)]
+        have = pos >= 0
+        out = np.array(np.broadcast_to(np.asarray(default, dtype=np.float64), (self.m,)))
+        out[have] = self.host[self.offs[have] + pos[have]]
+        return out
+
+    def vector(self, name: str):
+        """One vector field of every pack, concatenated: (values, widths, present); NaN where a
+        pack does not carry it (``cnt`` of a fast pack: the caller fills it in)."""
+        j = _VECTORS.index(name)
+        starts, widths = self.vstart[:, j], self.vwidth[:, j]
+        have = starts >= 0
+        total = int(widths.sum())
+        base = np.repeat(self.offs + starts - (np.cumsum(widths) - widths), widths) + np.arange(total)
+        ok = np.repeat(have, widths)
+        vals = np.full(total, np.nan)
+        vals[ok] = self.host[base[ok]]
+        return vals, widths, have
+
+
+def _split(v: np.ndarray, widths: np.ndarray) -> list:
+    ends = np.cumsum(widths).tolist()
+    return [v[e - w : e] for e, w in zip(ends, widths.tolist())]
+
+
+def finish_act_flat(entries: list[PendingEntry], offs: np.ndarray, host: np.ndarray, tmpls: list) -> dict:
+    """:func:`finish_act` of every entry (packs at ``offs`` of ``host``), as columns: the same
+    values, one numpy pass per field over all packs of the step instead of one per field per pack."""
+    pk = _Packs(entries, offs, host, tmpls)
+    fast = np.array([e.fast for e in entries])
+    numel = np.array([e.layout.numel for e in entries], dtype=np.float64)
+    chans = np.array([e.layout.channels for e in entries], dtype=np.int64)
+    n = pk.scalar("n", numel)
+    n_nan = pk.scalar("n_nan", 0.0)
+    n_inf = pk.scalar("n_inf", 0.0)
+    samples = pk.scalar("samples", [e.layout.samples for e in entries])
+    s1, cw, _ = pk.vector("s1")
+    m2, _, _ = pk.vector("m2")
+    cnt, _, cnt_have = pk.vector("cnt")
+    derived = np.repeat(fast | ~cnt_have, cw)  # fast packs: numel / C per channel
+    cnt[derived] = np.repeat(numel / chans, cw)[derived]
+    first = np.cumsum(cw) - cw
     with np.errstate(invalid="ignore", divide="ignore"):
         ch_mean = np.where(cnt > 0, s1 / np.maximum(cnt, 1), np.nan)
         ch_var = np.where(cnt > 0, m2 / np.maximum(cnt, 1), np.nan)
         seen = n > 0
         nn = np.where(seen, n, 1.0)
-        mean = s1.sum(1) / nn
-        m2_all = m2.sum(1) + (cnt * (np.nan_to_num(ch_mean) - mean[:, None]) ** 2).sum(1)
+        mean = np.add.reduceat(s1, first) / nn
+        dev = cnt * (np.nan_to_num(ch_mean) - np.repeat(mean, cw)) ** 2
+        m2_all = np.add.reduceat(m2, first) + np.add.reduceat(dev, first)
         std = np.sqrt(np.maximum(m2_all / nn, 0.0))
 
-    def nan_unseen(v):
+    def unseen_nan(v):
         return np.where(seen, v, np.nan).tolist()
 
-    def frac(k):
-        return nan_unseen(r[k] / nn) if k in r else [math.nan] * m
+    def frac(name):
+        return unseen_nan(pk.scalar(name, np.nan) / nn)
 
-    def ints(v):
-        return np.broadcast_to(np.asarray(v), (m,)).astype(np.int64).tolist()
-
-    nan_c, inf_c = ints(r["n_nan"]), ints(r["n_inf"])
-    empty_f, empty_i = np.zeros(0, np.float32), np.zeros(0, np.int64)
-    per = layout.per_channel
-    has_active, has_hist = "active" in r, "hist" in r
+    hist, hw, hist_have = pk.vector("hist")
+    sums = np.add.reduceat(np.nan_to_num(hist), np.cumsum(hw) - hw) if hist.size and hw.all() else 0.0
+    hist_n = np.where(hist_have & (hw > 0), pk.scalar("hist_n", sums), 0)
+    active, aw, act_have = pk.vector("active")
+    per = np.array([e.layout.per_channel for e in entries])
+    ef, ei = np.zeros(0, np.float32), np.zeros(0, np.int64)
+    chm, chv = _split(ch_mean.astype(np.float32), cw), _split(ch_var.astype(np.float32), cw)
+    acts = _split(np.nan_to_num(active).astype(np.int64), aw)
+    hists = _split(np.nan_to_num(hist).astype(np.int64), hw)
     return {
-        "count": (np.broadcast_to(n, (m,)) + np.asarray(r["n_nan"]) + np.asarray(r["n_inf"])).astype(np.int64).tolist(),
-        "samples": ints(r["samples"]),
-        "mean": nan_unseen(mean),
-        "std": nan_unseen(std),
-        "min": nan_unseen(r["min"]),
-        "max": nan_unseen(r["max"]),
+        "count": (n + n_nan + n_inf).astype(np.int64).tolist(),
+        "samples": samples.astype(np.int64).tolist(),
+        "mean": unseen_nan(mean),
+        "std": unseen_nan(std),
+        "min": unseen_nan(pk.scalar("min", np.nan)),
+        "max": unseen_nan(pk.scalar("max", np.nan)),
         "mean_abs": frac("abs_sum"),
         "frac_zero": frac("n_zero"),
         "frac_nonpos": frac("n_nonpos"),
         "frac_sat": frac("n_sat"),
-        "nan_count": nan_c,
-        "inf_count": inf_c,
-        "ch_mean": list(ch_mean.astype(np.float32)) if per else [empty_f] * m,
-        "ch_var": list(ch_var.astype(np.float32)) if per else [empty_f] * m,
-        "active": list(r["active"].astype(np.int64)) if per and has_active else [empty_i] * m,
-        "hist": list(r["hist"].astype(np.int64)) if has_hist else [empty_i] * m,
-        "hist_count": ints(r["hist_n"]) if has_hist else [0] * m,
+        "nan_count": n_nan.astype(np.int64).tolist(),
+        "inf_count": n_inf.astype(np.int64).tolist(),
+        "ch_mean": [v if p else ef for v, p in zip(chm, per)],
+        "ch_var": [v if p else ef for v, p in zip(chv, per)],
+        "active": [v if p and h else ei for v, p, h in zip(acts, per, act_have)],
+        "hist": [v if h else ei for v, h in zip(hists, hist_have)],
+        "hist_count": hist_n.astype(np.int64).tolist(),
     }
 
 
-def finish_grad_many(rows: np.ndarray, layout: GradLayout, fast: bool) -> dict:
-    """:func:`finish_grad` of each pack in ``rows`` (m × pack size, one layout), as columns."""
-    r = _raw_many(rows, layout, fast)
-    m = rows.shape[0]
-    n = np.broadcast_to(np.asarray(r["n"], np.float64), (m,))
+def finish_grad_flat(entries: list[PendingEntry], offs: np.ndarray, host: np.ndarray, tmpls: list) -> dict:
+    """:func:`finish_grad` of every entry, as columns."""
+    pk = _Packs(entries, offs, host, tmpls)
+    n = pk.scalar("n", [e.layout.numel for e in entries])
+    n_nan = pk.scalar("n_nan", 0.0)
+    n_inf = pk.scalar("n_inf", 0.0)
+    sumsq = pk.scalar("sumsq", np.nan)
     seen = n > 0
     nn = np.where(seen, n, 1.0)
-    nan_c = np.broadcast_to(np.asarray(r["n_nan"]), (m,))
-    inf_c = np.broadcast_to(np.asarray(r["n_inf"]), (m,))
     return {
-        "count": (n + nan_c + inf_c).astype(np.int64).tolist(),
-        "norm": np.sqrt(r["sumsq"]).tolist(),
-        "rms": np.where(seen, np.sqrt(r["sumsq"] / nn), np.nan).tolist(),
-        "max_abs": np.where(seen, r["max_abs"], np.nan).tolist(),
-        "nan_count": nan_c.astype(np.int64).tolist(),
-        "inf_count": inf_c.astype(np.int64).tolist(),
+        "count": (n + n_nan + n_inf).astype(np.int64).tolist(),
+        "norm": np.sqrt(sumsq).tolist(),
+        "rms": np.where(seen, np.sqrt(sumsq / nn), np.nan).tolist(),
+        "max_abs": np.where(seen, pk.scalar("max_abs", np.nan), np.nan).tolist(),
+        "nan_count": n_nan.astype(np.int64).tolist(),
+        "inf_count": n_inf.astype(np.int64).tolist(),
     }
