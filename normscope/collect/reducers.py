@@ -369,13 +369,13 @@ def _reduce_act_fast(xf, layout, hist, sat, hist_max, scratch, lo: float, hi: fl
     buf = scratch.get(n, xf.device)
     ones = scratch.ones(max(a, s), xf.device)
     s1 = _chsum(xf, a, c, s, ones)
-    mean = s1 / (a * s)
+    k = -1.0 / (a * s)  # x - mean[c] = x + k * s1[c], one op
     if s == 1:
-        d = torch.sub(xf.view(a, c), mean, out=buf.view(a, c))
+        d = torch.add(xf.view(a, c), s1, alpha=k, out=buf.view(a, c))
     elif s >= 8 or c == 1:
-        d = torch.sub(xf.view(a, c, s), mean.view(1, c, 1), out=buf.view(a, c, s))
+        d = torch.add(xf.view(a, c, s), s1.view(1, c, 1), alpha=k, out=buf.view(a, c, s))
     else:  # short trailing runs: a broadcast subtraction is slow there, a rank-1 update (BLAS ger) is not
-        d = torch.addr(xf.view(a, c * s), ones[:a], mean.repeat_interleave(s), alpha=-1, out=buf.view(a, c * s))
+        d = torch.addr(xf.view(a, c * s), ones[:a], s1.repeat_interleave(s), alpha=k, out=buf.view(a, c * s))
     m2 = _chsum(d.mul_(d), a, c, s, ones)
     nonneg = lo >= 0  # ReLU-family outputs: |x| = x and sign(x) is 0/1, which saves three ops
     sg = torch.sign(flat, out=buf)
@@ -445,9 +445,9 @@ def _hist_fast(flat: torch.Tensor, spec: HistSpec, hist_max: int) -> torch.Tenso
     product (exact: counts < 2**24); linear without the ``floor`` (truncation equals it once
     clamped to [0, bins-1])."""
     stride = hist_stride(flat.numel(), hist_max)
-    y = flat[::stride].contiguous() if stride > 1 else flat
+    y = flat[::stride] if stride > 1 else flat  # a strided view: the first op reads it, no copy
     if spec.kind == "symlog":
-        code = torch.bitwise_right_shift(y.view(torch.int32), 23).add_(256)
+        code = (y.view(torch.int32) >> 23).add_(256)
         return torch.bincount(code, minlength=512).to(torch.float32) @ _symlog_fold(y.device)
     idx = (y - spec.lo).mul_(LINEAR_BINS / (spec.hi - spec.lo)).clamp_(0, LINEAR_BINS - 1)
     return torch.bincount(idx.to(torch.int32), minlength=LINEAR_BINS).to(torch.float32)
