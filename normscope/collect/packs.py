@@ -178,7 +178,10 @@ def assemble_host(layout, fast: bool, scalars: dict, vectors: dict, dtype=torch.
     ``dtype``: one small tensor for the scalars, one ``cat`` and one conversion, not an op per
     field (``dtype=float32`` where every value is exact in float32: no conversion per piece)."""
     order = _ordered(layout.fields, fast)
-    head = torch.tensor([scalars[f.name] for f in order if f.width == "1"], dtype=dtype)
+    head = [scalars[f.name] for f in order if f.width == "1"]
+    if not vectors:  # every field one host value (one-channel vectors given as floats too)
+        return torch.tensor(head + [scalars[f.name] for f in order if f.width != "1"], dtype=torch.float64)
+    head = torch.tensor(head, dtype=dtype)
     vecs = [vectors[f.name] for f in order if f.width != "1"]
     out = torch.cat([head, *vecs]) if vecs else head
     return out if out.dtype == torch.float64 else out.to(torch.float64)

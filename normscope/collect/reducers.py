@@ -259,7 +259,7 @@ def reduce_act(
         lo = mn.item()  # CPU: reading a value is not a device sync
         if math.isfinite(lo) and math.isfinite(mx.item()):
             if layout.stats == "minimal":
-                return _reduce_act_minimal_fast(xf, layout, mn, mx), True
+                return _reduce_act_minimal_fast(xf, layout, lo, mx.item(), scratch), True
             if xf.numel() >= _WIDE:
                 return _reduce_act_fast_wide(xf, layout, hist, sat, hist_max, scratch, mn, mx, lo >= 0), True
             return _reduce_act_fast(xf, layout, hist, sat, hist_max, scratch, lo, mx.item()), True
@@ -453,15 +453,19 @@ def _hist_fast(flat: torch.Tensor, spec: HistSpec, hist_max: int) -> torch.Tenso
     return torch.bincount(idx.to(torch.int32), minlength=LINEAR_BINS).to(torch.float32)
 
 
-def _reduce_act_minimal_fast(xf, layout, mn, mx):
-    """stats="minimal", all finite (CPU): min/max (already read), the sum and the sum of squared
-    deviations, as one channel; two passes."""
-    wide = torch.float64 if xf.numel() >= (1 << 23) else None
+def _reduce_act_minimal_fast(xf, layout, lo: float, hi: float, scratch: Scratch):
+    """stats="minimal", all finite (CPU): min/max (already read on the host), the sum and the sum
+    of squared deviations, as one channel; two passes, four ops, the pack from host floats."""
+    wide = torch.float64 if xf.numel() >= _WIDE else None
     flat = xf.view(-1)
-    s1 = flat.sum(dtype=wide).view(1)
-    d = flat - (s1 / max(flat.numel(), 1)).to(flat.dtype)
-    m2 = torch.dot(d, d).view(1) if wide is None else d.double().pow_(2).sum().view(1)
-    return assemble(layout, True, {"min": mn, "max": mx, "s1": s1, "m2": m2})
+    s1 = flat.sum(dtype=wide)
+    if wide is None:
+        d = torch.add(flat, s1, alpha=-1.0 / max(flat.numel(), 1), out=scratch.get(flat.numel(), xf.device))
+        m2 = torch.dot(d, d).item()
+    else:
+        d = flat - (s1 / max(flat.numel(), 1)).to(flat.dtype)
+        m2 = d.double().pow_(2).sum().item()
+    return assemble_host(layout, True, {"min": lo, "max": hi, "s1": s1.item(), "m2": m2}, {})
 
 
 def _reduce_act_masked(xf, layout, hist, sat, hist_max):
