@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,7 @@ class StepAccumulator:
 
     acts: dict = field(default_factory=dict)
     grads: dict = field(default_factory=dict)
+    _columns: tuple | None = None  # (pending, decoded rows) of a step decoded column-wise
 
     def add_act(self, key: tuple, raw: dict, mtype: str, axis: int, per_channel: bool = True, forwards: int = 1):
         ent = self.acts.get(key)
@@ -65,8 +67,17 @@ class StepAccumulator:
     def add_grad(self, key: tuple, raw: dict) -> None:
         self.grads[key] = combine_grad(self.grads[key], raw) if key in self.grads else raw
 
-    def decode(self, pending: list[PendingEntry], host: np.ndarray, full: bool = False) -> int:
-        """Split one host vector laid out like ``pending``; ``full``: every pack in the full layout."""
+    def decode(self, pending: list[PendingEntry], host: np.ndarray, full: bool = False, columns: bool = False) -> int:
+        """Split one host vector laid out like ``pending``; ``full``: every pack in the full layout.
+
+        ``columns``: when every entry is new and seen once (no micro-batches to merge: the usual
+        step), decode column-wise, one numpy pass per layout (:func:`finish_act_many`), and let
+        :meth:`write` append whole columns (nothing lands in ``acts``/``grads``); else pack by
+        pack, merged in arrival order."""
+        if columns and not full and not self.acts and not self.grads and self._columns is None:
+            keys = {(e.kind, e.key) for e in pending}
+            if len(keys) == len(pending):
+                return self._decode_columns(pending, host)
         off = 0
         for e in pending:
             fast = e.fast and not full
@@ -79,7 +90,34 @@ class StepAccumulator:
             off += size
         return off
 
+    def _decode_columns(self, pending: list[PendingEntry], host: np.ndarray) -> int:
+        tmpls = [_template(e.layout, e.fast) for e in pending]  # one cached lookup per pack
+        offs = np.concatenate([[0], np.cumsum([t[0] for t in tmpls])]).astype(np.int64)
+        cols = {}
+        for kind, finish in (("act", finish_act_flat), ("grad", finish_grad_flat)):
+            idx = [i for i, e in enumerate(pending) if e.kind == kind]
+            if idx:
+                cols[kind] = (idx, finish([pending[i] for i in idx], offs[idx], host, [tmpls[i] for i in idx]))
+        self._columns = (pending, cols)
+        return int(offs[-1])
+
+    def _write_columns(self, writer, step: int) -> None:
+        pending, cols = self._columns
+        for kind, table in (("act", "stats"), ("grad", "grads")):
+            if kind not in cols:
+                continue
+            idx, c = cols[kind]
+            es = [pending[i] for i in idx]
+            c = dict(c, step=[step] * len(es), phase=[e.key[0] for e in es], layer=[e.key[1] for e in es],
+                     call=[e.key[2] for e in es], output=[e.key[3] for e in es])  # fmt: skip
+            if kind == "act":
+                c.update(module_type=[e.module_type for e in es], channel_axis=[e.layout.axis for e in es],
+                         forwards=[1] * len(es))  # fmt: skip
+            writer.extend(table, c)
+
     def write(self, writer, step: int) -> None:
+        if self._columns is not None:
+            self._write_columns(writer, step)
         for key, ent in self.acts.items():
             row = finish_act(ent.raw, ent.per_channel)
             phase, layer, call, path = key
@@ -175,4 +213,147 @@ def finish_grad(r: dict) -> dict:
         "max_abs": float(r["max_abs"]) if n > 0 else math.nan,
         "nan_count": int(r["n_nan"]),
         "inf_count": int(r["n_inf"]),
+    }
+
+
+# --- column-wise: every pack of a step at once, each field gathered from all packs in one index ----
+
+
+_SCALARS = {"act": [f.name for f in P.ACT_FIELDS if f.width == "1"], "grad": [f.name for f in P.GRAD_FIELDS]}
+_VECTORS = [f.name for f in P.ACT_FIELDS if f.width != "1"]
+
+
+@lru_cache(maxsize=4096)
+def _template(layout, fast: bool) -> tuple:
+    """(pack size, scalar positions, vector starts, vector widths) of a pack of ``layout``, over
+    the table's scalar and vector fields (position -1: not in the pack, derived or not recorded;
+    ``cnt`` keeps its width when derived)."""
+    sl = P.slices(layout, fast)
+    kind = "grad" if isinstance(layout, GradLayout) else "act"
+    pos = tuple(sl[k].start if k in sl else -1 for k in _SCALARS[kind])
+    if kind == "grad":
+        return P.pack_size(layout, fast), pos, (), ()
+    have = {f.name: layout.width(f) for f in layout.fields}
+    starts = tuple(sl[k].start if k in sl else -1 for k in _VECTORS)
+    widths = tuple(have[k] if k in sl or (k == "cnt" and k in have) else 0 for k in _VECTORS)
+    return P.pack_size(layout, fast), pos, starts, widths
+
+
+class _Packs:
+    """The packs of one kind in a step's host vector, with every field's position in one array."""
+
+    def __init__(self, entries, offs: np.ndarray, host: np.ndarray, tmpls: list):
+        self.host, self.offs, self.m = host, offs, len(entries)
+        self.kind = "act" if entries[0].kind == "act" else "grad"
+        self.pos = np.array([t[1] for t in tmpls], dtype=np.int64).reshape(self.m, -1)
+        if self.kind == "act":
+            self.vstart = np.array([t[2] for t in tmpls], dtype=np.int64).reshape(self.m, -1)
+            self.vwidth = np.array([t[3] for t in tmpls], dtype=np.int64).reshape(self.m, -1)
+
+    def scalar(self, name: str, default) -> np.ndarray:
+        """One scalar field of every pack (``default`` where a pack derives it or lacks it)."""
+        pos = self.pos[:, _SCALARS[self.kind].index(name)]
+        have = pos >= 0
+        out = np.array(np.broadcast_to(np.asarray(default, dtype=np.float64), (self.m,)))
+        out[have] = self.host[self.offs[have] + pos[have]]
+        return out
+
+    def vector(self, name: str):
+        """One vector field of every pack, concatenated: (values, widths, present); NaN where a
+        pack does not carry it (``cnt`` of a fast pack: the caller fills it in)."""
+        j = _VECTORS.index(name)
+        starts, widths = self.vstart[:, j], self.vwidth[:, j]
+        have = starts >= 0
+        total = int(widths.sum())
+        base = np.repeat(self.offs + starts - (np.cumsum(widths) - widths), widths) + np.arange(total)
+        ok = np.repeat(have, widths)
+        vals = np.full(total, np.nan)
+        vals[ok] = self.host[base[ok]]
+        return vals, widths, have
+
+
+def _split(v: np.ndarray, widths: np.ndarray) -> list:
+    ends = np.cumsum(widths).tolist()
+    return [v[e - w : e] for e, w in zip(ends, widths.tolist())]
+
+
+def finish_act_flat(entries: list[PendingEntry], offs: np.ndarray, host: np.ndarray, tmpls: list) -> dict:
+    """:func:`finish_act` of every entry (packs at ``offs`` of ``host``), as columns: the same
+    values, one numpy pass per field over all packs of the step instead of one per field per pack."""
+    pk = _Packs(entries, offs, host, tmpls)
+    fast = np.array([e.fast for e in entries])
+    numel = np.array([e.layout.numel for e in entries], dtype=np.float64)
+    chans = np.array([e.layout.channels for e in entries], dtype=np.int64)
+    n = pk.scalar("n", numel)
+    n_nan = pk.scalar("n_nan", 0.0)
+    n_inf = pk.scalar("n_inf", 0.0)
+    samples = pk.scalar("samples", [e.layout.samples for e in entries])
+    s1, cw, _ = pk.vector("s1")
+    m2, _, _ = pk.vector("m2")
+    cnt, _, cnt_have = pk.vector("cnt")
+    derived = np.repeat(fast | ~cnt_have, cw)  # fast packs: numel / C per channel
+    cnt[derived] = np.repeat(numel / chans, cw)[derived]
+    first = np.cumsum(cw) - cw
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ch_mean = np.where(cnt > 0, s1 / np.maximum(cnt, 1), np.nan)
+        ch_var = np.where(cnt > 0, m2 / np.maximum(cnt, 1), np.nan)
+        seen = n > 0
+        nn = np.where(seen, n, 1.0)
+        mean = np.add.reduceat(s1, first) / nn
+        dev = cnt * (np.nan_to_num(ch_mean) - np.repeat(mean, cw)) ** 2
+        m2_all = np.add.reduceat(m2, first) + np.add.reduceat(dev, first)
+        std = np.sqrt(np.maximum(m2_all / nn, 0.0))
+
+    def unseen_nan(v):
+        return np.where(seen, v, np.nan).tolist()
+
+    def frac(name):
+        return unseen_nan(pk.scalar(name, np.nan) / nn)
+
+    hist, hw, hist_have = pk.vector("hist")
+    sums = np.add.reduceat(np.nan_to_num(hist), np.cumsum(hw) - hw) if hist.size and hw.all() else 0.0
+    hist_n = np.where(hist_have & (hw > 0), pk.scalar("hist_n", sums), 0)
+    active, aw, act_have = pk.vector("active")
+    per = np.array([e.layout.per_channel for e in entries])
+    ef, ei = np.zeros(0, np.float32), np.zeros(0, np.int64)
+    chm, chv = _split(ch_mean.astype(np.float32), cw), _split(ch_var.astype(np.float32), cw)
+    acts = _split(np.nan_to_num(active).astype(np.int64), aw)
+    hists = _split(np.nan_to_num(hist).astype(np.int64), hw)
+    return {
+        "count": (n + n_nan + n_inf).astype(np.int64).tolist(),
+        "samples": samples.astype(np.int64).tolist(),
+        "mean": unseen_nan(mean),
+        "std": unseen_nan(std),
+        "min": unseen_nan(pk.scalar("min", np.nan)),
+        "max": unseen_nan(pk.scalar("max", np.nan)),
+        "mean_abs": frac("abs_sum"),
+        "frac_zero": frac("n_zero"),
+        "frac_nonpos": frac("n_nonpos"),
+        "frac_sat": frac("n_sat"),
+        "nan_count": n_nan.astype(np.int64).tolist(),
+        "inf_count": n_inf.astype(np.int64).tolist(),
+        "ch_mean": [v if p else ef for v, p in zip(chm, per)],
+        "ch_var": [v if p else ef for v, p in zip(chv, per)],
+        "active": [v if p and h else ei for v, p, h in zip(acts, per, act_have)],
+        "hist": [v if h else ei for v, h in zip(hists, hist_have)],
+        "hist_count": hist_n.astype(np.int64).tolist(),
+    }
+
+
+def finish_grad_flat(entries: list[PendingEntry], offs: np.ndarray, host: np.ndarray, tmpls: list) -> dict:
+    """:func:`finish_grad` of every entry, as columns."""
+    pk = _Packs(entries, offs, host, tmpls)
+    n = pk.scalar("n", [e.layout.numel for e in entries])
+    n_nan = pk.scalar("n_nan", 0.0)
+    n_inf = pk.scalar("n_inf", 0.0)
+    sumsq = pk.scalar("sumsq", np.nan)
+    seen = n > 0
+    nn = np.where(seen, n, 1.0)
+    return {
+        "count": (n + n_nan + n_inf).astype(np.int64).tolist(),
+        "norm": np.sqrt(sumsq).tolist(),
+        "rms": np.where(seen, np.sqrt(sumsq / nn), np.nan).tolist(),
+        "max_abs": np.where(seen, pk.scalar("max_abs", np.nan), np.nan).tolist(),
+        "nan_count": n_nan.astype(np.int64).tolist(),
+        "inf_count": n_inf.astype(np.int64).tolist(),
     }

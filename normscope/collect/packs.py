@@ -143,6 +143,7 @@ class GradLayout:
         return pack_size(self, fast)
 
 
+@lru_cache(maxsize=64)
 def _ordered(fields: tuple[Field, ...], fast: bool) -> tuple[Field, ...]:
     chosen = [f for f in fields if f.fast or not fast]
     return tuple([f for f in chosen if f.width == "1"] + [f for f in chosen if f.width != "1"])
@@ -170,6 +171,20 @@ def assemble(layout, fast: bool, values: dict, dtype=torch.float64) -> torch.Ten
     vecs = [values[f.name].to(dtype) for f in order if f.width != "1"]
     parts = ([torch.stack(scal)] if scal else []) + vecs
     return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def assemble_host(layout, fast: bool, scalars: dict, vectors: dict, dtype=torch.float64) -> torch.Tensor:
+    """One float64 pack from host scalars (Python floats, CPU fast path) and CPU vectors of
+    ``dtype``: one small tensor for the scalars, one ``cat`` and one conversion, not an op per
+    field (``dtype=float32`` where every value is exact in float32: no conversion per piece)."""
+    order = _ordered(layout.fields, fast)
+    head = [scalars[f.name] for f in order if f.width == "1"]
+    if not vectors:  # every field one host value (one-channel vectors given as floats too)
+        return torch.tensor(head + [scalars[f.name] for f in order if f.width != "1"], dtype=torch.float64)
+    head = torch.tensor(head, dtype=dtype)
+    vecs = [vectors[f.name] for f in order if f.width != "1"]
+    out = torch.cat([head, *vecs]) if vecs else head
+    return out if out.dtype == torch.float64 else out.to(torch.float64)
 
 
 def _derived(layout, have: dict, xp):

@@ -56,7 +56,7 @@ class StepEnd:
             if not tensors and not self._scalars:
                 return
             host = _to_host(tensors) if tensors else np.zeros(0)
-            off = acc.decode(pending, host)
+            off = acc.decode(pending, host, columns=True)
             if sq is not None:
                 n = len(self._params.entries)
                 norms = np.sqrt(host[off : off + 3 * n].reshape(3, n))

@@ -116,7 +116,13 @@ class _Struct:
 
 
 def _rle_levels(levels: np.ndarray, bit_width: int) -> bytes:
-    """RLE/bit-packed hybrid, RLE runs only, prefixed by its 4-byte length (data page v1)."""
+    """RLE/bit-packed hybrid, prefixed by its 4-byte length (data page v1): 0/1 levels as one
+    bit-packed run (``np.packbits``, no Python loop over runs; the padding bits of the last byte
+    lie past the page's value count), other widths as RLE runs."""
+    if bit_width == 1 and len(levels):
+        body = _varint(((len(levels) + 7) // 8) << 1 | 1)
+        body += np.packbits(levels.astype(np.uint8), bitorder="little").tobytes()
+        return struct.pack("<i", len(body)) + body
     out = bytearray()
     nbytes = (bit_width + 7) // 8
     if len(levels):

@@ -139,6 +139,15 @@ class RunWriter:
             buf.append(row.get(c))
         self._rows[table] += 1
 
+    def extend(self, table: str, columns: dict[str, list]) -> None:
+        """Append many rows at once, given column-wise (every column of the table, equal lengths)."""
+        cols = self._cols[table]
+        n = len(next(iter(columns.values())))
+        for c, buf in cols.items():
+            v = columns.get(c)
+            buf.extend(v if v is not None else [None] * n)
+        self._rows[table] += n
+
     @property
     def pending_rows(self) -> int:
         return sum(self._rows.values())

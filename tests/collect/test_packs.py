@@ -90,3 +90,76 @@ def test_pending_entries_decode_in_order_from_one_host_vector():
     acc2 = H.StepAccumulator()
     acc2.decode(entries, full, full=True)
     np.testing.assert_allclose(acc2.acts[("train", "a", 0, "")].raw["s1"], acc.acts[("train", "a", 0, "")].raw["s1"])
+
+
+def _rows_equal(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for k, v in a.items():
+        w = b[k]
+        if isinstance(v, np.ndarray):
+            assert v.dtype == np.asarray(w).dtype, k
+            np.testing.assert_array_equal(v, w, err_msg=k)
+        elif isinstance(v, float) and np.isnan(v):
+            assert np.isnan(w), k
+        elif isinstance(v, str):
+            assert v == w, k
+        else:
+            assert type(v) is type(w) and v == pytest.approx(w, rel=1e-12, abs=1e-300), k
+
+
+@pytest.mark.parametrize("stats", ["minimal", "standard", "full"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_column_wise_decode_equals_row_by_row(stats, masked, per_channel):
+    """The step's column-wise decode (one numpy pass per layout) writes what finish_act /
+    finish_grad give pack by pack, in the same row order, NaN/Inf and empty tensors included."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(4, 3, 5), (4, 3, 5), (2, 6), (4, 3, 5), (3, 2, 2, 2)]
+    xs = [torch.randn(s, generator=g) * 2 - 0.5 for s in shapes]
+    xs[1] = torch.relu(xs[1])
+    xs[3].view(-1)[:4] = torch.tensor([float("nan"), float("inf"), 0.0, -float("inf")])
+    hist = R.HistSpec("symlog")
+    pending = []
+    for i, x in enumerate(xs):
+        layout = R.act_layout(x, 1, hist, None if per_channel else 1, stats)
+        pack, fast = R.reduce_act(x, layout, hist, R.SatSpec("tanh"), 65536, R.Scratch(), force_masked=masked)
+        pending.append(H.PendingEntry("act", ("train", f"l{i}", 0, ""), layout, fast, pack, "Linear"))
+        gp, gfast = R.reduce_grad(x, force_masked=masked)
+        pending.append(H.PendingEntry("grad", ("train", f"l{i}", 0, ""), R.GradLayout(x.numel()), gfast, gp))
+    host = torch.cat([e.pack for e in pending]).numpy()
+
+    class W:
+        def __init__(self):
+            self.rows = {"stats": [], "grads": []}
+
+        def append(self, table, row):
+            self.rows[table].append(row)
+
+        def extend(self, table, cols):
+            n = len(next(iter(cols.values())))
+            self.rows[table] += [{c: v[j] for c, v in cols.items()} for j in range(n)]
+
+    by_cols, by_rows = W(), W()
+    acc = H.StepAccumulator()
+    assert acc.decode(pending, host, columns=True) == host.size
+    assert acc._columns is not None  # every key once: the column-wise path
+    acc.write(by_cols, 7)
+    acc = H.StepAccumulator()
+    acc.decode(pending + pending[:1], np.concatenate([host, host[: pending[0].layout.pack_size(pending[0].fast)]]),
+               columns=True)  # fmt: skip
+    assert acc._columns is None  # a key seen twice: merged pack by pack
+    acc = H.StepAccumulator()
+    off = 0
+    for e in pending:  # the reference: pack by pack
+        size = e.layout.pack_size(e.fast)
+        raw = P.split(host[off : off + size], e.layout, e.fast)
+        off += size
+        if e.kind == "act":
+            acc.add_act(e.key, raw, e.module_type, e.layout.axis, e.layout.per_channel)
+        else:
+            acc.add_grad(e.key, raw)
+    acc.write(by_rows, 7)
+    for table in ("stats", "grads"):
+        assert len(by_cols.rows[table]) == len(by_rows.rows[table]) == len(xs)
+        for a, b in zip(by_cols.rows[table], by_rows.rows[table]):
+            _rows_equal({k: v for k, v in a.items()}, {k: b.get(k) for k in a})
