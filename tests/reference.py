@@ -33,7 +33,7 @@ def hist_bins_ref(y: np.ndarray, spec) -> np.ndarray:
     if spec.kind == "symlog":
         mags = 2.0 ** np.arange(R.SYMLOG_LO_EXP, R.SYMLOG_HI_EXP + 1)
         j = np.searchsorted(mags, np.abs(y), side="right")
-        return (R._SYMLOG_K + 1 + np.sign(y) * j).astype(np.int64)
+        return (R.SYMLOG_K + 1 + np.sign(y) * j).astype(np.int64)
     inner = np.linspace(spec.lo, spec.hi, R.LINEAR_BINS + 1)[1:-1]
     return np.searchsorted(inner, y, side="right").astype(np.int64)
 
