@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from normscope.collect.outputs import iter_float_tensors
+from normscope.collect.scope_hooks import functorch_level, in_backward
 from normscope.collect.select import canonical_names
 from normscope.roles import AttentionSpec, attention_modules, feature_size, transformer_blocks
 
@@ -45,17 +46,6 @@ TOP = 4  # channels reported per block output
 OUTPUT_LAYER = "output"
 ATTN_NAMES = ("attn_logit_max", "attn_logit_head_mean", "attn_logit_bound", "attn_rotary")
 LOGIT_NAMES = ("logz_mean", "logz_std", "z_absmax", "z_mean")
-
-
-def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
-
-
-def _functorch() -> bool:
-    try:
-        return torch._C._functorch.maybe_current_level() is not None
-    except AttributeError:  # pragma: no cover - older torch
-        return False
 
 
 def spaced(n: int, k: int, device) -> torch.Tensor:
@@ -213,7 +203,7 @@ class TransformerProbes:
         scope = self._scope()
         if scope is None or not scope._active or not scope._sampling or key in self.disabled:
             return None
-        if _in_backward() or _functorch():
+        if in_backward() or functorch_level() is not None:
             return None
         if scope.step_index != self._step:  # a new step (also when submodules are called without the root)
             self._step = scope.step_index
@@ -277,7 +267,7 @@ class TransformerProbes:
 
         def hook(module, args, output):
             scope = self._live(st.name)
-            if scope is None or st.done or not isinstance(output, torch.Tensor) or _in_backward():
+            if scope is None or st.done or not isinstance(output, torch.Tensor) or in_backward():
                 return None
             try:
                 with torch.no_grad():

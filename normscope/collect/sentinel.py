@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from normscope.collect.outputs import iter_float_tensors
+from normscope.collect.scope_hooks import in_backward
 
 MAX_EVENTS = 64
 
@@ -53,7 +54,7 @@ class FiniteSentinels:
             if scope is None or not scope._sampling or len(self.events) >= MAX_EVENTS:
                 return None
             try:
-                if torch._C._current_graph_task_id() != -1:  # a checkpoint's recomputation
+                if in_backward():  # a checkpoint's recomputation
                     return None
                 phase = scope._root_phase or ("train" if module.training and torch.is_grad_enabled() else "eval")
                 for _, t in iter_float_tensors(output):
