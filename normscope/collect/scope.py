@@ -360,8 +360,6 @@ class Scope(ForwardHooks, CompiledRuntime, StepEnd):
             if emit and self._modes.frozen:
                 for layer, names, vals in self._modes.drift(frozen_train):
                     self.emit("train", layer, 0, names, vals)
-            if self._writer is not None:
-                self._meta["modes"] = self._modes.to_json()
         except Exception as e:  # never break the user's training
             self._modes = None
             self._note_error("modes", e)

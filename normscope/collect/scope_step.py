@@ -146,6 +146,8 @@ class StepEnd:
             self._writer.flush()
         self._since_flush = 0
         self._last_flush = time.monotonic()
+        if self._modes is not None:  # the mode audit's counts, with the meta they belong to
+            self._meta["modes"] = self._modes.to_json()
         self._meta["steps_recorded"] = self._steps_recorded
         self._meta["last_step"] = self.step_index
         self._meta["heartbeat"] = _now()
