@@ -89,3 +89,21 @@ def test_frozen_bn_kept_in_eval_is_silent_and_skips(tmp_path):
     assert got == []
     a, _ = _got(_run(tmp_path / "b", _modes()), "frozen-bn-drift")
     assert "no BatchNorm layer with frozen affine" in {s.check: s.reason for s in a.skipped}["frozen-bn-drift"]
+
+
+@pytest.mark.parametrize(
+    "events,want",
+    [
+        ({"train-in-eval-mode": _event(3, bn_train=0, bn_eval=1)}, "never updated"),
+        ({"train-in-eval-mode": _event(3, bn_train=0, bn_eval=0, dropout_eval=1)}, None),  # dropout only
+        ({"eval-in-train-mode:no_grad": _event(3)}, "updated its running statistics on evaluation"),
+        ({"eval-in-train-mode:no_grad": _event(3, bn_train=0)}, None),  # only dropout was in train mode
+        ({}, None),
+    ],
+)
+def test_stale_running_stats_blames_the_mode_only_when_bn_was_affected(tmp_path, events, want):
+    from normscope.analyze.checks.stale_running_stats import _mode_cause
+    from normscope.analyze.context import Context
+
+    cause = _mode_cause(Context(_run(tmp_path, _modes(events))))
+    assert (cause is None) if want is None else (want in cause)

@@ -40,8 +40,10 @@ def _attn(end, first):
 
 
 @pytest.mark.parametrize("end,first,want", [
-    (49.9, 49.9, []), (50.1, 49.0, ["warning"]), (499, 400, ["warning"]), (501, 400, ["error"]),
+    (49.9, 49.9, []), (50.1, 49.0, ["warning"]), (499, 40, ["warning"]), (501, 400, ["error"]),
     (19.9, 1.0, []), (20.1, 2.0, ["warning"]), (30.0, 3.01, []), (30.0, 2.99, ["warning"]),
+    # already above 50 at the first step and not growing 10x (a pretrained model): info below the error level
+    (499, 400, ["info"]), (60.0, 50.0, ["info"]), (60.0, 49.9, ["warning"]),
 ])  # fmt: skip
 def test_attention_logit_growth_ladder(tmp_path, end, first, want):
     _, fs = _got(_run(tmp_path / "r", _attn(end, first)), "attention-logit-growth")
@@ -70,11 +72,16 @@ def test_output_logit_divergence_ladder(tmp_path, end, first, want):
         assert fs[0].evidence["drift"] == pytest.approx(end - first)
 
 
-def _massive(ratio0, ratio1, median=0.5):
+def _massive(ratio0, ratio1, median=0.5, first=10.0):
+    """Two blocks whose max/median ratio is ``first`` at step 0 (None: the same as later) and then
+    ``ratio0`` / ``ratio1``: by default the outliers emerge during the run."""
     out = {}
     for layer, ratio in (("blocks.0", ratio0), ("blocks.1", ratio1)):
-        out[layer] = {"massive_absmax": ratio * median, "massive_median": median, "massive_ch_0": 7,
-                      "massive_val_0": ratio * median, "massive_pos_0": 0, "massive_ch_1": 3,
+        r = np.full(STEPS, float(ratio))
+        if first is not None:
+            r[0] = min(first, ratio)
+        out[layer] = {"massive_absmax": r * median, "massive_median": median, "massive_ch_0": 7,
+                      "massive_val_0": r * median, "massive_pos_0": 0, "massive_ch_1": 3,
                       "massive_val_1": 2 * median, "massive_pos_1": 5}  # fmt: skip
     return out
 
@@ -102,3 +109,27 @@ def test_ratio_with_a_zero_median():
 def test_skips_without_the_signal(tmp_path, check, words):
     a, fs = _got(_run(tmp_path / "r", {}), check)
     assert not fs and words in {s.check: s.reason for s in a.skipped}[check]
+
+
+def test_attention_logit_growth_from_zero_logits_uses_a_floor(tmp_path):
+    """Regression: a zero-initialised query projection (logit 0 at step 0) read as infinite growth."""
+    _, fs = _got(_run(tmp_path / "a", _attn(19.0, 0.0)), "attention-logit-growth")
+    assert fs == []
+    _, fs = _got(_run(tmp_path / "b", _attn(21.0, 0.0)), "attention-logit-growth")
+    assert [f.severity for f in fs] == ["warning"] and fs[0].evidence["growth"] == pytest.approx(21.0)
+
+
+def test_massive_activations_present_from_the_start_are_info(tmp_path):
+    """A pretrained LLM has them from step 0 (Sun et al. 2024): info, not a warning."""
+    _, fs = _got(_run(tmp_path / "r", _massive(3000, 50, first=None)), "massive-activations")
+    assert [f.severity for f in fs] == ["info"] and fs[0].evidence["ratio_max"] == pytest.approx(3000)
+
+
+def test_massive_activations_zero_median_is_reported(tmp_path):
+    """Regression: a block whose median |x| became 0 (ratio inf) fell between the bands: no finding."""
+    sig = _massive(3000, 50)
+    med = np.full(STEPS, 0.0)
+    med[0] = 0.5
+    sig["blocks.0"]["massive_median"] = med
+    _, fs = _got(_run(tmp_path / "r", sig), "massive-activations")
+    assert [f.severity for f in fs] == ["warning"] and fs[0].layer == "blocks.0"

@@ -146,10 +146,13 @@ def test_block_gradient_ratio_matches_brute_force(tmp_path):
 
 
 # --- thresholds: post-ln-gradient ratio 10, warmup → info -----------------------------------------------
-def _post_ln_run(path, ratio, placement="post", lrs=None, last_type="LayerNorm"):
+def _post_ln_run(path, ratio, placement="post", lrs=None, last_type="LayerNorm", weight="weight", wn=False):
     mods = {}
     for i in range(3):
         lin, ln = {"type": "Linear", "params": 10}, {"type": last_type, "role": "norm"}
+        if wn:
+            lin = dict(lin, weight_norm=[{"tensor": "weight", "api": "parametrizations", "dim": 0,
+                                          "g": "weight_original0", "v": "weight_original1"}])  # fmt: skip
         mods |= {f"s.{i}.ln": ln, f"s.{i}.fc": lin} if placement == "pre" else {f"s.{i}.fc": lin, f"s.{i}.ln": ln}
     r = SyntheticRun(path, mods)
     for step in range(6):
@@ -158,7 +161,7 @@ def _post_ln_run(path, ratio, placement="post", lrs=None, last_type="LayerNorm")
             g = 1.0 if i == 0 else ratio if i == 2 else 3.0
             if step >= 3:
                 g = 1.0  # after the first steps: balanced; only the first steps count
-            r.param(step, f"s.{i}.fc.weight", norm=4.0, grad_norm=g, update_norm=1e-3, lr=lr)
+            r.param(step, f"s.{i}.fc.{weight}", norm=4.0, grad_norm=g, update_norm=1e-3, lr=lr)
             r.param(step, f"s.{i}.ln.weight", norm=4.0, grad_norm=100.0, update_norm=1e-3, lr=lr)  # norms: left out
     return r.done()
 
@@ -324,3 +327,12 @@ def test_bug_vanishing_gradients_on_weight_normalised_layers(tmp_path):
     r.param(0, "0.bias", 1.0, 0.1, 0.01)
     a, got = _findings(r.done(), "vanishing-gradients")
     assert got == [] and _skip(a, "vanishing-gradients").startswith("fewer than two conv/linear weights")
+
+
+def test_post_ln_weight_normalised_blocks_and_no_silent_pass(tmp_path):
+    """Regression: weight-normalised weights (v) were left out, and the check 'ran' with no finding
+    and no reason when no stack could be judged."""
+    _, (f,) = _findings(_post_ln_run(tmp_path / "a", 20.0, weight="weight_original1", wn=True), "post-ln-gradient")
+    assert f.severity == "warning" and f.evidence["ratio_last_over_first"] == pytest.approx(20.0)
+    a, got = _findings(_post_ln_run(tmp_path / "b", 20.0, weight="weight_original1"), "post-ln-gradient")
+    assert got == [] and "no post-LN stack has weight gradients" in _skip(a, "post-ln-gradient")

@@ -46,7 +46,8 @@ def end_window(ctx: Context, values: np.ndarray, frac: float, min_rows: int) -> 
     """Mean of the final window of a series and the index of the window's first row."""
     n = len(values)
     w = ctx.window_rows(n, frac, min_rows)
-    return float(np.nanmean(values[n - w :])), n - w
+    tail = values[n - w :]
+    return (float(np.nanmean(tail)) if np.isfinite(tail).any() else float("nan")), n - w
 
 
 def thin(steps: np.ndarray, values: np.ndarray, n: int = 50) -> dict:

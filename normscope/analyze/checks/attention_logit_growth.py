@@ -52,13 +52,19 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         if not np.isfinite(v).any():
             continue
         end, w0 = end_window(ctx, v, t["window_frac"], t["min_window_steps"])
-        first = float(v[0])
-        growth = end / first if first > 0 else float("inf")
+        fin = np.flatnonzero(np.isfinite(v))
+        first = float(v[fin[0]])
+        # growth against a floor of 1: a zero-initialised query projection (muP) starts at logit 0
+        growth = end / max(first, 1.0)
         ipk = int(np.nanargmax(v))
         by_growth = growth >= t["growth"] and end >= t["growth_min"]
         if end < t["warn"] and not by_growth:
             continue
         sev = "error" if end >= t["error"] else "warning"
+        # large from the start (a pretrained model) and not growing: info, unless past the error level
+        at_init = first >= t["warn"] and not by_growth and end < t["error"]
+        if at_init:
+            sev = "info"
         spec = specs.get(layer, {})
         ev = {
             "logit_end": end, "score": end, "logit_first": first, "logit_peak": float(v[ipk]),
@@ -68,6 +74,7 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
             "rotary_applied": bool(np.nanmax(d.attn_rotary.to_numpy(dtype=np.float64)) > 0),
             "window_steps": [int(steps[w0]), int(steps[-1])], "phase": phase, "spec": spec,
             "series": thin(steps, v), "thresholds": {k: t[k] for k in ("warn", "error", "growth", "growth_min")},
+            "at_init": at_init,
         }  # fmt: skip
         why = f"above {num(t['warn'])}" if end >= t["warn"] else f"{num(growth)}× its value at step {int(steps[0])}"
         msg = (
@@ -75,5 +82,8 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
             f"{num(first)} at step {int(steps[0])}, peak {num(v[ipk])} at step {int(steps[ipk])}): a softmax over "
             "logits this large is close to one-hot."
         )
+        if at_init:
+            msg += (" It was already that large at the first sampled step and did not grow "
+                    f"{num(t['growth'])}×: a trained model's attention, to watch rather than fix.")  # fmt: skip
         out.append(Finding(ID, sev, layer, (int(steps[w0]), int(steps[-1])), msg, ev, REC))
     return out

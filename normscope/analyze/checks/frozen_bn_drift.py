@@ -76,19 +76,21 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         msg = (f"BatchNorm {layer} does not train ({frozen[layer]}) but ran in train mode in {in_train} sampled "
                f"training forward(s): since the run started its running mean moved {num(mean_rms)}σ (RMS over "
                f"{ch or 'its'} channels; at most {num(mean_max)}σ) and its running variance changed ×{num(ratio)} "
-               f"(geometric mean; the worst channel ×{num(math.exp(lvar_max))} or ×{num(math.exp(-lvar_max))})")  # fmt: skip
+               f"(geometric mean; the worst channel off by a factor of {num(math.exp(lvar_max))})")  # fmt: skip
         if drifted:
             msg += " — the pre-trained normalisation is being replaced by the fine-tuning batches' statistics."
         else:
             msg += (
-                f", still within {num(t.mean_warn)}σ and ×[{num(t.var_low)}, {num(t.var_high)}], but it keeps moving."
+                f", still within {num(t.mean_warn)}σ and ×[{num(t.var_low)}, {num(t.var_high)}]; in train mode they "
+                "follow every fine-tuning batch."
             )
         out.append(Finding(
             ID, "warning" if drifted else "info", layer, (int(d.step.iloc[0]), int(d.step.iloc[-1])), msg,
             {"why_frozen": frozen[layer], "train_mode_forwards": in_train, "mean_drift_sigma": mean_rms,
              "mean_drift_sigma_max": mean_max, "var_ratio": ratio, "var_log_ratio_max": lvar_max,
              "steps": [int(s) for s in d.step], "mean_drift_series": [float(v) for v in d["bn_mean_drift"]],
-             "score": max(mean_rms / t.mean_warn, abs(lvar) / max(hi, -lo))},
+             "score": max(mean_rms / t.mean_warn, abs(lvar) / max(hi, -lo)),
+             "thresholds": {"mean_warn": t.mean_warn, "var_low": t.var_low, "var_high": t.var_high}},
             FIX,
         ))  # fmt: skip
     return out

@@ -83,8 +83,19 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         })  # fmt: skip
     blocks.sort(key=lambda b: ctx.order(b["layer"]))
     out = []
-    for sev, lo, hi in (("warning", t["warn"], np.inf), ("info", t["info"], t["warn"])):
-        hit = [b for b in blocks if lo <= b["ratio_end"] < hi]
+
+    # warning when they appear during this run; present from the first sampled step (a pretrained
+    # LLM: Sun et al. find them in every one) they are info — worth knowing for quantisation
+    def band(b):
+        r = b["ratio_end"]
+        if not r >= t["info"]:
+            return None
+        if r >= t["warn"] and not b["ratio_first"] >= t["warn"]:
+            return "warning"
+        return "info"
+
+    for sev in ("warning", "info"):
+        hit = [b for b in blocks if band(b) == sev]
         if not hit:
             continue
         top = max(hit, key=lambda b: b["ratio_end"])

@@ -27,7 +27,9 @@ def block_weights(ctx: Context, block: str) -> list[str]:
         if not layer.startswith(block + ".") and layer != block:
             continue
         info = ctx.modules.get(layer, {})
-        if not name.endswith("weight") or is_norm_info(info) or info.get("type") in EMBEDDING:
+        # a weight-normalised layer's direction v stands for its weight, as in vanishing-gradients
+        wn_v = {f"{layer}.{w['v']}" if layer else w["v"] for w in info.get("weight_norm") or ()}
+        if (not name.endswith("weight") and name not in wn_v) or is_norm_info(info) or info.get("type") in EMBEDDING:
             continue
         names.append(name)
     return names
@@ -92,6 +94,7 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         raise SkipCheck(f"no stack of two or more post-LayerNorm blocks (block norm placements: {', '.join(kinds)})")
     steps = sorted(int(s) for s in ctx.params.step.unique())[: max(1, int(t["first_steps"]))]
     out = []
+    judged = 0
     for stack, blocks in stacks.items():
         g, used = block_grad_norms(ctx, blocks, steps)
         keep = [i for i, b in enumerate(blocks) if used[b] and np.isfinite(g[i]).any()]
@@ -104,6 +107,7 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         if not ok.any():
             continue
         ratio = float(np.median(per_step[ok]))
+        judged += 1
         if ratio <= t["ratio"]:
             continue
         all_w = [w for b in blocks for w in used[b]]
@@ -113,8 +117,10 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         msg = (
             f"{n} post-LayerNorm blocks ({stack or '<root>'}.*: the norm follows the residual sum): at the first "
             f"{len(steps)} step(s) the weight-gradient norm of the last block ({last}) is {num(ratio)} × the first "
-            f"block's ({first}), above {num(t['ratio'])} (Xiong et al. 2020: large gradients near the output at "
-            "initialisation, which make a post-LN transformer diverge at full learning rate)"
+            f"block's ({first}), above {num(t['ratio'])} (median of the per-step ratios "
+            f"{', '.join(num(x) for x in per_step[ok])}; Xiong et al. 2020, Liu et al. 2020: gradients near the "
+            "output dwarf those near the input over the first updates, which makes a post-LN transformer diverge "
+            "at full learning rate)"
         )
         if wu:
             msg += (
@@ -140,4 +146,6 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
             "measure": "‖∇W_block‖ = sqrt(Σ ‖∇W‖²) over the block's matrix weights",
         }  # fmt: skip
         out.append(Finding(ID, sev, last, (steps[0], steps[-1]), msg, ev, rec))
+    if not judged:
+        raise SkipCheck("no post-LN stack has weight gradients in two of its blocks at the first steps")
     return out

@@ -58,10 +58,10 @@ def _mismatch(rm, rv, pop, eps, t):
 def _mode_cause(ctx: Context) -> str | None:
     """What the collector's mode audit says happened to the running statistics, if anything."""
     ev = (ctx.meta.get("modes") or {}).get("events") or {}
-    if "train-in-eval-mode" in ev:
+    if (ev.get("train-in-eval-mode") or {}).get("bn_eval", 0) > 0:
         return "training ran with the model in eval mode, so BatchNorm never updated its running statistics"
-    if any(k.startswith("eval-in-train-mode:") for k in ev):
-        return "evaluation forwards ran in train mode and updated the running statistics on evaluation batches"
+    if any(k.startswith("eval-in-train-mode:") and e.get("bn_train", 0) > 0 for k, e in ev.items()):
+        return "evaluation forwards ran with BatchNorm in train mode and updated its running statistics on evaluation batches"
     return None
 
 
@@ -79,6 +79,7 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     flagged = []
     lagging = []
     kept_frozen = frozen_kept_in_eval(ctx)
+    cause = _mode_cause(ctx)
     skipped_small = []
     judged = 0
     for name, b in bn.items():
@@ -138,7 +139,6 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
             "a PreciseBN-style pass with equal weight per sample and dropout off), or check why the data changed "
             "between training and evaluation; a very small or very large BN momentum also leaves stale statistics."
         )
-        cause = _mode_cause(ctx)
         if cause and not is_lag:
             msg += f" Cause seen by the mode audit: {cause} (eval-in-train-mode)."
             ev["mode_cause"] = cause
