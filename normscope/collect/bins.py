@@ -112,7 +112,7 @@ def histogram(x: torch.Tensor, spec: HistSpec, hist_max: int, finite: torch.Tens
     y = flat[::stride].contiguous() if stride > 1 else flat
     if finite is None:
         h = torch.bincount(hist_index(y, spec), minlength=spec.bins)
-        return h, y.new_tensor(float(y.numel()))
+        return h, y.new_full((), float(y.numel()))
     fs = finite.view(-1)[::stride] if stride > 1 else finite.view(-1)
     w = fs.to(torch.float32)
     yz = torch.where(fs, y, torch.zeros_like(y))

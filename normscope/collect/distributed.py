@@ -96,7 +96,7 @@ class StepReduction:
             g = Group(kind, key, lay, es[0].module_type, len(es), st, shift, o, x)
             s = P.sum_part(st, lay, shift)
             if kind == "act":
-                s = torch.cat([s, s.new_tensor([float(len(es))])])
+                s = torch.cat([s, s.new_full((1,), float(len(es)))])
             sums.append(s)
             exts.append(P.ext_part(st, lay))
             o += s.numel()

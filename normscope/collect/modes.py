@@ -231,8 +231,8 @@ class ModeAudit:
                 dm = ((m.running_mean.double() - rm0.double()) / sd0).abs()
                 lr = ((m.running_var.double() + float(m.eps)) / (rv0.double() + float(m.eps))).log()
                 vals = torch.stack([dm.square().mean().sqrt(), dm.max(), lr.mean(), lr.abs().max(),
-                                    torch.tensor(float(frozen_train.get(name, 0)), dtype=torch.float64,
-                                                 device=dm.device)])  # fmt: skip
+                                    torch.full((), float(frozen_train.get(name, 0)), dtype=torch.float64,
+                                               device=dm.device)])  # fmt: skip
             out.append((name, names, vals))
         return out
 

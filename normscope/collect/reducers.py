@@ -155,7 +155,7 @@ def _reduce_act_masked(xf, layout, hist, sat, hist_max):
     mean = torch.where(cnt > 0, s1 / cnt.clamp_min(1), torch.zeros_like(s1))
     d = torch.where(fv, v.double() - mean.view(1, c, 1), torch.zeros((), dtype=torch.float64, device=xf.device))
     m2 = (d * d).sum((0, 2))
-    inf = torch.tensor(math.inf, dtype=xf.dtype, device=xf.device)
+    inf = torch.full((), math.inf, dtype=xf.dtype, device=xf.device)  # a fill, not a host copy
     mn = torch.where(fin, xf, inf).amin()
     mx = torch.where(fin, xf, -inf).amax()
     abs_sum = xz.abs().sum(dtype=torch.float64)
@@ -173,7 +173,7 @@ def _reduce_act_masked(xf, layout, hist, sat, hist_max):
     h, hn = histogram(xf, hist, hist_max, fin)
     vals = {"n": n_fin, "min": mn, "max": mx, "abs_sum": abs_sum, "n_zero": n_zero, "n_nonpos": n_nonpos,
             "n_sat": n_sat, "n_nan": n_nan, "n_inf": n_inf, "hist_n": hn,
-            "samples": torch.tensor(float(a), dtype=torch.float64, device=xf.device),
+            "samples": torch.full((), float(a), dtype=torch.float64, device=xf.device),
             "cnt": cnt, "s1": s1, "m2": m2, "active": active, "hist": h}  # fmt: skip
     return assemble(layout, False, vals)
 
@@ -186,11 +186,11 @@ def _reduce_act_minimal_masked(xf, layout, a):
     cnt = fin.sum(dtype=torch.float64)
     s1 = xz.sum(dtype=torch.float64)
     d = torch.where(fin, xz.double() - s1 / cnt.clamp_min(1), torch.zeros((), dtype=torch.float64, device=xf.device))
-    inf = torch.tensor(math.inf, dtype=xf.dtype, device=xf.device)
+    inf = torch.full((), math.inf, dtype=xf.dtype, device=xf.device)  # a fill, not a host copy
     n_nan = torch.isnan(flat).sum(dtype=torch.float64)
     vals = {"n": cnt, "min": torch.where(fin, flat, inf).amin(), "max": torch.where(fin, flat, -inf).amax(),
             "n_nan": n_nan, "n_inf": flat.numel() - cnt - n_nan,
-            "samples": torch.tensor(float(a), dtype=torch.float64, device=xf.device),
+            "samples": torch.full((), float(a), dtype=torch.float64, device=xf.device),
             "cnt": cnt.view(1), "s1": s1.view(1), "m2": (d * d).sum().view(1)}  # fmt: skip
     return assemble(layout, False, vals)
 

@@ -307,7 +307,7 @@ def test_a_sampled_step_adds_no_host_synchronising_op(tmp_path):
             self.ops[str(func).split(".")[1] if str(func).startswith("aten.") else str(func)] += 1
             return func(*args, **(kwargs or {}))
 
-    sync = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "item")
+    sync = ("lift_fresh", "_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "item")
 
     def ops(name, probes: bool):
         z = Z.BY_NAME[name]
