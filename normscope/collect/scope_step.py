@@ -40,19 +40,19 @@ class StepEnd:
         sq = self._params.take() if params else None  # 3 × P squared norms (of the local shards)
         scal_t = [v for _, _, v in self._scalars if isinstance(v, torch.Tensor)]
         flags = self._sentinels.take() if self._sentinels is not None else []
-        sig_t = [v for *_, v in self._signals]
+        # after the packs and norms, in this order: logged scalars, finiteness flags, signals (the
+        # writer's own values under torch.distributed: per-rank measurements, not merged)
+        tail = scal_t + [f[4] for f in flags] + [v for *_, v in self._signals]
         acc = StepAccumulator()
         norms = None
         if self._world > 1:
             write, norms = self._reduce(pending, sq, acc)
-            if not write or (not pending and sq is None and not self._scalars and not sig_t):
+            if not write or (not pending and sq is None and not self._scalars and not tail):
                 return
-            # the writer's own signals (per-rank measurements: not merged across ranks)
-            host = _to_host(scal_t + sig_t) if scal_t or sig_t else np.zeros(0)
+            host = _to_host(tail) if tail else np.zeros(0)
             off = 0
         else:
-            tensors = [e.pack for e in pending] + ([sq] if sq is not None else []) + scal_t + [f[4] for f in flags]
-            tensors += sig_t
+            tensors = [e.pack for e in pending] + ([sq] if sq is not None else []) + tail
             if not tensors and not self._scalars:
                 return
             host = _to_host(tensors) if tensors else np.zeros(0)
@@ -80,7 +80,7 @@ class StepEnd:
                 v = float(host[off])
                 off += 1
             w.append("scalars", {"step": step, "phase": phase, "name": name, "value": float(v)})
-        if flags and self._world == 1:
+        if flags:
             if self._sentinels.record(step, flags, host[off : off + 2 * len(flags)]):
                 self._meta["nonfinite_modules"] = self._sentinels.events
             off += 2 * len(flags)

@@ -20,7 +20,8 @@ def make_model(bn: bool):
     torch.manual_seed(0)
     if bn:
         return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
-    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    # the Flatten is not hooked: it gets a finiteness flag, so flags share the step's transfer too
+    return nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
 
 
 def batches():
@@ -43,11 +44,19 @@ def main():
         with normscope.watch(model, RUN_DIR, every=1, optimizer=opt) as scope:
             for step, (x, y) in enumerate(batches()):
                 x, y = x[RANK * per : (RANK + 1) * per], y[RANK * per : (RANK + 1) * per]
+                if MODE == "nan" and step == 2:  # an Inf input: the unhooked Flatten's flag names it first
+                    x = x.clone()
+                    x[0, 0] = float("inf")
                 if MODE == "raise" and RANK == 1 and step == 2:
                     raise RuntimeError("rank 1 failed on purpose")
-                loss = nn.functional.cross_entropy(net(x), y)
+                out = net(x)
+                loss = nn.functional.cross_entropy(out, y)
                 opt.zero_grad()
                 loss.backward()
+                scope.log(loss=loss.detach())  # a tensor before the step ends: it joins the step's transfer
+                if RANK == 0:  # what the writer must record as its own scalar and output log Z
+                    print(f"LOSS {step} {float(loss):.17g}", flush=True)
+                    print(f"LOGZ {step} {float(torch.logsumexp(out.detach().double(), -1).mean()):.17g}", flush=True)
                 opt.step()
         print(f"rank {RANK} writer={scope.is_writer}", flush=True)
     finally:

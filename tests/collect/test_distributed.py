@@ -34,6 +34,31 @@ def test_run_directory_written_once(ddp_and_single):
     assert load(base / "ddp").meta["distributed"]["world_size"] == 2
 
 
+def test_writer_scalars_flags_and_signals_share_the_transfer(ddp_and_single):
+    """World > 1: the writer's logged scalar, its finiteness flags and its signals travel in one
+    host transfer after the reduction; each lands in its own column (offsets right)."""
+    base, res = ddp_and_single
+    run = load(base / "ddp")
+    want = {k: {} for k in ("LOSS", "LOGZ")}
+    for line in res[0][1].splitlines():
+        if line.startswith(("LOSS ", "LOGZ ")):
+            k, step, v = line.split()
+            want[k][int(step)] = float(v)
+    sc = run.scalars[run.scalars.name == "loss"].sort_values("step")
+    assert dict(zip(sc.step, sc.value)) == pytest.approx(want["LOSS"], rel=1e-6)
+    lz = run.signal("logz_mean")
+    assert dict(zip(lz.step, lz.value)) == pytest.approx(want["LOGZ"], rel=1e-5)
+    assert not run.meta.get("nonfinite_modules")
+
+
+def test_finiteness_flags_recorded_under_ddp(tmp_path):
+    """Regression: with world > 1 every rank computed the flags and the writer dropped them."""
+    res = run_ranks("nan", [tmp_path / "n0", tmp_path / "n1"])
+    assert all(code == 0 for code, _, _ in res), res
+    ev = load(tmp_path / "n0").meta["nonfinite_modules"]
+    assert ev and ev[0]["layer"] == "0" and ev[0]["step"] == 2 and ev[0]["type"] == "Flatten"
+
+
 def test_ddp_statistics_equal_single_process_full_batch(ddp_and_single):
     base, _ = ddp_and_single
     a, b = load(base / "ddp"), load(base / "single")
