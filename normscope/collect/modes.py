@@ -97,7 +97,13 @@ class ModeAudit:
         self.bn_names = [names.get(raw[id(m)], raw[id(m)]) for m in self.bn]
         self.frozen: list[tuple[str, nn.Module]] = []
         self.frozen_why: dict[str, str] = {}
-        self._refs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # the drift reference of every BN, taken now (a layer may be found frozen only at the first
+        # optimizer step, after its statistics already moved): μ₀, σ₀ = √(σ₀² + ε), log(σ₀² + ε)
+        self._refs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        with torch.no_grad():
+            for name, m in zip(self.bn_names, self.bn):
+                v0 = m.running_var.detach().double() + float(m.eps)
+                self._refs[name] = (m.running_mean.detach().double().clone(), v0.sqrt(), v0.log())
         self._opt_ids = self._optimizer_ids(optimizer)
         self._find_frozen()
         self.current: list[_Forward] = []
@@ -132,9 +138,6 @@ class ModeAudit:
                 continue
             frozen.append((name, m))
             why[name] = reason
-            if name not in self._refs:
-                # the reference the drift is measured from: the statistics when the scope started
-                self._refs[name] = (m.running_mean.detach().clone(), m.running_var.detach().clone())
         self.frozen, self.frozen_why = frozen, why
 
     # --- per forward -----------------------------------------------------------------------------
@@ -225,11 +228,10 @@ class ModeAudit:
             ref = self._refs.get(name)
             if ref is None or m.running_mean is None or ref[0].shape != m.running_mean.shape:
                 continue
-            rm0, rv0 = ref
+            rm0, sd0, logv0 = ref
             with torch.no_grad():
-                sd0 = (rv0.double() + float(m.eps)).sqrt()
-                dm = ((m.running_mean.double() - rm0.double()) / sd0).abs()
-                lr = ((m.running_var.double() + float(m.eps)) / (rv0.double() + float(m.eps))).log()
+                dm = ((m.running_mean.double() - rm0) / sd0).abs()
+                lr = (m.running_var.double() + float(m.eps)).log_() - logv0
                 vals = torch.stack([dm.square().mean().sqrt(), dm.max(), lr.mean(), lr.abs().max(),
                                     torch.full((), float(frozen_train.get(name, 0)), dtype=torch.float64,
                                                device=dm.device)])  # fmt: skip

@@ -91,7 +91,8 @@ def test_the_right_way_and_harmless_cases_record_nothing(tmp_path):
 
     # Dropout p=0 and BN without running statistics: the mode changes nothing, so nothing to report
     assert audit(tmp_path / "c", net(dropout=0.0, track=False), eval_in_train)["events"] == {}
-    assert audit(tmp_path / "d", net(dropout=0.0, bn=False), eval_in_train)["batchnorm"] == 0
+    d = audit(tmp_path / "d", net(dropout=0.0, bn=False), eval_in_train)
+    assert d["batchnorm"] == 0 and d["events"] == {}
 
 
 def test_backward_through_any_output_counts_as_training(tmp_path):
@@ -263,3 +264,21 @@ def test_functional_dropout_counts_as_dropout(tmp_path):
     m = nn.Sequential(nn.Linear(8, 3), nn.Dropout(0.2))
     m.dropout_rate = 0.2
     assert audit(tmp_path / "c", m, loop)["dropout"] == 1
+
+
+def test_drift_reference_is_the_start_even_when_the_optimizer_is_found_late(tmp_path):
+    """Regression: with the optimizer found by the global hook (watch() without optimizer=), a BN
+    judged frozen at the first step took its reference after that step's forward had moved it."""
+    m = net(dropout=0.0)
+    bn = m[1]
+    rm0 = bn.running_mean.clone().double()
+    rv0 = bn.running_var.clone().double()
+    opt = torch.optim.SGD([m[0].weight, m[4].weight, m[4].bias], lr=0.05)  # BN in no param group
+    with watch(m, tmp_path / "r", every=1):
+        opt.zero_grad()
+        nn.functional.cross_entropy(m(X * 3 + 1), Y).backward()
+        opt.step()
+    want = float((((bn.running_mean.double() - rm0) / (rv0 + bn.eps).sqrt()).pow(2)).mean().sqrt())
+    run = load(tmp_path / "r")
+    assert run.meta["modes"]["frozen_bn"] == {"1": "in no optimizer param group"}
+    assert run.signal("bn_mean_drift").value.tolist() == pytest.approx([want], rel=1e-9) and want > 0.05
