@@ -220,7 +220,7 @@ class Scope(ForwardHooks, CompiledRuntime, StepEnd):
                 # failed: then it must not enter a collective its peers never reach
                 if not failed:
                     self._finish_step(updated=False, params=False)
-            elif self._pending or self._scalars:
+            elif self._pending or self._scalars or self._signals:
                 self._finish_step(updated=False, params=False)
             self._end_modes(emit=False)
             self._flush()
@@ -276,6 +276,9 @@ class Scope(ForwardHooks, CompiledRuntime, StepEnd):
         """
         if not self._active:
             raise NormscopeError("scope.log() called outside the watch() block: call it inside `with`.")
+        for k, v in values.items():
+            if isinstance(v, torch.Tensor) and v.numel() == 0:
+                raise NormscopeError(f"scope.log({k}=...) got an empty tensor: log a number or a tensor with a value.")
         if self._modes is not None:
             self._modes.on_log(phase, list(values))
         if self._forward_since_advance or self.step_index == 0:

@@ -57,7 +57,7 @@ def _loss_value(loss: Any) -> torch.Tensor:
     return loss
 
 
-def _training_failed(e: Exception, step: int, run_dir: Path) -> NormscopeError:
+def _training_failed(e: Exception, step: int | None, run_dir: Path) -> NormscopeError:
     """The error of a recipe whose training raised: what, at which step, and the partial run kept."""
     from normscope.probe.recipe import _first_line
     from normscope.store import load
@@ -69,7 +69,7 @@ def _training_failed(e: Exception, step: int, run_dir: Path) -> NormscopeError:
     what = str(e) if isinstance(e, NormscopeError) else f"{type(e).__name__}: {_first_line(e)}"
     kept = f"last recorded step {last}" if last is not None else "no step recorded"
     return NormscopeError(
-        f"training raised at step {step}: {what}. The partial run is kept in {run_dir} (status failed, {kept}): "
+        f"{'the evaluation before step 0' if step is None else f'training at step {step}'} raised: {what}. The partial run is kept in {run_dir} (status failed, {kept}): "
         f"open it with `normscope report {run_dir}` or `normscope inspect {run_dir}`."
     )
 
@@ -188,7 +188,7 @@ def probe(recipe: Recipe | str | os.PathLike, steps: int | None = None, run_dir:
         batches_seen: list[int] = []
         stopped = None
         bad = 0
-        step = 0
+        step = None  # None while the evaluation before the first step runs
         model.train()
         started = False
         try:

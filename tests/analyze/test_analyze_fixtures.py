@@ -113,3 +113,20 @@ def test_wine_inputs_flagged_by_scale_and_offset(fixture_runs):
 
 def test_closed_form_helper_sanity():
     assert variance_shift_closed_form(0.5, 0.0, 1.0) == pytest.approx(0.5)
+
+
+def test_mode_fixtures_say_what_their_docstrings_promise(fixture_runs):
+    _, _, a = fixture_runs.get("eval_in_train_mode")
+    (f,) = [f for f in a.findings if f.check == "eval-in-train-mode"]
+    assert f.severity == "error" and f.evidence["metrics_fed"] == ["loss"] and f.evidence["dropout_in_train"] == 1
+    _, _, b = fixture_runs.get("train_in_eval_mode")
+    (g,) = [f for f in b.findings if f.check == "eval-in-train-mode"]
+    assert g.evidence["cause"] == "train-in-eval-mode" and g.evidence["forwards"] == 80
+    (s,) = [f for f in b.findings if f.check == "stale-running-stats"]
+    assert "never updated its running statistics" in s.evidence["mode_cause"]
+    _, _, c = fixture_runs.get("healthy_finetune_frozen_bn")
+    frozen = [f for f in c.findings if f.check == "stale-running-stats"]
+    assert frozen and all(f.severity == "info" and f.evidence.get("frozen_on_purpose") for f in frozen)
+    _, _, d = fixture_runs.get("frozen_bn_drift")
+    (h,) = [f for f in d.findings if f.check == "frozen-bn-drift"]
+    assert h.severity == "warning" and h.evidence["mean_drift_sigma"] > 0.1

@@ -282,3 +282,17 @@ def test_drift_reference_is_the_start_even_when_the_optimizer_is_found_late(tmp_
     run = load(tmp_path / "r")
     assert run.meta["modes"]["frozen_bn"] == {"1": "in no optimizer param group"}
     assert run.signal("bn_mean_drift").value.tolist() == pytest.approx([want], rel=1e-9) and want > 0.05
+
+
+def test_signals_queued_at_close_are_written_and_empty_log_is_refused(tmp_path):
+    from normscope import NormscopeError
+
+    m = net(dropout=0.0, bn=False)
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    with watch(m, tmp_path / "r", every=1, optimizer=opt) as sc:
+        train_step(m, opt)
+        sc.emit("train", "late", 0, ("x",), torch.tensor([3.0], dtype=torch.float64))  # no step ends after it
+        with pytest.raises(NormscopeError, match="empty tensor") as e:
+            sc.log(loss=torch.zeros(0))
+        assert "\n" not in str(e.value)
+    assert load(tmp_path / "r").signal("x").value.tolist() == [3.0]

@@ -162,4 +162,4 @@ def test_column_wise_decode_equals_row_by_row(stats, masked, per_channel):
     for table in ("stats", "grads"):
         assert len(by_cols.rows[table]) == len(by_rows.rows[table]) == len(xs)
         for a, b in zip(by_cols.rows[table], by_rows.rows[table]):
-            _rows_equal({k: v for k, v in a.items()}, {k: b.get(k) for k in a})
+            _rows_equal(dict(a), dict(b))

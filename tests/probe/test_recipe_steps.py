@@ -38,13 +38,21 @@ def test_train_step_and_eval_metrics_are_the_users(tmp_path):
         m.train()
         return {"loss": nn.functional.cross_entropy(out, y), "acc": float((out.argmax(1) == y).float().mean())}
 
-    r = Recipe(model(), DATA, optimizer=lambda p: torch.optim.SGD(p, lr=0.1), eval_data=DATA[:2],
+    eval_data = [(X[:10], Y[:10]), (X[10:40], Y[10:40])]  # unequal batches: the mean is weighted
+    net = model()
+    r = Recipe(net, DATA, optimizer=lambda p: torch.optim.SGD(p, lr=0.1), eval_data=eval_data,
                train_step=train_step, eval_step=eval_step, steps=6)  # fmt: skip
     run = normscope.probe(r, run_dir=tmp_path / "r", eval_every=3)
     assert seen == [(True, 16)] * 6
     ev = run.scalars[run.scalars.phase == "eval"]
     assert set(ev.name) == {"loss", "acc"} and len(ev) == 2 * 3  # before training, after steps 3 and 6
-    # the eval loss is the batch-size-weighted mean of eval_step's values
+    # the last eval loss is the sample-weighted mean of eval_step's per-batch values (brute force)
+    with torch.no_grad():
+        net.eval()
+        want = sum(float(nn.functional.cross_entropy(net(x), y)) * len(x) for x, y in eval_data) / 40
+        unweighted = sum(float(nn.functional.cross_entropy(net(x), y)) for x, y in eval_data) / 2
+    got = ev[ev.name == "loss"].sort_values("step").value.iloc[-1]
+    assert got == pytest.approx(want, rel=1e-6) and abs(want - unweighted) > 1e-4
     m = run.scalars[(run.scalars.phase == "train") & (run.scalars.name == "loss")]
     assert len(m) == 6 and m.value.notna().all()
     assert run.meta["modes"]["events"] == {}
@@ -95,7 +103,7 @@ def test_bad_returns_get_one_line_errors(tmp_path):
     r = Recipe(model(), DATA, nn.functional.cross_entropy, eval_data=DATA, steps=2, eval_step=lambda m, b: "high")
     with pytest.raises(NormscopeError, match="Recipe.eval_step must return a number") as e:
         normscope.probe(r, run_dir=tmp_path / "a")
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and str(e.value).startswith("the evaluation before step 0 raised")
     r = Recipe(model(), DATA, steps=2, train_step=lambda m, b, o: [1.0])
     with pytest.raises(NormscopeError, match="Recipe.train_step must return a number"):
         normscope.probe(r, run_dir=tmp_path / "b")
