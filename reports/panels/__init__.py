@@ -23,6 +23,19 @@ def panel_modules() -> list[Any]:
     return mods
 
 
+def threshold(findings: list[dict], check: str, key: str) -> float:
+    """A check's threshold as the run was judged: from its finding's evidence (a user's config is
+    in there), else the check's default."""
+    for f in findings:
+        if f.get("check") == check:
+            v = ((f.get("evidence") or {}).get("thresholds") or {}).get(key)
+            if isinstance(v, (int, float)):
+                return float(v)
+    from normscope.analyze.config import Config
+
+    return float(Config().thresholds(check)[key])
+
+
 def build_panels(run, findings: list[dict], F) -> tuple[list[dict], list[str]]:
     """All panels for ``run`` (module order), and a line per panel module that failed."""
     out, failed = [], []

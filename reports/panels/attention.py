@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from normscope_reports.panels import threshold
+
 
 def _series(run, name: str, agg: str = "max") -> tuple[dict, str | None]:
     s = run.signals
@@ -20,18 +22,11 @@ def _series(run, name: str, agg: str = "max") -> tuple[dict, str | None]:
     return out, phase
 
 
-def _threshold(findings, check, key, default):
-    for f in findings:
-        if f.get("check") == check:
-            return (f.get("evidence") or {}).get("thresholds", {}).get(key, default)
-    return default
-
-
 def panels(run, findings, F) -> list[dict]:
     out = []
     series, phase = _series(run, "attn_logit_max")
     if series:
-        warn = _threshold(findings, "attention-logit-growth", "warn", 50.0)
+        warn = threshold(findings, "attention-logit-growth", "warn")
         src, hover = F.step_series("Largest attention logit per attention block", "max |q·k|·scale", series,
                                    log=True, threshold=warn, threshold_label=f"warning {warn:g}")  # fmt: skip
         out.append({"check": "attention-logit-growth", "title": "Attention logits", "src": src, "hover": hover,

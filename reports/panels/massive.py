@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from normscope_reports.panels import threshold
+
 
 def panels(run, findings, F) -> list[dict]:
     s = run.signals
@@ -22,10 +24,7 @@ def panels(run, findings, F) -> list[dict]:
     m = last.loc[layers, "massive_median"].to_numpy(dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(m > 0, a / np.where(m > 0, m, 1.0), np.nan)
-    warn = 1000.0
-    for f in findings:
-        if f.get("check") == "massive-activations":
-            warn = (f.get("evidence") or {}).get("thresholds", {}).get("warn", warn)
+    warn = threshold(findings, "massive-activations", "warn")
     src, hover = F.layer_bars("max |x| / median |x| per transformer block", "max / median", list(layers), ratio,
                               log=True, threshold=warn, threshold_label=f"warning {warn:g}")  # fmt: skip
     return [{"check": "massive-activations", "title": "Massive activations", "src": src, "hover": hover,

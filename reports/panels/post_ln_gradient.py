@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from normscope_reports.panels import threshold
+
 ID = "post-ln-gradient"
 STEPS_SHOWN = 10
 
@@ -20,7 +22,7 @@ def panels(run, findings: list[dict], F) -> list[dict]:
     stacks = post_ln_stacks(ctx)
     if not stacks:
         return []
-    t = Config().thresholds(ID)
+    t = {k: threshold(findings, ID, k) for k in Config().thresholds(ID)}
     first = max(1, int(t["first_steps"]))
     steps = sorted(int(s) for s in ctx.params.step.unique())[:STEPS_SHOWN]
     out = []
@@ -36,16 +38,17 @@ def panels(run, findings: list[dict], F) -> list[dict]:
             "‖∇W_block‖ (median over the first steps)", labels, med,
         )  # fmt: skip
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = med[-1] / med[0]
-        out.append({"check": ID, "title": f"{stack}: block weight-gradient norm", "src": uri, "hover": hover,
-                    "note": f"last/first = {ratio:.3g} over the first {first} step(s); "
-                            f"post-ln-gradient flags a ratio above {t['ratio']:g}"})  # fmt: skip
-        with np.errstate(divide="ignore", invalid="ignore"):
             r = g[keep[-1]] / g[keep[0]]
+        ok = np.isfinite(r[:first])
+        ratio = float(np.median(r[:first][ok])) if ok.any() else float("nan")  # the check's statistic
+        out.append({"check": ID, "title": f"{stack}: block weight-gradient norm", "src": uri, "hover": hover,
+                    "note": f"last/first = {ratio:.3g} (median of the per-step ratios over the first {first} "
+                            f"step(s)); post-ln-gradient flags a ratio above {t['ratio']:g}"})  # fmt: skip
         uri, hover = F.step_series(
             f"{stack}: last/first post-LN block weight-gradient norm over the first steps", "last / first",
             {f"{labels[-1]} / {labels[0]}": (np.asarray(steps), r)}, threshold=float(t["ratio"]),
         )  # fmt: skip
         out.append({"check": ID, "title": f"{stack}: gradient ratio over steps", "src": uri, "hover": hover,
-                    "note": "the ratio grows over the first updates without warmup (Liu et al. 2020)"})  # fmt: skip
+                    "note": "post-LN: the ratio can grow over the first updates at full learning rate "
+                            "(Liu et al. 2020); warmup keeps it down"})  # fmt: skip
     return out

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from normscope_reports.panels import threshold
+
 ID = "weight-norm-init"
 
 
@@ -17,7 +19,7 @@ def panels(run, findings: list[dict], F) -> list[dict]:
     layers = weight_norm_layers(ctx)
     if not layers:
         return []
-    t = Config().thresholds(ID)
+    t = {k: threshold(findings, ID, k) for k in Config().thresholds(ID)}
     profs = [layer_profile(ctx, layer, wn) for layer, wns in layers.items() for wn in wns]
     out = []
     std = {p["layer"]: (np.asarray(p["steps"]), np.asarray(p["output_std"])) for p in profs if "steps" in p}

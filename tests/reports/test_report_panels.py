@@ -49,3 +49,12 @@ def test_no_signal_no_panel_and_a_failing_panel_is_one_line(tmp_path, monkeypatc
     monkeypatch.setattr(mod, "panels", boom)
     html = build_report(run, [], [], out=tmp_path / "b.html").read_text()
     assert "bn_drift panel: RuntimeError: plot bug" in html
+
+
+def test_panel_thresholds_are_the_ones_the_run_was_judged_by():
+    from normscope_reports.panels import threshold
+
+    judged = [{"check": "frozen-bn-drift", "evidence": {"thresholds": {"mean_warn": 0.25}}}]
+    assert threshold(judged, "frozen-bn-drift", "mean_warn") == 0.25  # a user's config, from the evidence
+    assert threshold([], "frozen-bn-drift", "mean_warn") == 0.1  # no finding: the check's default
+    assert threshold([], "attention-logit-growth", "warn") == 50.0
