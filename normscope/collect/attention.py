@@ -203,6 +203,8 @@ class TransformerProbes:
         scope = self._scope()
         if scope is None or not scope._active or not scope._sampling or key in self.disabled:
             return None
+        if scope._writer is None:  # another rank under torch.distributed: only the writer's values are kept
+            return None
         if in_backward() or functorch_level() is not None:
             return None
         if scope.step_index != self._step:  # a new step (also when submodules are called without the root)

@@ -136,11 +136,6 @@ def expand_pending(pending: list[PendingEntry]) -> list[torch.Tensor]:
     return [P.expand(e.pack, e.layout, e.fast) for e in pending]
 
 
-def entry_signature(pending: list[PendingEntry]) -> list[tuple]:
-    # full-layout sizes: fixed by shapes, equal on every rank
-    return [(e.kind, e.key, e.full_size) for e in pending]
-
-
 # --- raw fields of packs: split, merge, finish --------------------------------------------------
 
 

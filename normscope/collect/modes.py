@@ -25,10 +25,13 @@ training forwards of this step with the layer in train mode).
 from __future__ import annotations
 
 import weakref
+from itertools import islice
 from typing import Any
 
 import torch
 from torch import nn
+
+from normscope.collect.outputs import iter_float_tensors
 
 MAX_STEPS_LISTED = 20
 
@@ -55,25 +58,7 @@ def _is_active_dropout(m: nn.Module) -> bool:
     return bool(rates) and not any(role(c) == "dropout" for c in m.children())
 
 
-def _grad_outputs(out: Any, limit: int = 8) -> list[torch.Tensor]:
-    """The output tensors a loss can be computed from (requiring grad): the tensor itself, or the
-    top-level tensors of a tuple/list, dict or ModelOutput (``.loss`` included), at most ``limit``."""
-    if isinstance(out, torch.Tensor):
-        vals = [out]
-    elif isinstance(out, (tuple, list)):
-        vals = list(out)
-    elif isinstance(out, dict) or hasattr(out, "values"):
-        vals = list(out.values())
-    else:
-        vals = []
-    return [v for v in vals if isinstance(v, torch.Tensor) and v.is_floating_point() and v.requires_grad][:limit]
-
-
-def _has_tensor(out: Any) -> bool:
-    if isinstance(out, torch.Tensor):
-        return True
-    vals = list(out) if isinstance(out, (tuple, list)) else list(out.values()) if hasattr(out, "values") else []
-    return any(isinstance(v, torch.Tensor) for v in vals)
+MAX_FOLLOWED = 8  # output tensors a forward's backward is watched on
 
 
 class _Forward:
@@ -159,12 +144,13 @@ class ModeAudit:
         f = self.current[-1]
         if not f.grad or f.inference:
             return
-        ts = _grad_outputs(output) if output is not None else []
+        floats = [t for _, t in islice(iter_float_tensors(output), 64)] if output is not None else []
+        ts = [t for t in floats if t.requires_grad][:MAX_FOLLOWED]
         if not ts:
             # no output seen (a compiled root) or none we can follow (a custom output object):
-            # unknown, so counted as training, never reported; outputs that are tensors without
-            # grad cannot reach a backward
-            f.backward = output is None or not _has_tensor(output)
+            # unknown, so counted as training, never reported; float outputs without grad cannot
+            # reach a backward
+            f.backward = not floats
             return
         ref = weakref.ref(f)
 

@@ -276,10 +276,6 @@ def ext_width(layout) -> int:
     return sum(layout.width(f) for f in layout.fields if f.merge in ("min", "max"))
 
 
-def chan_width(layout) -> int:
-    return sum(layout.width(f) for f in layout.fields if f.merge == "chan")
-
-
 def _shifted_sq(stacked: torch.Tensor, sl: dict, f: Field, shift: torch.Tensor | None) -> torch.Tensor:
     """Σ over the stacked packs of Σ(x−K)² = m2 + cnt·(mean−K)² (0 where a pack saw nothing)."""
     cnt, s1 = stacked[:, sl["cnt"]], stacked[:, sl["s1"]]

@@ -360,7 +360,7 @@ class Scope(ForwardHooks, CompiledRuntime, StepEnd):
             return
         try:
             frozen_train = self._modes.end_step(self.step_index)
-            if emit and self._modes.frozen:
+            if emit and self._modes.frozen and self._writer is not None:  # (per-rank values: the writer's)
                 for layer, names, vals in self._modes.drift(frozen_train):
                     self.emit("train", layer, 0, names, vals)
         except Exception as e:  # never break the user's training

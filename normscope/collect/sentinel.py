@@ -51,8 +51,8 @@ class FiniteSentinels:
             if torch.compiler.is_compiling():  # eager only: under the compiler the flag would break the graph
                 return None
             scope = scope_ref()
-            if scope is None or not scope._sampling or len(self.events) >= MAX_EVENTS:
-                return None
+            if scope is None or not scope._sampling or scope._writer is None or len(self.events) >= MAX_EVENTS:
+                return None  # (another rank under torch.distributed: the writer records its own flags)
             try:
                 if in_backward():  # a checkpoint's recomputation
                     return None
