@@ -52,6 +52,8 @@ class Scratch:
 
 def as_f32(x: torch.Tensor) -> torch.Tensor:
     x = x.detach()
-    if x.dtype == torch.float32 and x.is_contiguous():
-        return x
-    return x.to(torch.float32, memory_format=torch.contiguous_format)  # one copy, cast and layout together
+    if x.dtype != torch.float32:  # one copy, cast and layout together (a same-dtype .to() would not copy)
+        x = x.to(torch.float32, memory_format=torch.contiguous_format)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return x

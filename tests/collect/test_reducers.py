@@ -172,3 +172,16 @@ def test_combine_micro_batches_equals_one_batch():
     got = H.finish_act(H.combine_act(*raws))
     want = ref.act_stats(torch.cat([a, b]).numpy(), 1, hist, sat, 10**9)
     assert_matches(got, want, 10.0)
+
+
+def test_as_f32_is_contiguous_float32_for_every_layout():
+    """Regression: a same-dtype .to(memory_format=...) returned a non-contiguous float32 tensor as is."""
+    from normscope.collect.views import as_f32
+
+    for x in (
+        torch.randn(4, 6).t(),
+        torch.randn(4, 6).half().t(),
+        torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last),
+    ):
+        y = as_f32(x)
+        assert y.dtype == torch.float32 and y.is_contiguous() and torch.equal(y, x.float())
