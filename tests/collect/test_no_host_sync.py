@@ -3,26 +3,13 @@ that copies a Python value to the device (``torch.tensor(v, device=...)`` → li
 and a stream sync on a GPU) or reads one back (``.item()`` → _local_scalar_dense), and none with a
 data-dependent size: the step's single host transfer is the only sync (README, overhead)."""
 
-from collections import Counter
-
 import torch
+from dispatch import SYNC_OPS as SYNC
+from dispatch import CountOps
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import normscope
 from normscope.collect import reducers as R
-
-SYNC = ("lift_fresh", "_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "item")
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func).split(".")[1] if str(func).startswith("aten.") else str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_masked_path_sampled_step_has_no_sync_op(tmp_path, monkeypatch):
@@ -35,7 +22,9 @@ def test_masked_path_sampled_step_has_no_sync_op(tmp_path, monkeypatch):
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
     with normscope.watch(m, tmp_path / "r", every=1, optimizer=opt, stats="standard"):
         for _ in range(2):
-            with CountOps() as c:  # forward hooks, gradient hooks, parameter norms, drift: all but the transfer
+            with CountOps(
+                short=True
+            ) as c:  # forward hooks, gradient hooks, parameter norms, drift: all but the transfer
                 opt.zero_grad()
                 nn.functional.cross_entropy(m(x), y).backward()
                 opt.step()

@@ -292,22 +292,10 @@ def test_a_sampled_step_adds_no_host_synchronising_op(tmp_path):
     """The probes' work on a sampled step is device-side only: compared with the same step without
     the probes, no op that reads a value to the host (``.item()``/``bool(t)`` →
     _local_scalar_dense) or has a data-dependent size (nonzero, masked_select, unique) is added."""
-    from collections import Counter
-
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from dispatch import SYNC_OPS as sync
+    from dispatch import CountOps
 
     from normscope.collect import scope as S
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[str(func).split(".")[1] if str(func).startswith("aten.") else str(func)] += 1
-            return func(*args, **(kwargs or {}))
-
-    sync = ("lift_fresh", "_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "item")
 
     def ops(name, probes: bool):
         z = Z.BY_NAME[name]
@@ -318,7 +306,7 @@ def test_a_sampled_step_adds_no_host_synchronising_op(tmp_path):
         try:
             with normscope.watch(m, tmp_path / f"{name}-{probes}", every=1):
                 opt = torch.optim.SGD(m.parameters(), lr=0.0)
-                with CountOps() as c:
+                with CountOps(short=True) as c:
                     m(**z.batch(0)).loss.backward()
                 opt.step()
         finally:

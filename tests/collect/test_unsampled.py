@@ -7,19 +7,9 @@ from collections import Counter
 import models
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from dispatch import CountOps
 
 from normscope import watch
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def step_ops(model, opt, x, y) -> Counter:
