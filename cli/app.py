@@ -276,6 +276,29 @@ def top(
         typer.echo(f"stopped following after --timeout; the run is still being written: {run_dir}")
 
 
+@app.command(
+    "build-kernel",
+    epilog="Examples:\n\n  normscope build-kernel\n\n  NORMSCOPE_KERNEL=off python train.py   # never use it",
+)
+@C.handle_errors
+def build_kernel(
+    verbose: bool = typer.Option(False, "--verbose", help="Show the compiler's commands and output."),
+) -> None:
+    """Build the fused CPU reduction for this machine now (needs a C++ compiler; cached, ~35 s once).
+
+    Without it the collector computes the same statistics with torch ops, at more cost per hooked
+    tensor on the CPU; with NORMSCOPE_KERNEL=auto (the default) a run that finds no build starts
+    one in the background for the runs after it."""
+    from normscope.collect import native
+
+    try:
+        path = native.build(verbose=verbose)
+    except Exception as e:
+        C.fail(f"the fused CPU kernel did not build ({type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}); "
+               "install a C++ compiler (g++) and ninja, or keep the torch path (same statistics, slower)")  # fmt: skip
+    typer.echo(f"fused CPU kernel ready: {path}")
+
+
 from normscope_cli.fold_cmd import register as _register_fold  # noqa: E402
 
 _register_fold(app)

@@ -12,3 +12,6 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -qq --disable-pip-version-check -c constraints.txt -e ".[report,cli]" scikit-learn
+# The fused CPU reduction, compiled once for this machine (~35 s; never fails the setup: without a
+# compiler the collector keeps its torch path).
+"$VENV/bin/normscope" build-kernel || echo "setup: the fused CPU kernel was not built; the torch path will be used" >&2

@@ -9,3 +9,6 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -qq --disable-pip-version-check -c constraints.txt -e ".[all,test]"
+# The fused CPU reduction (normscope/collect/fused.cpp), compiled once for this machine and cached
+# (~35 s); without a compiler the collector keeps its torch path, so this never fails the setup.
+.venv/bin/normscope build-kernel || echo "setup: the fused CPU kernel was not built; the torch path will be used" >&2

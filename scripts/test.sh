@@ -12,4 +12,5 @@ fi
 # Lint and format first (ruff, configured in pyproject.toml): seconds, and a clear failure.
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-exec .venv/bin/python -m pytest -q "$@"
+# The fused CPU kernel must have built here: its tests compare it with the torch path and numpy.
+NORMSCOPE_REQUIRE_KERNEL=1 exec .venv/bin/python -m pytest -q "$@"

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from functools import lru_cache
 
 import torch
 
+from normscope.collect import native as _native
 from normscope.collect.bins import (
     LINEAR_BINS,
     SIGMOID_HI,
@@ -107,11 +109,14 @@ def reduce_act(
     hist_max: int,
     scratch: Scratch,
     force_masked: bool | None = None,
+    fused: bool = True,
 ) -> tuple[torch.Tensor, bool]:
     """All forward statistics of one output tensor: ``(pack, fast)``.
 
     The pack is 1-D of ``layout.pack_size(fast)`` elements; ``fast`` is a host bool (the CPU
-    path for all-finite tensors), so decoding never waits on the device.
+    path for all-finite tensors), so decoding never waits on the device. On the CPU the fused
+    kernel (:mod:`normscope.collect.native`) computes the fast pack in one call when it is
+    loaded (``fused=False``: the torch ops, the reference it is tested against).
     """
     if force_masked is None:
         force_masked = FORCE_MASKED
@@ -119,6 +124,16 @@ def reduce_act(
     if not layout.per_channel:  # one channel: (samples, 1, rest), the pack's own layout unchanged
         a, c, s = channel_view_shape(xf.shape, layout.axis)
         xf, layout = xf.reshape(a, 1, c * s), replace(layout, axis=1, per_channel=True)
+    kernel = _native.KERNEL if fused else None
+    if kernel is not None and xf.device.type == "cpu" and not force_masked:
+        a, c, s = channel_view_shape(xf.shape, layout.axis)
+        standard = layout.stats != "minimal"
+        kind, lo, hi = _hist_args(hist)
+        pack = kernel.act_pack(xf, a, c, s, standard, kind, layout.hist_bins if standard else 0, lo, hi,
+                               hist_stride(xf.numel(), hist_max), *_sat_args(sat), SYMLOG_LO_EXP, SYMLOG_K)  # fmt: skip
+        if pack.numel():
+            return pack, True
+        return _reduce_act_masked(xf, layout, hist, sat, hist_max), False  # NaN or Inf in it
     if _autocast_on(xf.device.type):  # hooks run inside the user's autocast: keep float32
         with torch.autocast(xf.device.type, enabled=False):
             return reduce_act(xf, layout, hist, sat, hist_max, scratch, force_masked)
@@ -132,6 +147,25 @@ def reduce_act(
                 return reduce_act_fast_wide(xf, layout, hist, sat, hist_max, scratch, mn, mx, lo >= 0), True
             return reduce_act_fast(xf, layout, hist, sat, hist_max, scratch, lo, mx.item()), True
     return _reduce_act_masked(xf, layout, hist, sat, hist_max), False
+
+
+@lru_cache(maxsize=64)
+def _hist_args(hist: HistSpec) -> tuple[int, float, float]:
+    """The kernel's histogram arguments: kind (1 symlog, 2 linear) and the linear range."""
+    return (1, 0.0, 0.0) if hist.kind == "symlog" else (2, float(hist.lo), float(hist.hi))
+
+
+@lru_cache(maxsize=64)
+def _sat_args(sat: SatSpec | None) -> tuple[int, float, float]:
+    """The kernel's saturation arguments (the regions of :func:`_sat_mask`): kind (0 none, 1
+    sigmoid, 2 tanh: outside the open interval; 3 bounds: at or past them) and the thresholds."""
+    if sat is None:
+        return 0, 0.0, 0.0
+    if sat.kind == "sigmoid":
+        return 1, SIGMOID_LO, SIGMOID_HI
+    if sat.kind == "tanh":
+        return 2, -TANH_T, TANH_T
+    return 3, float(sat.lo), float(sat.hi)
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -203,7 +237,7 @@ def _sat_mask(x: torch.Tensor, sat: SatSpec) -> torch.Tensor:
     return (x <= sat.lo) | (x >= sat.hi)
 
 
-def reduce_grad(g: torch.Tensor, force_masked: bool | None = None) -> tuple[torch.Tensor, bool]:
+def reduce_grad(g: torch.Tensor, force_masked: bool | None = None, fused: bool = True) -> tuple[torch.Tensor, bool]:
     """Gradient statistics ``(pack, fast)`` in the layout of ``packs.GRAD_FIELDS``.
 
     Fast (CPU, finite): sum of squares and max |g| only; else also the finite, NaN and Inf
@@ -214,7 +248,12 @@ def reduce_grad(g: torch.Tensor, force_masked: bool | None = None) -> tuple[torc
     gf = as_f32(g)
     n = gf.numel()
     layout = GradLayout(n)
-    if gf.device.type == "cpu" and not force_masked:  # host floats and one small tensor: three ops
+    kernel = _native.KERNEL if fused else None
+    if kernel is not None and gf.device.type == "cpu" and not force_masked:
+        pack = kernel.grad_pack(gf)
+        if pack.numel():
+            return pack, True
+    elif gf.device.type == "cpu" and not force_masked:  # host floats and one small tensor: three ops
         nrm = torch.linalg.vector_norm(gf).item()
         if math.isfinite(nrm):
             mn, mx = torch.aminmax(gf) if n else (gf.new_zeros(()), gf.new_zeros(()))

@@ -25,6 +25,7 @@ from torch import nn
 
 from normscope.collect import compiled as C
 from normscope.collect import distributed as D
+from normscope.collect import native
 from normscope.collect import reducers as R
 from normscope.collect.attention import register as transformer_probes
 from normscope.collect.decode import PendingEntry
@@ -164,6 +165,9 @@ class Scope(ForwardHooks, CompiledRuntime, StepEnd):
         if [id(p) for p in self.model.parameters()] != [id(p) for _, p, _ in self._params.entries]:
             # parameters replaced since watch() (fully_shard applied in between): track the new ones
             self._params = ParamTracker(self.model, track_updates=self.track_updates, names=canonical_names(self.model))
+        on_cpu = next(self.model.parameters(), torch.empty(0)).device.type == "cpu"
+        if on_cpu:  # the fused CPU reduction: loaded if built, else built in the background for later runs
+            native.load()
         if self._rank == 0:  # under torch.distributed only rank 0 writes the run directory
             if (self.run_dir / "meta.json").exists():
                 raise NormscopeError(
@@ -172,6 +176,7 @@ class Scope(ForwardHooks, CompiledRuntime, StepEnd):
             self._writer = RunWriter(self.run_dir)
             self._meta = self._initial_meta()
             self._meta["distributed"] = {"world_size": self._world, "backend": backend}
+            self._meta["kernel"] = native.STATE if on_cpu else "not used (the model is on an accelerator)"
             write_json(self.run_dir / "meta.json", self._meta)
         self._sid = C.register_scope(self)
         try:

@@ -20,10 +20,10 @@ from normscope.collect import reducers as R
 MINIMAL_ABSENT = {"abs_sum", "n_zero", "n_nonpos", "n_sat", "hist_n", "active", "hist"}
 
 
-def reduce(x, axis, kind, stats, masked=False, hist_max=65536):
+def reduce(x, axis, kind, stats, masked=False, hist_max=65536, fused=True):
     hist, sat = SPECS[kind]
     layout = R.act_layout(x, axis, hist, stats=stats)
-    pack, fast = R.reduce_act(x, layout, hist, sat, hist_max, R.Scratch(), force_masked=masked)
+    pack, fast = R.reduce_act(x, layout, hist, sat, hist_max, R.Scratch(), force_masked=masked, fused=fused)
     assert pack.dtype == torch.float64 and pack.numel() == layout.pack_size(fast)
     raw = H.split_act(pack.numpy(), layout, fast)
     return layout, raw, H.finish_act(raw, layout.per_channel)
@@ -42,11 +42,17 @@ def test_pack_table_describes_each_preset():
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(x=tensors(), axis=st.sampled_from([1, -1]), kind=st.sampled_from(sorted(SPECS)), masked=st.booleans())
-def test_minimal_rows_match_numpy(x, axis, kind, masked):
+@given(
+    x=tensors(),
+    axis=st.sampled_from([1, -1]),
+    kind=st.sampled_from(sorted(SPECS)),
+    masked=st.booleans(),
+    fused=st.booleans(),
+)
+def test_minimal_rows_match_numpy(x, axis, kind, masked, fused):
     if x.dim() < 2:
         axis = -1
-    layout, raw, got = reduce(x, axis, kind, "minimal", masked)
+    layout, raw, got = reduce(x, axis, kind, "minimal", masked, fused=fused)
     assert MINIMAL_ABSENT.isdisjoint(raw)
     want = ref.act_stats(x.float().numpy(), axis, *SPECS[kind], 65536)
     scale = float(x.float().abs().max()) or 1.0
@@ -82,10 +88,15 @@ def test_minimal_non_finite_counted_and_excluded(x, frac, seed):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(x=tensors(), kind=st.sampled_from(sorted(SPECS)), stats=st.sampled_from(["standard", "full"]))
-def test_standard_and_full_rows_match_numpy(x, kind, stats):
+@given(
+    x=tensors(),
+    kind=st.sampled_from(sorted(SPECS)),
+    stats=st.sampled_from(["standard", "full"]),
+    fused=st.booleans(),
+)
+def test_standard_and_full_rows_match_numpy(x, kind, stats, fused):
     axis = 1 if x.dim() >= 2 else -1
-    _, _, got = reduce(x, axis, kind, stats)
+    _, _, got = reduce(x, axis, kind, stats, fused=fused)
     want = ref.act_stats(x.float().numpy(), axis, *SPECS[kind], 65536)
     assert_matches(got, want, float(x.float().abs().max()) or 1.0)
 

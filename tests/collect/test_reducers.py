@@ -22,10 +22,11 @@ SPECS = {
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
-def run_reducer(x, axis, kind, hist_max=65536, masked=False):
+def run_reducer(x, axis, kind, hist_max=65536, masked=False, fused=True):
+    """fused: the fused CPU kernel when it is loaded (tests/conftest.py loads it), else the torch ops."""
     hist, sat = SPECS[kind]
     layout = R.act_layout(x, axis, hist)
-    pack, fast = R.reduce_act(x, layout, hist, sat, hist_max, R.Scratch(), force_masked=masked)
+    pack, fast = R.reduce_act(x, layout, hist, sat, hist_max, R.Scratch(), force_masked=masked, fused=fused)
     assert pack.dtype == torch.float64 and pack.numel() == layout.pack_size(fast)
     assert fast == (not masked and bool(torch.isfinite(x).all()))
     return H.finish_act(H.split_act(pack.numpy(), layout, fast))
@@ -73,11 +74,17 @@ def tensors(draw):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(x=tensors(), axis=st.sampled_from([1, -1]), kind=st.sampled_from(sorted(SPECS)), masked=st.booleans())
-def test_act_stats_match_numpy(x, axis, kind, masked):
+@given(
+    x=tensors(),
+    axis=st.sampled_from([1, -1]),
+    kind=st.sampled_from(sorted(SPECS)),
+    masked=st.booleans(),
+    fused=st.booleans(),
+)
+def test_act_stats_match_numpy(x, axis, kind, masked, fused):
     if x.dim() < 2:
         axis = -1
-    got = run_reducer(x, axis, kind, masked=masked)
+    got = run_reducer(x, axis, kind, masked=masked, fused=fused)
     want = ref.act_stats(x.float().numpy(), axis, *SPECS[kind], 65536)
     scale = float(x.float().abs().max()) or 1.0
     assert_matches(got, want, scale)
@@ -85,9 +92,13 @@ def test_act_stats_match_numpy(x, axis, kind, masked):
 
 @settings(max_examples=60, deadline=None)
 @given(
-    x=tensors(), frac=st.sampled_from([0.01, 0.3]), kind=st.sampled_from(["plain", "tanh"]), seed=st.integers(0, 999)
+    x=tensors(),
+    frac=st.sampled_from([0.01, 0.3]),
+    kind=st.sampled_from(["plain", "tanh"]),
+    seed=st.integers(0, 999),
+    fused=st.booleans(),
 )
-def test_non_finite_counted_and_excluded(x, frac, kind, seed):
+def test_non_finite_counted_and_excluded(x, frac, kind, seed, fused):
     g = torch.Generator().manual_seed(seed)
     x = x.float()
     r = torch.rand(x.shape, generator=g)
@@ -96,31 +107,34 @@ def test_non_finite_counted_and_excluded(x, frac, kind, seed):
         (r >= frac / 2) & (r < frac), torch.full_like(x, math.inf) * torch.sign(torch.randn(x.shape, generator=g)), x
     )
     axis = 1 if x.dim() >= 2 else -1
-    got = run_reducer(x, axis, kind)  # CPU: aminmax sees the NaN/Inf and takes the masked path
+    got = run_reducer(x, axis, kind, fused=fused)  # CPU: the kernel or aminmax sees NaN/Inf: the masked path
     want = ref.act_stats(x.numpy(), axis, *SPECS[kind], 65536)
     assert_matches(got, want, float(torch.nan_to_num(x, 0, 0, 0).abs().max()) or 1.0)
 
 
-def test_histogram_subsample_is_strided_with_prime_stride():
+@pytest.mark.parametrize("fused", [True, False])
+def test_histogram_subsample_is_strided_with_prime_stride(fused):
     x = torch.randn(8, 16, 40, 40)  # 204800 elements, hist_max 4096 -> stride 53 (prime >= 50)
-    got = run_reducer(x, 1, "plain", hist_max=4096)
+    got = run_reducer(x, 1, "plain", hist_max=4096, fused=fused)
     assert R.hist_stride(x.numel(), 4096) == 53
     want = ref.act_stats(x.numpy(), 1, *SPECS["plain"], 4096)
     assert got["hist_count"] == want["hist_count"] == len(range(0, x.numel(), 53))
     assert_matches(got, want, float(x.abs().max()))
 
 
-def test_large_tensor_counts_exact_beyond_float32_integers():
+@pytest.mark.parametrize("fused", [True, False])
+def test_large_tensor_counts_exact_beyond_float32_integers(fused):
     x = torch.zeros(1, 1, 2**24 + 3)
     x[0, 0, :5] = 1.0  # 2**24 - 2 zeros: a float32 count would round
-    got = run_reducer(x, 1, "plain")
+    got = run_reducer(x, 1, "plain", fused=fused)
     assert got["frac_zero"] * x.numel() == pytest.approx(2**24 - 2, abs=0.5)
     assert got["frac_nonpos"] * x.numel() == pytest.approx(2**24 - 2, abs=0.5)
 
 
-def test_known_values_small():
+@pytest.mark.parametrize("fused", [True, False])
+def test_known_values_small(fused):
     x = torch.tensor([[0.0, -1.0, 2.0], [0.5, 0.0, -0.25]])  # (2 samples, 3 channels) channel-last
-    got = run_reducer(x, -1, "plain")
+    got = run_reducer(x, -1, "plain", fused=fused)
     assert got["frac_zero"] == pytest.approx(2 / 6)
     assert got["frac_nonpos"] == pytest.approx(4 / 6)
     assert got["mean_abs"] == pytest.approx(3.75 / 6)
@@ -133,22 +147,25 @@ def test_known_values_small():
     assert got["hist"].sum() == 6
 
 
-def test_saturation_counts_sigmoid_tanh():
+@pytest.mark.parametrize("fused", [True, False])
+def test_saturation_counts_sigmoid_tanh(fused):
     y = torch.tensor([0.005, 0.01, 0.5, 0.99, 0.995])
-    assert run_reducer(y, -1, "sigmoid")["frac_sat"] == pytest.approx(2 / 5)
+    assert run_reducer(y, -1, "sigmoid", fused=fused)["frac_sat"] == pytest.approx(2 / 5)
     t = torch.tensor([-0.99, -0.97, 0.0, 0.97, 0.98])
-    assert run_reducer(t, -1, "tanh")["frac_sat"] == pytest.approx(2 / 5)
+    assert run_reducer(t, -1, "tanh", fused=fused)["frac_sat"] == pytest.approx(2 / 5)
     h = torch.tensor([-1.0, -0.5, 0.0, 1.0])
-    assert run_reducer(h, -1, "hardtanh")["frac_sat"] == pytest.approx(2 / 4)
+    assert run_reducer(h, -1, "hardtanh", fused=fused)["frac_sat"] == pytest.approx(2 / 4)
+    r = torch.tensor([0.0, 3.0, 6.0, 7.0, -1.0])  # relu6 bounds: at or past 0 and 6
+    assert run_reducer(r, -1, "relu6", fused=fused)["frac_sat"] == pytest.approx(4 / 5)
 
 
 @settings(max_examples=80, deadline=None)
-@given(x=tensors(), masked=st.booleans(), poison=st.sampled_from([None, math.nan, math.inf]))
-def test_grad_stats_match_numpy(x, masked, poison):
+@given(x=tensors(), masked=st.booleans(), poison=st.sampled_from([None, math.nan, math.inf]), fused=st.booleans())
+def test_grad_stats_match_numpy(x, masked, poison, fused):
     x = x.float()
     if poison is not None:
         x.view(-1)[0] = poison
-    p, fast = R.reduce_grad(x, force_masked=masked)
+    p, fast = R.reduce_grad(x, force_masked=masked, fused=fused)
     assert fast == (not masked and poison is None)
     got = H.finish_grad(H.split_grad(p.numpy(), R.GradLayout(x.numel()), fast))
     want = ref.grad_stats(x.numpy())

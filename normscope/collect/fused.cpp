@@ -1,0 +1,526 @@
+// normscope's fused CPU reduction: every statistic of one float32 tensor in one pass (plus one
+// pass for the sums of squared deviations and one over the histogram's subsample), instead of
+// ~20 torch ops per tensor. Built on first use by normscope/collect/native.py (torch's
+// cpp_extension, cached per machine); the torch reductions in reducers_fast.py stay the
+// reference and the fallback, and the tests compare both with numpy.
+//
+// Semantics are those of normscope/collect/reducers.py (its docstring is the contract):
+// the tensor is viewed as (A, C, S) for its channel axis; per channel the sum s1 and the sum of
+// squared deviations m2; mean |x|, zero / non-positive / saturated counts; active[c] = samples
+// (rows of A) in which unit c is > 0 at least once; the histogram over flat[::stride]. The packs
+// written are the *fast* packs of normscope/collect/packs.py (all-finite tensors). A tensor with
+// any NaN or Inf returns an empty tensor: the caller takes the NaN-safe path.
+//
+// Accuracy: values are accumulated in float32 lanes over blocks of at most kBlock elements per
+// lane group, then in float64 (counts are exact: a lane counts at most kBlock / kW < 2**24).
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int kW = 16;                  // floats per vector (64 bytes; split in two on AVX2)
+constexpr int64_t kBlock = 4096;        // elements summed in float32 before a float64 flush
+constexpr int64_t kMinChunk = 1 << 17;  // elements per thread before a tensor is split
+constexpr int64_t kRunMin = 16;         // runs (S) at least this long go run by run, else row by row
+
+// GCC/Clang vector extensions: the arithmetic below is written on whole vectors, so it does not
+// depend on the auto-vectoriser (which gave up on some of these loops).
+typedef float vf __attribute__((vector_size(kW * 4)));
+typedef int32_t vi __attribute__((vector_size(kW * 4)));
+
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline vf splat(float f) { return vf{} + f; }
+inline vf as_count(vi mask) { return (vf)(mask & (vi)splat(1.0f)); }  // -1/0 lanes -> 1.0f/0.0f
+inline vf vabs(vf v) { return (vf)((vi)v & 0x7fffffff); }
+inline vf vmin(vf a, vf b) { return b < a ? b : a; }
+inline vf vmax(vf a, vf b) { return b > a ? b : a; }
+inline float hsum(vf v) {
+  float t[kW];
+  std::memcpy(t, &v, sizeof t);
+  for (int w = kW / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) t[l] += t[l + w];
+  return t[0];
+}
+inline float hmax(vf v) {
+  float t[kW];
+  std::memcpy(t, &v, sizeof t);
+  for (int w = kW / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) t[l] = std::max(t[l], t[l + w]);
+  return t[0];
+}
+inline float hmin(vf v) {
+  float t[kW];
+  std::memcpy(t, &v, sizeof t);
+  for (int w = kW / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) t[l] = std::min(t[l], t[l + w]);
+  return t[0];
+}
+
+// The last n < kW elements at p as a vector, the other lanes `fill`.
+inline vf load_tail(const float* p, int64_t n, float fill) {
+  float t[kW];
+  for (int l = 0; l < kW; ++l) t[l] = l < n ? p[l] : fill;
+  return load(t);
+}
+inline vi tail_mask(int64_t n) {
+  int32_t t[kW];
+  for (int l = 0; l < kW; ++l) t[l] = l < n ? -1 : 0;
+  vi m;
+  std::memcpy(&m, t, sizeof m);
+  return m;
+}
+
+struct Scalars {
+  double abs_sum = 0, n_zero = 0, n_nonpos = 0, n_sat = 0;
+  float mn = std::numeric_limits<float>::infinity();
+  float mx = -std::numeric_limits<float>::infinity();
+  float probe = 0;  // v - v summed: NaN once any element is NaN or +-Inf
+  void merge(const Scalars& o) {
+    abs_sum += o.abs_sum;
+    n_zero += o.n_zero;
+    n_nonpos += o.n_nonpos;
+    n_sat += o.n_sat;
+    mn = std::min(mn, o.mn);
+    mx = std::max(mx, o.mx);
+    probe += o.probe;
+  }
+};
+
+// saturation kinds: 0 none, 1 open interval (sigmoid y < lo or y > hi; tanh the same,
+// symmetric), 3 bounds (y <= lo or y >= hi)
+template <int SAT, bool STD>
+struct Lanes {
+  vf abs_{}, zero{}, nonpos{}, sat{}, probe{};
+  vf mn = splat(std::numeric_limits<float>::infinity());
+  vf mx = splat(-std::numeric_limits<float>::infinity());
+  vf slo, shi;
+  int64_t since = 0;  // elements since the last flush
+  Lanes(float lo, float hi) : slo(splat(lo)), shi(splat(hi)) {}
+
+  // one full vector of elements; `valid` masks the lanes that hold elements (tails)
+  inline void add(vf v, vi valid, int64_t n) {
+    mn = vmin(mn, valid ? v : mn);
+    mx = vmax(mx, valid ? v : mx);
+    probe += valid ? v - v : vf{};
+    if constexpr (STD) {
+      abs_ += valid ? vabs(v) : vf{};
+      zero += as_count((v == 0.0f) & valid);
+      nonpos += as_count((v <= 0.0f) & valid);
+      if constexpr (SAT == 1) sat += as_count(((v < slo) | (v > shi)) & valid);
+      if constexpr (SAT == 3) sat += as_count(((v <= slo) | (v >= shi)) & valid);
+    }
+    since += n;
+  }
+  inline void add(vf v) {
+    mn = vmin(mn, v);
+    mx = vmax(mx, v);
+    probe += v - v;
+    if constexpr (STD) {
+      abs_ += vabs(v);
+      zero += as_count(v == 0.0f);
+      nonpos += as_count(v <= 0.0f);
+      if constexpr (SAT == 1) sat += as_count((v < slo) | (v > shi));
+      if constexpr (SAT == 3) sat += as_count((v <= slo) | (v >= shi));
+    }
+    since += kW;
+  }
+  inline void maybe_flush(Scalars& s) {
+    if (since >= kBlock * kW / 16) flush(s);
+  }
+  void flush(Scalars& s) {
+    s.mn = std::min(s.mn, hmin(mn));
+    s.mx = std::max(s.mx, hmax(mx));
+    s.probe += hsum(probe);
+    if constexpr (STD) {
+      s.abs_sum += hsum(abs_);
+      s.n_zero += hsum(zero);
+      s.n_nonpos += hsum(nonpos);
+      s.n_sat += hsum(sat);
+    }
+    abs_ = zero = nonpos = sat = probe = vf{};
+    mn = splat(std::numeric_limits<float>::infinity());
+    mx = splat(-std::numeric_limits<float>::infinity());
+    since = 0;
+  }
+};
+
+// The scalar statistics of n contiguous elements.
+template <int SAT, bool STD>
+inline void scan(Lanes<SAT, STD>& L, const float* p, int64_t n, Scalars& sc) {
+  int64_t k = 0;
+  for (; k + kW <= n; k += kW) L.add(load(p + k));
+  if (k < n) L.add(load_tail(p + k, n - k, 0.0f), tail_mask(n - k), n - k);
+  L.maybe_flush(sc);
+}
+
+// Pass 1 over rows [a0, a1) of a channel-first (A, C, S) tensor, S >= kRunMin: per channel the sum
+// and the samples with a positive element; the scalar statistics. s1 and active have C entries.
+template <int SAT, bool STD>
+void pass1_runs(const float* x, int64_t a0, int64_t a1, int64_t C, int64_t S, float slo, float shi,
+                double* s1, double* active, Scalars& sc) {
+  Lanes<SAT, STD> L(slo, shi);
+  const vf ninf = splat(-std::numeric_limits<float>::infinity());
+  for (int64_t a = a0; a < a1; ++a) {
+    for (int64_t c = 0; c < C; ++c) {
+      const float* p = x + (a * C + c) * S;
+      double run_sum = 0;
+      float run_top = -std::numeric_limits<float>::infinity();
+      for (int64_t b0 = 0; b0 < S; b0 += kBlock) {
+        const int64_t b1 = std::min(S, b0 + kBlock);
+        vf sum{}, top = ninf;
+        int64_t k = b0;
+        for (; k + kW <= b1; k += kW) {
+          const vf v = load(p + k);
+          sum += v;
+          if constexpr (STD) top = vmax(top, v);
+          L.add(v);
+        }
+        if (k < b1) {
+          const vi m = tail_mask(b1 - k);
+          const vf v = load_tail(p + k, b1 - k, 0.0f);
+          sum += v;
+          if constexpr (STD) top = vmax(top, m ? v : ninf);
+          L.add(v, m, b1 - k);
+        }
+        run_sum += hsum(sum);
+        if constexpr (STD) run_top = std::max(run_top, hmax(top));
+        L.maybe_flush(sc);
+      }
+      s1[c] += run_sum;
+      if constexpr (STD) active[c] += static_cast<double>(run_top > 0.0f);  // branch-free: often 50/50
+    }
+  }
+  L.flush(sc);
+}
+
+// Pass 1 over rows [a0, a1) of an (A, C, S) tensor with S < kRunMin (S == 1: channel-last), row
+// by row: column sums (and, for S == 1, column positives) in float32, folded into channels and
+// flushed to float64 every few rows; the scalar statistics in lanes along the row.
+template <int SAT, bool STD>
+void pass1_rows(const float* x, int64_t a0, int64_t a1, int64_t C, int64_t S, float slo, float shi, double* s1,
+                double* active, Scalars& sc) {
+  const int64_t R = C * S;
+  const int64_t kRows = std::max<int64_t>(1, std::min<int64_t>(256, kBlock * kW / std::max<int64_t>(R, 1)));
+  std::vector<float> csum(R, 0.0f), cpos(S == 1 ? R : C, 0.0f);  // S > 1: samples with a positive, per channel
+  float* cs = csum.data();
+  float* cp = cpos.data();
+  Lanes<SAT, STD> L(slo, shi);
+  int64_t rows = 0;
+  for (int64_t a = a0; a < a1; ++a) {
+    const float* p = x + a * R;
+    int64_t j = 0;
+    for (; j + kW <= R; j += kW) {  // the columns
+      const vf v = load(p + j);
+      vf t = load(cs + j) + v;
+      std::memcpy(cs + j, &t, sizeof t);
+      if constexpr (STD) {
+        if (S == 1) {
+          vf q = load(cp + j) + as_count(v > 0.0f);
+          std::memcpy(cp + j, &q, sizeof q);
+        }
+      }
+    }
+    for (; j < R; ++j) {
+      cs[j] += p[j];
+      if constexpr (STD) {
+        if (S == 1) cp[j] += p[j] > 0.0f ? 1.0f : 0.0f;
+      }
+    }
+    scan<SAT, STD>(L, p, R, sc);  // the scalar statistics (the row is in L1 now)
+    if constexpr (STD) {
+      if (S > 1) {
+        for (int64_t c = 0; c < C; ++c) {
+          const float* q = p + c * S;
+          float m = q[0];
+          for (int64_t s = 1; s < S; ++s) m = std::max(m, q[s]);
+          cp[c] += static_cast<float>(m > 0.0f);  // branch-free: often 50/50
+        }
+      }
+    }
+    if (++rows == kRows || a + 1 == a1) {
+      for (int64_t c = 0; c < C; ++c) {
+        double t = 0;
+        for (int64_t s = 0; s < S; ++s) t += cs[c * S + s];
+        s1[c] += t;
+        if constexpr (STD) active[c] += cp[c];
+      }
+      std::fill(csum.begin(), csum.end(), 0.0f);
+      std::fill(cpos.begin(), cpos.end(), 0.0f);
+      rows = 0;
+    }
+  }
+  L.flush(sc);
+}
+
+// Pass 2: per-channel sums of squared deviations from the channel means (float32 means).
+void pass2(const float* x, int64_t a0, int64_t a1, int64_t C, int64_t S, const float* mean, double* m2) {
+  if (S < kRunMin) {
+    const int64_t R = C * S;
+    const int64_t kRows = std::max<int64_t>(1, std::min<int64_t>(256, kBlock * kW / std::max<int64_t>(R, 1)));
+    std::vector<float> mu(R), acc(R, 0.0f);
+    for (int64_t j = 0; j < R; ++j) mu[j] = mean[j / S];
+    float* ac = acc.data();
+    const float* mp = mu.data();
+    int64_t rows = 0;
+    for (int64_t a = a0; a < a1; ++a) {
+      const float* p = x + a * R;
+      int64_t j = 0;
+      for (; j + kW <= R; j += kW) {
+        const vf d = load(p + j) - load(mp + j);
+        vf t = load(ac + j) + d * d;
+        std::memcpy(ac + j, &t, sizeof t);
+      }
+      for (; j < R; ++j) {
+        const float d = p[j] - mp[j];
+        ac[j] += d * d;
+      }
+      if (++rows == kRows || a + 1 == a1) {
+        for (int64_t c = 0; c < C; ++c) {
+          double t = 0;
+          for (int64_t s = 0; s < S; ++s) t += ac[c * S + s];
+          m2[c] += t;
+        }
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        rows = 0;
+      }
+    }
+    return;
+  }
+  for (int64_t a = a0; a < a1; ++a) {
+    for (int64_t c = 0; c < C; ++c) {
+      const float* p = x + (a * C + c) * S;
+      const vf mu = splat(mean[c]);
+      double run = 0;
+      for (int64_t b0 = 0; b0 < S; b0 += kBlock) {
+        const int64_t b1 = std::min(S, b0 + kBlock);
+        vf acc{};
+        int64_t k = b0;
+        for (; k + kW <= b1; k += kW) {
+          const vf d = load(p + k) - mu;
+          acc += d * d;
+        }
+        if (k < b1) {
+          const vf d = load_tail(p + k, b1 - k, mean[c]) - mu;  // padding lanes: d = 0
+          acc += d * d;
+        }
+        run += hsum(acc);
+      }
+      m2[c] += run;
+    }
+  }
+}
+
+// Row ranges, one per thread, of at least kMinChunk elements each.
+std::vector<int64_t> row_chunks(int64_t A, int64_t row_len) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t by_size = std::max<int64_t>(1, (A * row_len) / kMinChunk);
+  const int64_t n = std::max<int64_t>(1, std::min({threads, by_size, A}));
+  std::vector<int64_t> edges(n + 1);
+  for (int64_t i = 0; i <= n; ++i) edges[i] = A * i / n;
+  return edges;
+}
+
+template <typename F>
+void for_chunks(const std::vector<int64_t>& edges, F&& f) {
+  const int64_t n = static_cast<int64_t>(edges.size()) - 1;
+  if (n == 1) {
+    f(0, edges[0], edges[1]);
+    return;
+  }
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) f(i, edges[i], edges[i + 1]);
+  });
+}
+
+template <int SAT, bool STD>
+bool pass1(const float* x, int64_t A, int64_t C, int64_t S, float slo, float shi, double* s1, double* active,
+           Scalars& sc) {
+  const auto edges = row_chunks(A, C * S);
+  const int64_t n = static_cast<int64_t>(edges.size()) - 1;
+  std::vector<double> ps1(n * C, 0.0), pact(n * C, 0.0);
+  std::vector<Scalars> psc(n);
+  for_chunks(edges, [&](int64_t i, int64_t a0, int64_t a1) {
+    if (S < kRunMin) {
+      pass1_rows<SAT, STD>(x, a0, a1, C, S, slo, shi, ps1.data() + i * C, pact.data() + i * C, psc[i]);
+    } else {
+      pass1_runs<SAT, STD>(x, a0, a1, C, S, slo, shi, ps1.data() + i * C, pact.data() + i * C, psc[i]);
+    }
+  });
+  for (int64_t i = 0; i < n; ++i) {
+    sc.merge(psc[i]);
+    for (int64_t c = 0; c < C; ++c) {
+      s1[c] += ps1[i * C + c];
+      active[c] += pact[i * C + c];
+    }
+  }
+  return std::isfinite(sc.probe) && std::isfinite(sc.mn) && std::isfinite(sc.mx);
+}
+
+template <bool STD>
+bool pass1_dispatch(int64_t sat_kind, const float* x, int64_t A, int64_t C, int64_t S, float slo, float shi,
+                    double* s1, double* active, Scalars& sc) {
+  switch (sat_kind) {
+    case 1:
+    case 2:
+      return pass1<1, STD>(x, A, C, S, slo, shi, s1, active, sc);
+    case 3:
+      return pass1<3, STD>(x, A, C, S, slo, shi, s1, active, sc);
+    default:
+      return pass1<0, STD>(x, A, C, S, slo, shi, s1, active, sc);
+  }
+}
+
+// hist_kind: 1 symlog (bins from the float's sign and exponent bits), 2 linear over [lo, hi)
+void histogram(const float* x, int64_t numel, int64_t stride, int64_t kind, int64_t bins, double lo,
+               double hi, int64_t symlog_lo_exp, int64_t symlog_k, double* out) {
+  std::vector<int64_t> h(bins, 0);
+  if (kind == 1) {
+    const int32_t shift = 127 + static_cast<int32_t>(symlog_lo_exp) - 1;
+    const int32_t kmax = static_cast<int32_t>(symlog_k) + 1;
+    for (int64_t i = 0; i < numel; i += stride) {
+      int32_t bits;
+      std::memcpy(&bits, x + i, sizeof bits);
+      int32_t k = ((bits >> 23) & 0xFF) - shift;
+      k = std::min(std::max(k, 0), kmax);
+      const int32_t neg = bits >> 31;  // -1 for a set sign bit: (k ^ neg) - neg == -k
+      h[((k ^ neg) - neg) + kmax]++;
+    }
+  } else {
+    // the float32 arithmetic of reducers_fast._hist_fast: (y - lo) * (bins / (hi - lo)), truncated
+    const float flo = static_cast<float>(lo);
+    const float scale = static_cast<float>(static_cast<double>(bins) / (hi - lo));
+    const float top = static_cast<float>(bins - 1);
+    for (int64_t i = 0; i < numel; i += stride) {
+      float t = (x[i] - flo) * scale;
+      t = std::min(std::max(t, 0.0f), top);
+      h[static_cast<int64_t>(t)]++;
+    }
+  }
+  for (int64_t b = 0; b < bins; ++b) out[b] = static_cast<double>(h[b]);
+}
+
+}  // namespace
+
+// The fast pack of one all-finite float32 CPU tensor viewed as (A, C, S), or an empty tensor when
+// it holds NaN or Inf. standard: the "standard"/"full" fields (else "minimal": min, max, s1, m2).
+// Layout (packs.ACT_FIELDS, fast fields, scalars first): min, max, [abs_sum, n_zero, n_nonpos,
+// n_sat], s1[C], m2[C], [active[C], hist[bins]].
+torch::Tensor act_pack(const torch::Tensor& x, int64_t A, int64_t C, int64_t S, bool standard, int64_t hist_kind,
+                       int64_t bins, double hist_lo, double hist_hi, int64_t stride, int64_t sat_kind, double sat_lo,
+                       double sat_hi, int64_t symlog_lo_exp, int64_t symlog_k) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "act_pack: a contiguous float32 CPU tensor");
+  TORCH_CHECK(A * C * S == x.numel() && C > 0, "act_pack: (A, C, S) does not match the tensor");
+  const float* p = x.data_ptr<float>();
+  const int64_t head = standard ? 6 : 2;
+  const int64_t size = head + 2 * C + (standard ? C + bins : 0);
+  auto out = torch::zeros({size}, torch::dtype(torch::kFloat64));
+  double* o = out.data_ptr<double>();
+  double* s1 = o + head;
+  double* m2 = s1 + C;
+  double* active = standard ? m2 + C : nullptr;
+  std::vector<double> scratch_active(standard ? 0 : C, 0.0);
+  Scalars sc;
+  const float slo = static_cast<float>(sat_lo), shi = static_cast<float>(sat_hi);
+  const bool finite = standard ? pass1_dispatch<true>(sat_kind, p, A, C, S, slo, shi, s1, active, sc)
+                               : pass1_dispatch<false>(0, p, A, C, S, slo, shi, s1, scratch_active.data(), sc);
+  if (!finite) return torch::empty({0}, torch::dtype(torch::kFloat64));
+  const double per = static_cast<double>(A * S);
+  std::vector<float> mean(C);
+  for (int64_t c = 0; c < C; ++c) mean[c] = static_cast<float>(s1[c] / per);
+  {
+    const auto edges = row_chunks(A, C * S);
+    const int64_t n = static_cast<int64_t>(edges.size()) - 1;
+    std::vector<double> pm2(n * C, 0.0);
+    for_chunks(edges, [&](int64_t i, int64_t a0, int64_t a1) { pass2(p, a0, a1, C, S, mean.data(), pm2.data() + i * C); });
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t c = 0; c < C; ++c) m2[c] += pm2[i * C + c];
+  }
+  o[0] = sc.mn;
+  o[1] = sc.mx;
+  if (standard) {
+    o[2] = sc.abs_sum;
+    o[3] = sc.n_zero;
+    o[4] = sc.n_nonpos;
+    o[5] = sat_kind == 0 ? 0.0 : sc.n_sat;
+    if (bins > 0)
+      histogram(p, x.numel(), std::max<int64_t>(stride, 1), hist_kind, bins, hist_lo, hist_hi, symlog_lo_exp, symlog_k,
+                active + C);
+  }
+  return out;
+}
+
+// The fast gradient pack (packs.GRAD_FIELDS, fast fields): sum of squares, max |g|; empty when
+// the tensor holds NaN or Inf.
+torch::Tensor grad_pack(const torch::Tensor& g) {
+  TORCH_CHECK(g.device().is_cpu() && g.scalar_type() == at::kFloat && g.is_contiguous(),
+              "grad_pack: a contiguous float32 CPU tensor");
+  const float* p = g.data_ptr<float>();
+  const int64_t n = g.numel();
+  const auto edges = row_chunks(std::max<int64_t>(1, (n + kBlock - 1) / kBlock), kBlock);
+  const int64_t parts = static_cast<int64_t>(edges.size()) - 1;
+  std::vector<double> sq(parts, 0.0);
+  std::vector<float> amax(parts, 0.0f), probe(parts, 0.0f);
+  for_chunks(edges, [&](int64_t i, int64_t b0, int64_t b1) {
+    const int64_t e0 = std::min(n, b0 * kBlock), e1 = std::min(n, b1 * kBlock);
+    double total = 0;
+    float mx[kW] = {0}, pr[kW] = {0};
+    for (int64_t s = e0; s < e1; s += kBlock) {
+      const int64_t t = std::min(e1, s + kBlock);
+      float acc[kW] = {0};
+      int64_t k = s;
+      for (; k + kW <= t; k += kW) {
+        for (int l = 0; l < kW; ++l) {
+          const float v = p[k + l];
+          acc[l] += v * v;
+          mx[l] = std::max(mx[l], std::fabs(v));
+          pr[l] += v - v;
+        }
+      }
+      for (; k < t; ++k) {
+        const float v = p[k];
+        acc[0] += v * v;
+        mx[0] = std::max(mx[0], std::fabs(v));
+        pr[0] += v - v;
+      }
+      double b = 0;
+      for (int l = 0; l < kW; ++l) b += acc[l];
+      total += b;
+    }
+    float m = 0, q = 0;
+    for (int l = 0; l < kW; ++l) {
+      m = std::max(m, mx[l]);
+      q += pr[l];
+    }
+    sq[i] = total;
+    amax[i] = m;
+    probe[i] = q;
+  });
+  double total = 0, m = 0, q = 0;
+  for (int64_t i = 0; i < parts; ++i) {
+    total += sq[i];
+    m = std::max(m, static_cast<double>(amax[i]));
+    q += probe[i];
+  }
+  if (!std::isfinite(q) || !std::isfinite(m)) return torch::empty({0}, torch::dtype(torch::kFloat64));
+  auto out = torch::empty({2}, torch::dtype(torch::kFloat64));
+  out.data_ptr<double>()[0] = total;
+  out.data_ptr<double>()[1] = m;
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("act_pack", &act_pack, "the fast activation pack of a float32 CPU tensor (empty: not all finite)");
+  m.def("grad_pack", &grad_pack, "the fast gradient pack of a float32 CPU tensor (empty: not all finite)");
+}

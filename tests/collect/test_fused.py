@@ -1,0 +1,204 @@
+"""The fused CPU kernel (normscope/collect/fused.cpp): the same packs as the torch ops, on every
+layout the kernel treats apart (channel-last rows, short runs, long runs, runs past one float32
+block, threads), the NaN-safe fallback, and a loader that never breaks a run."""
+
+import copy
+import math
+import os
+
+import numpy as np
+import pytest
+import reference as ref
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_reducers import SPECS, assert_matches
+
+import normscope
+from normscope.collect import decode as H
+from normscope.collect import native
+from normscope.collect import reducers as R
+from normscope.store import load
+
+needs_kernel = pytest.mark.skipif(
+    native.mode() == "off" or not native.library_path().exists(), reason="the fused kernel is not built here"
+)
+
+
+def test_kernel_is_loaded_when_required():
+    if os.environ.get("NORMSCOPE_REQUIRE_KERNEL") == "1":
+        assert native.KERNEL is not None and native.STATE == "fused", native.STATE
+    elif native.KERNEL is None:
+        pytest.skip(f"fused kernel: {native.STATE}")
+
+
+def rows(x, axis, kind, stats="standard", hist_max=4096, fused=True, max_channels=None):
+    hist, sat = SPECS[kind]
+    lay = R.act_layout(x, axis, hist, max_channels, stats)
+    pack, fast = R.reduce_act(x, lay, hist, sat, hist_max, R.Scratch(), fused=fused)
+    return fast, H.finish_act(H.split_act(pack.numpy(), lay, fast), lay.per_channel)
+
+
+EXACT = ("count", "samples", "frac_zero", "frac_nonpos", "frac_sat", "nan_count", "inf_count", "hist_count", "min",
+         "max")  # fmt: skip
+
+# (shape, axis): the kernel's row mode (S == 1 and 1 < S < 16), run mode (S >= 16), a run longer
+# than one float32 block (4096), channel counts off the vector width, one-element tensors
+SHAPES = [((37, 129), -1), ((3, 5, 2, 3), 1), ((4, 33, 7), 1), ((2, 19, 16), 1), ((3, 6, 40, 41), 1),
+          ((2, 3, 9000), 1), ((1, 1, 12289), 1), ((1,), -1), ((6, 17, 5), -1), ((2, 300, 2, 2), 1)]  # fmt: skip
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape,axis", SHAPES)
+@pytest.mark.parametrize("kind", sorted(SPECS))
+@pytest.mark.parametrize("stats", ["minimal", "standard", "full"])
+def test_fused_rows_equal_torch_rows_and_numpy(shape, axis, kind, stats):
+    g = torch.Generator().manual_seed(hash((shape, kind, stats)) % 2**31)
+    x = torch.randn(shape, generator=g) * 2 + 0.3
+    if kind in ("sigmoid",):
+        x = torch.sigmoid(x * 3)
+    elif kind in ("tanh", "hardtanh"):
+        x = torch.tanh(x * 2).clamp(-1, 1)
+    elif kind == "relu6":
+        x = torch.nn.functional.relu6(x * 3)
+    x = torch.where(torch.rand(shape, generator=g) < 0.1, torch.zeros_like(x), x)  # exact zeros
+    hm = 0 if stats == "full" else 4096
+    fa, a = rows(x, axis, kind, stats, hm, fused=True)
+    fb, b = rows(x, axis, kind, stats, hm, fused=False)
+    assert fa and fb
+    for k in a:
+        va, vb = np.asarray(a[k], float), np.asarray(b[k], float)
+        if k in EXACT or k in ("hist", "active"):
+            np.testing.assert_array_equal(va, vb, err_msg=k)
+        else:
+            np.testing.assert_allclose(va, vb, rtol=2e-5, atol=1e-6, err_msg=k)
+    if stats != "minimal":
+        want = ref.act_stats(x.numpy(), axis, *SPECS[kind], hm)
+        assert_matches(a, want, float(x.abs().max()) or 1.0)
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    a=st.integers(1, 9), c=st.integers(1, 40), s=st.sampled_from([1, 2, 3, 4, 7, 15, 16, 17, 31, 64, 100]),
+    kind=st.sampled_from(sorted(SPECS)), seed=st.integers(0, 2**31 - 1), offset=st.sampled_from([0.0, 4.0, -2.0]),
+)  # fmt: skip
+def test_fused_matches_numpy_on_random_layouts(a, c, s, kind, seed, offset):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(a, c, s, generator=g) + offset
+    if seed % 2:
+        x = x.relu()
+    fast, got = rows(x, 1, kind, hist_max=65536)
+    assert fast
+    assert_matches(got, ref.act_stats(x.numpy(), 1, *SPECS[kind], 65536), float(x.abs().max()) or 1.0)
+
+
+@needs_kernel
+def test_threads_split_the_rows_and_give_the_same_statistics():
+    x = torch.randn(64, 24, 33, 11) * 3  # 557568 elements: more than one chunk per thread
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _, one = rows(x, 1, "plain")
+        torch.set_num_threads(2)
+        _, two = rows(x, 1, "plain")
+        g1 = R.reduce_grad(x.view(-1))[0]
+        torch.set_num_threads(1)
+        g2 = R.reduce_grad(x.view(-1))[0]
+    finally:
+        torch.set_num_threads(before)
+    for k in one:
+        va, vb = np.asarray(one[k], float), np.asarray(two[k], float)
+        if k in EXACT or k in ("hist", "active"):
+            np.testing.assert_array_equal(va, vb, err_msg=k)
+        else:
+            np.testing.assert_allclose(va, vb, rtol=1e-5, err_msg=k)
+    np.testing.assert_allclose(g1.numpy(), g2.numpy(), rtol=1e-6)
+    want = ref.grad_stats(x.view(-1).numpy())
+    assert math.sqrt(g1[0]) == pytest.approx(want["norm"], rel=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("poison", [math.nan, math.inf, -math.inf])
+def test_non_finite_tensors_take_the_nan_safe_path(poison):
+    x = torch.randn(4, 20, 30)
+    x[2, 7, 29] = poison  # the last element of a run: the kernel's tail lanes must see it
+    assert native.KERNEL.act_pack(x, 4, 20, 30, True, 1, 71, 0.0, 0.0, 1, 0, 0.0, 0.0, -20, 34).numel() == 0
+    assert native.KERNEL.grad_pack(x.view(-1)).numel() == 0
+    fast, got = rows(x, 1, "plain", hist_max=65536)
+    assert not fast
+    assert_matches(got, ref.act_stats(x.numpy(), 1, *SPECS["plain"], 65536), float(x.nan_to_num(0, 0, 0).abs().max()))
+
+
+def test_kernel_off_never_builds_or_loads(monkeypatch):
+    monkeypatch.setenv("NORMSCOPE_KERNEL", "off")
+    monkeypatch.setattr(native, "STATE", native.STATE)
+    monkeypatch.setattr(native, "KERNEL", object())
+    monkeypatch.setattr(native, "_spawn_build", lambda: pytest.fail("no build with NORMSCOPE_KERNEL=off"))
+    assert native.load() is None and native.KERNEL is None and native.STATE.startswith("off")
+
+
+def test_a_missing_build_starts_one_background_build_and_the_run_goes_on(monkeypatch, tmp_path):
+    monkeypatch.setenv("NORMSCOPE_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "STATE", native.STATE)
+    monkeypatch.setattr(native, "KERNEL", None)
+    monkeypatch.setattr(native, "_BUILD", None)
+    spawned = []
+
+    class Running:
+        def poll(self):
+            return None
+
+    def spawn():
+        spawned.append(1)
+        return Running()
+
+    monkeypatch.setattr(native, "_spawn_build", spawn)
+    assert native.load() is None and native.load() is None
+    assert spawned == [1] and "background" in native.STATE
+    x = torch.randn(3, 4, 5)
+    lay = R.act_layout(x, 1, SPECS["plain"][0])
+    pack, fast = R.reduce_act(x, lay, *SPECS["plain"], 4096, R.Scratch())  # the torch path
+    assert fast and pack.numel() == lay.fast_size
+
+
+def test_a_broken_build_is_reported_not_raised(monkeypatch, tmp_path):
+    monkeypatch.setenv("NORMSCOPE_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "STATE", native.STATE)
+    monkeypatch.setattr(native, "KERNEL", None)
+    path = native.library_path()
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a shared library")
+    assert native.load() is None
+    assert native.STATE.startswith("unavailable") and "normscope build-kernel" in native.STATE
+
+
+@needs_kernel
+def test_runs_with_and_without_the_kernel_record_the_same_rows(tmp_path, monkeypatch):
+    import models
+
+    base = models.TinyResNet()
+
+    def run(path):
+        m = copy.deepcopy(base)
+        with normscope.watch(m, path, every=1):
+            models.train(m, 3)
+        return load(path)
+
+    fused = run(tmp_path / "fused")
+    monkeypatch.setattr(native, "KERNEL", None)
+    monkeypatch.setattr(native, "load", lambda background_build=True: None)
+    plain = run(tmp_path / "torch")
+    assert fused.meta["kernel"] == "fused"
+    keys = ["step", "phase", "layer", "call", "output"]
+    a, b = (r.stats.sort_values(keys).reset_index(drop=True) for r in (fused, plain))
+    assert len(a) == len(b) > 0 and a[keys].equals(b[keys])
+    for col in ("count", "frac_zero", "frac_nonpos", "frac_sat", "min", "max"):
+        np.testing.assert_array_equal(a[col].to_numpy(), b[col].to_numpy(), err_msg=col)
+    for col in ("mean", "std", "mean_abs"):
+        np.testing.assert_allclose(a[col].to_numpy(), b[col].to_numpy(), rtol=1e-5, atol=1e-7, err_msg=col)
+    for col in ("hist", "active"):  # per-row lists: the histogram and per-channel activity, exactly
+        assert all(np.array_equal(u, v) for u, v in zip(a[col], b[col], strict=True)), col
+    ga, gb = (r.grads.sort_values(keys).reset_index(drop=True) for r in (fused, plain))
+    assert len(ga) == len(gb) > 0
+    np.testing.assert_allclose(ga["norm"].to_numpy(), gb["norm"].to_numpy(), rtol=1e-5)
