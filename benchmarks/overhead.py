@@ -16,7 +16,9 @@ interleaved in one process (rotating order every repeat) so that machine noise h
                 that sums each gradient once (the least any collector can cost)
 - handwritten   hooks computing mean, std and zero fraction of each output (what people write)
 - tensorboard   SummaryWriter.add_histogram on every layer output and gradient, every step
-- watch-every1  normscope.watch(every=1), the full statistic set
+- watch-every1  normscope.watch(every=1), the full statistic set (the fused CPU kernel when built)
+- watch-every1-torch  the same with the torch reductions instead of the kernel (the kernel's gain,
+                side by side)
 - watch-default normscope.watch() at its default cadence
 - watch-unsampled normscope.watch() with every step after the warm-up unsampled (the hooks'
                 cost when they return at once)
@@ -62,14 +64,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import WORKLOADS, has_transformers  # noqa: E402
 
 import normscope  # noqa: E402
-from normscope.collect import DEFAULT_EVERY  # noqa: E402
+from normscope.collect import DEFAULT_EVERY, native  # noqa: E402
 from normscope.collect.outputs import iter_float_tensors  # noqa: E402
 from normscope.collect.select import plan_hooks  # noqa: E402
 
-VARIANTS = ["bare", "floor", "handwritten", "tensorboard", "watch-every1", "watch-default", "watch-unsampled",
-            "watch-minimal", "watch-full", "compiled-bare", "compiled-every1", "compiled-default"]  # fmt: skip
+VARIANTS = ["bare", "floor", "handwritten", "tensorboard", "watch-every1", "watch-every1-torch", "watch-default",
+            "watch-unsampled", "watch-minimal", "watch-full", "compiled-bare", "compiled-every1",
+            "compiled-default"]  # fmt: skip
 WATCH = {  # variant: (every, stats)
-    "watch-every1": (1, "standard"), "watch-default": (DEFAULT_EVERY, "standard"),
+    "watch-every1": (1, "standard"), "watch-every1-torch": (1, "standard"), "watch-default": (DEFAULT_EVERY, "standard"),
     "watch-unsampled": (10**9, "standard"),  # step 0 (the warm-up) sampled, every timed step not
     "watch-minimal": (1, "minimal"), "watch-full": (1, "full"),
     "compiled-every1": (1, "standard"), "compiled-default": (DEFAULT_EVERY, "standard"),
@@ -135,10 +138,16 @@ class Instrumented:
         return hook
 
     def train_step(self, x, y) -> None:
-        loss = nn.functional.cross_entropy(self.fwd(x), y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        kernel = native.KERNEL
+        if self.variant == "watch-every1-torch":  # the torch reductions instead of the fused kernel
+            native.KERNEL = None
+        try:
+            loss = nn.functional.cross_entropy(self.fwd(x), y)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+        finally:
+            native.KERNEL = kernel
         self.sink.clear()
         self.step_no += 1
 
@@ -275,7 +284,8 @@ def main() -> None:
     print(f"# torch {torch.__version__}, device {DEVICE}"
           + (f" ({torch.cuda.get_device_name()})" if DEVICE.type == "cuda" else "")
           + f", {torch.get_num_threads()} thread(s), {repeats} repeats x {chunk} steps "
-          f"per variant, interleaved; default cadence every={DEFAULT_EVERY}", file=log)  # fmt: skip
+          f"per variant, interleaved; default cadence every={DEFAULT_EVERY}; "
+          f"CPU kernel: {(native.load(background_build=False), native.STATE)[1]}", file=log)  # fmt: skip
     for name in [w for w in a.workloads.split(",") if w]:
         if name == "mobilenetv2" and not has_transformers():
             print("mobilenetv2: skipped, transformers is not installed (pip install transformers)", file=log)

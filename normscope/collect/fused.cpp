@@ -28,7 +28,6 @@ namespace {
 constexpr int kW = 16;                  // floats per vector (64 bytes; split in two on AVX2)
 constexpr int64_t kBlock = 4096;        // elements summed in float32 before a float64 flush
 constexpr int64_t kMinChunk = 1 << 17;  // elements per thread before a tensor is split
-constexpr int64_t kRunMin = 16;         // runs (S) at least this long go run by run, else row by row
 
 // GCC/Clang vector extensions: the arithmetic below is written on whole vectors, so it does not
 // depend on the auto-vectoriser (which gave up on some of these loops).
@@ -45,26 +44,31 @@ inline vf as_count(vi mask) { return (vf)(mask & (vi)splat(1.0f)); }  // -1/0 la
 inline vf vabs(vf v) { return (vf)((vi)v & 0x7fffffff); }
 inline vf vmin(vf a, vf b) { return b < a ? b : a; }
 inline vf vmax(vf a, vf b) { return b > a ? b : a; }
+// Horizontal reductions in registers: log2(kW) shuffle steps (through memory they cost ~100
+// cycles per run of 16, most of a short run's time).
+#if defined(__clang__)
+#define NS_SHUF(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#else
+#define NS_SHUF(v, ...) __builtin_shuffle(v, vi{__VA_ARGS__})
+#endif
+static_assert(kW == 16, "the shuffle masks below are written for 16 lanes");
+#define NS_TREE(v, op)                                                  \
+  v = op(v, NS_SHUF(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7)); \
+  v = op(v, NS_SHUF(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11)); \
+  v = op(v, NS_SHUF(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13)); \
+  v = op(v, NS_SHUF(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+inline vf vadd(vf a, vf b) { return a + b; }
 inline float hsum(vf v) {
-  float t[kW];
-  std::memcpy(t, &v, sizeof t);
-  for (int w = kW / 2; w > 0; w /= 2)
-    for (int l = 0; l < w; ++l) t[l] += t[l + w];
-  return t[0];
+  NS_TREE(v, vadd)
+  return v[0];
 }
 inline float hmax(vf v) {
-  float t[kW];
-  std::memcpy(t, &v, sizeof t);
-  for (int w = kW / 2; w > 0; w /= 2)
-    for (int l = 0; l < w; ++l) t[l] = std::max(t[l], t[l + w]);
-  return t[0];
+  NS_TREE(v, vmax)
+  return v[0];
 }
 inline float hmin(vf v) {
-  float t[kW];
-  std::memcpy(t, &v, sizeof t);
-  for (int w = kW / 2; w > 0; w /= 2)
-    for (int l = 0; l < w; ++l) t[l] = std::min(t[l], t[l + w]);
-  return t[0];
+  NS_TREE(v, vmin)
+  return v[0];
 }
 
 // The last n < kW elements at p as a vector, the other lanes `fill`.
@@ -164,7 +168,7 @@ inline void scan(Lanes<SAT, STD>& L, const float* p, int64_t n, Scalars& sc) {
   L.maybe_flush(sc);
 }
 
-// Pass 1 over rows [a0, a1) of a channel-first (A, C, S) tensor, S >= kRunMin: per channel the sum
+// Runs mode, over rows [a0, a1) of a channel-first (A, C, S) tensor with long runs: per channel the sum
 // and the samples with a positive element; the scalar statistics. s1 and active have C entries.
 template <int SAT, bool STD>
 void pass1_runs(const float* x, int64_t a0, int64_t a1, int64_t C, int64_t S, float slo, float shi,
@@ -204,14 +208,54 @@ void pass1_runs(const float* x, int64_t a0, int64_t a1, int64_t C, int64_t S, fl
   L.flush(sc);
 }
 
-// Pass 1 over rows [a0, a1) of an (A, C, S) tensor with S < kRunMin (S == 1: channel-last), row
-// by row: column sums (and, for S == 1, column positives) in float32, folded into channels and
-// flushed to float64 every few rows; the scalar statistics in lanes along the row.
+// Per channel of one row (C runs of S), whether any element is > 0, added to cp[c]. Runs that are
+// whole vectors reduce in registers; runs of 2, 4 or 8 are reduced inside a vector (a shuffle
+// tree per segment); other lengths element by element.
+inline void row_active(const float* p, int64_t C, int64_t S, float* cp) {
+  const int64_t R = C * S;
+  if (S % kW == 0) {
+    for (int64_t c = 0; c < C; ++c) {
+      const float* q = p + c * S;
+      vf m = load(q);
+      for (int64_t k = kW; k < S; k += kW) m = vmax(m, load(q + k));
+      cp[c] += static_cast<float>(hmax(m) > 0.0f);
+    }
+    return;
+  }
+  int64_t j = 0;
+  if (S == 2 || S == 4 || S == 8) {
+    for (; j + kW <= R; j += kW) {
+      vf v = load(p + j);
+      v = vmax(v, NS_SHUF(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+      if (S >= 4) v = vmax(v, NS_SHUF(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+      if (S >= 8) v = vmax(v, NS_SHUF(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+      float t[kW];
+      std::memcpy(t, &v, sizeof t);
+      for (int64_t g = 0; g < kW; g += S) cp[(j + g) / S] += static_cast<float>(t[g] > 0.0f);
+    }
+  }
+  for (int64_t c = j / S; c < C; ++c) {  // the rest (every channel for other run lengths)
+    const float* q = p + c * S;
+    float m = q[0];
+    for (int64_t k = 1; k < S; ++k) m = std::max(m, q[k]);
+    cp[c] += static_cast<float>(m > 0.0f);
+  }
+}
+
+// Rows mode: an (A, C, S) tensor whose row (C * S elements) fits a small buffer, row by row:
+// column sums (and, for S == 1, column positives) in float32 vectors, folded into channels and
+// flushed to float64 every few rows, so no run needs a horizontal sum; the scalar statistics in
+// the same pass.
+constexpr int64_t kRowsMaxRun = 64;  // runs at least this long go run by run (measured: faster from 64)
+constexpr int64_t kRowsMaxRow = 1 << 16;  // rows longer than this go run by run
+
+inline bool rows_mode(int64_t C, int64_t S) { return S == 1 || (S < kRowsMaxRun && C * S <= kRowsMaxRow); }
+
 template <int SAT, bool STD>
 void pass1_rows(const float* x, int64_t a0, int64_t a1, int64_t C, int64_t S, float slo, float shi, double* s1,
                 double* active, Scalars& sc) {
   const int64_t R = C * S;
-  const int64_t kRows = std::max<int64_t>(1, std::min<int64_t>(256, kBlock * kW / std::max<int64_t>(R, 1)));
+  const int64_t kRows = 256;  // float32 column sums of at most 256 rows, then float64
   std::vector<float> csum(R, 0.0f), cpos(S == 1 ? R : C, 0.0f);  // S > 1: samples with a positive, per channel
   float* cs = csum.data();
   float* cp = cpos.data();
@@ -220,38 +264,36 @@ void pass1_rows(const float* x, int64_t a0, int64_t a1, int64_t C, int64_t S, fl
   for (int64_t a = a0; a < a1; ++a) {
     const float* p = x + a * R;
     int64_t j = 0;
-    for (; j + kW <= R; j += kW) {  // the columns
+    for (; j + kW <= R; j += kW) {
       const vf v = load(p + j);
-      vf t = load(cs + j) + v;
+      const vf t = load(cs + j) + v;
       std::memcpy(cs + j, &t, sizeof t);
       if constexpr (STD) {
         if (S == 1) {
-          vf q = load(cp + j) + as_count(v > 0.0f);
+          const vf q = load(cp + j) + as_count(v > 0.0f);
           std::memcpy(cp + j, &q, sizeof q);
         }
       }
+      L.add(v);
     }
-    for (; j < R; ++j) {
-      cs[j] += p[j];
-      if constexpr (STD) {
-        if (S == 1) cp[j] += p[j] > 0.0f ? 1.0f : 0.0f;
-      }
-    }
-    scan<SAT, STD>(L, p, R, sc);  // the scalar statistics (the row is in L1 now)
-    if constexpr (STD) {
-      if (S > 1) {
-        for (int64_t c = 0; c < C; ++c) {
-          const float* q = p + c * S;
-          float m = q[0];
-          for (int64_t s = 1; s < S; ++s) m = std::max(m, q[s]);
-          cp[c] += static_cast<float>(m > 0.0f);  // branch-free: often 50/50
+    if (j < R) {
+      const int64_t n = R - j;
+      L.add(load_tail(p + j, n, 0.0f), tail_mask(n), n);
+      for (; j < R; ++j) {
+        cs[j] += p[j];
+        if constexpr (STD) {
+          if (S == 1) cp[j] += p[j] > 0.0f ? 1.0f : 0.0f;
         }
       }
+    }
+    L.maybe_flush(sc);
+    if constexpr (STD) {
+      if (S > 1) row_active(p, C, S, cp);
     }
     if (++rows == kRows || a + 1 == a1) {
       for (int64_t c = 0; c < C; ++c) {
         double t = 0;
-        for (int64_t s = 0; s < S; ++s) t += cs[c * S + s];
+        for (int64_t k = 0; k < S; ++k) t += cs[c * S + k];
         s1[c] += t;
         if constexpr (STD) active[c] += cp[c];
       }
@@ -265,9 +307,9 @@ void pass1_rows(const float* x, int64_t a0, int64_t a1, int64_t C, int64_t S, fl
 
 // Pass 2: per-channel sums of squared deviations from the channel means (float32 means).
 void pass2(const float* x, int64_t a0, int64_t a1, int64_t C, int64_t S, const float* mean, double* m2) {
-  if (S < kRunMin) {
+  if (rows_mode(C, S)) {
     const int64_t R = C * S;
-    const int64_t kRows = std::max<int64_t>(1, std::min<int64_t>(256, kBlock * kW / std::max<int64_t>(R, 1)));
+    const int64_t kRows = 256;
     std::vector<float> mu(R), acc(R, 0.0f);
     for (int64_t j = 0; j < R; ++j) mu[j] = mean[j / S];
     float* ac = acc.data();
@@ -351,7 +393,7 @@ bool pass1(const float* x, int64_t A, int64_t C, int64_t S, float slo, float shi
   std::vector<double> ps1(n * C, 0.0), pact(n * C, 0.0);
   std::vector<Scalars> psc(n);
   for_chunks(edges, [&](int64_t i, int64_t a0, int64_t a1) {
-    if (S < kRunMin) {
+    if (rows_mode(C, S)) {
       pass1_rows<SAT, STD>(x, a0, a1, C, S, slo, shi, ps1.data() + i * C, pact.data() + i * C, psc[i]);
     } else {
       pass1_runs<SAT, STD>(x, a0, a1, C, S, slo, shi, ps1.data() + i * C, pact.data() + i * C, psc[i]);
@@ -381,33 +423,46 @@ bool pass1_dispatch(int64_t sat_kind, const float* x, int64_t A, int64_t C, int6
   }
 }
 
-// hist_kind: 1 symlog (bins from the float's sign and exponent bits), 2 linear over [lo, hi)
+// hist_kind: 1 symlog (bins from the float's sign and exponent bits), 2 linear over [lo, hi).
+// Four interleaved sub-histograms: consecutive elements mostly fall in the same few bins, and one
+// counter incremented back to back waits on its own store every time.
 void histogram(const float* x, int64_t numel, int64_t stride, int64_t kind, int64_t bins, double lo,
                double hi, int64_t symlog_lo_exp, int64_t symlog_k, double* out) {
-  std::vector<int64_t> h(bins, 0);
-  if (kind == 1) {
-    const int32_t shift = 127 + static_cast<int32_t>(symlog_lo_exp) - 1;
-    const int32_t kmax = static_cast<int32_t>(symlog_k) + 1;
-    for (int64_t i = 0; i < numel; i += stride) {
+  constexpr int kSub = 4;
+  std::vector<int32_t> h(kSub * bins, 0);  // each sub-histogram counts < 2**31 elements
+  const int64_t n = numel <= 0 ? 0 : (numel - 1) / stride + 1;
+  std::vector<int64_t> big(n >= (int64_t(1) << 31) ? bins : 0, 0);
+  auto bin_of = [&](int64_t i) -> int32_t {
+    if (kind == 1) {
+      const int32_t shift = 127 + static_cast<int32_t>(symlog_lo_exp) - 1;
+      const int32_t kmax = static_cast<int32_t>(symlog_k) + 1;
       int32_t bits;
       std::memcpy(&bits, x + i, sizeof bits);
       int32_t k = ((bits >> 23) & 0xFF) - shift;
       k = std::min(std::max(k, 0), kmax);
       const int32_t neg = bits >> 31;  // -1 for a set sign bit: (k ^ neg) - neg == -k
-      h[((k ^ neg) - neg) + kmax]++;
+      return ((k ^ neg) - neg) + kmax;
     }
-  } else {
     // the float32 arithmetic of reducers_fast._hist_fast: (y - lo) * (bins / (hi - lo)), truncated
     const float flo = static_cast<float>(lo);
     const float scale = static_cast<float>(static_cast<double>(bins) / (hi - lo));
-    const float top = static_cast<float>(bins - 1);
-    for (int64_t i = 0; i < numel; i += stride) {
-      float t = (x[i] - flo) * scale;
-      t = std::min(std::max(t, 0.0f), top);
-      h[static_cast<int64_t>(t)]++;
+    float t = (x[i] - flo) * scale;
+    t = std::min(std::max(t, 0.0f), static_cast<float>(bins - 1));
+    return static_cast<int32_t>(t);
+  };
+  int64_t j = 0;
+  for (; j + kSub <= n; j += kSub) {
+    for (int u = 0; u < kSub; ++u) h[u * bins + bin_of((j + u) * stride)]++;
+    if (!big.empty() && (j & ((int64_t(1) << 28) - 1)) == 0) {  // past 2**31 elements: drain into int64
+      for (int64_t b = 0; b < kSub * bins; ++b) big[b % bins] += h[b], h[b] = 0;
     }
   }
-  for (int64_t b = 0; b < bins; ++b) out[b] = static_cast<double>(h[b]);
+  for (; j < n; ++j) h[bin_of(j * stride)]++;
+  for (int64_t b = 0; b < bins; ++b) {
+    int64_t t = big.empty() ? 0 : big[b];
+    for (int u = 0; u < kSub; ++u) t += h[u * bins + b];
+    out[b] = static_cast<double>(t);
+  }
 }
 
 }  // namespace

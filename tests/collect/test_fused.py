@@ -42,10 +42,14 @@ def rows(x, axis, kind, stats="standard", hist_max=4096, fused=True, max_channel
 EXACT = ("count", "samples", "frac_zero", "frac_nonpos", "frac_sat", "nan_count", "inf_count", "hist_count", "min",
          "max")  # fmt: skip
 
-# (shape, axis): the kernel's row mode (S == 1 and 1 < S < 16), run mode (S >= 16), a run longer
-# than one float32 block (4096), channel counts off the vector width, one-element tensors
+# (shape, axis): the kernel's rows mode (S == 1; runs of 2, 4, 8 reduced inside a vector, with and
+# without a row tail; runs of whole vectors, 16 and 48; other short runs), its runs mode (S >= 64, and
+# rows too long for the rows buffer), a run longer than one float32 block (4096), channel counts
+# off the vector width, one-element tensors
 SHAPES = [((37, 129), -1), ((3, 5, 2, 3), 1), ((4, 33, 7), 1), ((2, 19, 16), 1), ((3, 6, 40, 41), 1),
-          ((2, 3, 9000), 1), ((1, 1, 12289), 1), ((1,), -1), ((6, 17, 5), -1), ((2, 300, 2, 2), 1)]  # fmt: skip
+          ((2, 3, 9000), 1), ((1, 1, 12289), 1), ((1,), -1), ((6, 17, 5), -1), ((2, 300, 2, 2), 1),
+          ((3, 5, 2, 2), 1), ((4, 3, 8), 1), ((5, 8, 2), 1), ((3, 7, 48), 1), ((2, 1100, 63), 1),
+          ((2, 9, 64), 1)]  # fmt: skip
 
 
 @needs_kernel
@@ -80,7 +84,7 @@ def test_fused_rows_equal_torch_rows_and_numpy(shape, axis, kind, stats):
 @needs_kernel
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    a=st.integers(1, 9), c=st.integers(1, 40), s=st.sampled_from([1, 2, 3, 4, 7, 15, 16, 17, 31, 64, 100]),
+    a=st.integers(1, 9), c=st.integers(1, 40), s=st.sampled_from([1, 2, 3, 4, 7, 8, 15, 16, 17, 31, 32, 48, 63, 64, 100]),
     kind=st.sampled_from(sorted(SPECS)), seed=st.integers(0, 2**31 - 1), offset=st.sampled_from([0.0, 4.0, -2.0]),
 )  # fmt: skip
 def test_fused_matches_numpy_on_random_layouts(a, c, s, kind, seed, offset):
