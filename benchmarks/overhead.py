@@ -34,7 +34,8 @@ A repeat runs ``chunk`` steps of every variant; ``x bare`` is the median over re
 (variant time / bare time) within the repeat; ``(total)`` is total variant time / total bare time,
 the right figure for the default cadence when a chunk holds fewer steps than the cadence (an
 even number of repeats of every/2 steps covers whole cadence periods). Peak RSS is measured in a
-fresh subprocess per variant (VmHWM: the high-water mark of that process image).
+fresh subprocess per variant (VmHWM: the high-water mark of that process image); it varies by
+about ±4 % between identical processes here, so ``--rss-repeats N`` quotes the median of N.
 
 ``--device cuda`` moves every model and batch to the GPU, synchronises before reading the clock,
 and counts the host synchronisations of one sampled step per variant with
@@ -261,6 +262,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--chunk", type=int)
     ap.add_argument("--no-rss", action="store_true")
+    ap.add_argument(
+        "--rss-repeats",
+        type=int,
+        default=1,
+        help="fresh processes per variant for peak RSS, median quoted (it varies ±4%% run to run)",
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--rss-child", nargs=3, metavar=("WORKLOAD", "VARIANT", "STEPS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -292,7 +299,13 @@ def main() -> None:
             continue
         res = time_workload(name, repeats, chunk, variants)
         for v in variants:
-            rss = math_nan() if a.no_rss else peak_rss(name, v, 2 if a.quick else 4, a.threads)
+            rss = (
+                math_nan()
+                if a.no_rss
+                else statistics.median(
+                    peak_rss(name, v, 2 if a.quick else 4, a.threads) for _ in range(max(1, a.rss_repeats))
+                )
+            )
             rows.append({"workload": name, "variant": v, **res[v], "peak_rss_mib": rss})
         if not a.json:
             print_table([r for r in rows if r["workload"] == name])

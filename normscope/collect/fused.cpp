@@ -575,7 +575,73 @@ torch::Tensor grad_pack(const torch::Tensor& g) {
   return out;
 }
 
+namespace {
+
+// Σ p² (q == nullptr) or Σ (p - q)² over n floats, float32 vectors flushed to float64 per block,
+// split across threads for long tensors.
+double sumsq(const float* p, const float* q, int64_t n) {
+  const auto edges = row_chunks(std::max<int64_t>(1, (n + kBlock - 1) / kBlock), kBlock);
+  const int64_t parts = static_cast<int64_t>(edges.size()) - 1;
+  std::vector<double> part(parts, 0.0);
+  for_chunks(edges, [&](int64_t i, int64_t b0, int64_t b1) {
+    const int64_t e0 = std::min(n, b0 * kBlock), e1 = std::min(n, b1 * kBlock);
+    double total = 0;
+    for (int64_t s = e0; s < e1; s += kBlock) {
+      const int64_t t = std::min(e1, s + kBlock);
+      vf acc{};
+      int64_t k = s;
+      for (; k + kW <= t; k += kW) {
+        const vf d = q ? load(p + k) - load(q + k) : load(p + k);
+        acc += d * d;
+      }
+      float tail = 0;
+      for (; k < t; ++k) {
+        const float d = q ? p[k] - q[k] : p[k];
+        tail += d * d;
+      }
+      total += static_cast<double>(hsum(acc)) + tail;
+    }
+    part[i] = total;
+  });
+  double total = 0;
+  for (double v : part) total += v;
+  return total;
+}
+
+bool plain(const torch::Tensor& t) {
+  return t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous();
+}
+
+}  // namespace
+
+// Squared norms (float64) of float32 contiguous CPU tensors, one call for a whole parameter list;
+// an empty tensor when any is of another kind (the caller takes torch's foreach ops).
+torch::Tensor sq_norms(const std::vector<torch::Tensor>& ts) {
+  for (const auto& t : ts)
+    if (!plain(t)) return torch::empty({0}, torch::dtype(torch::kFloat64));
+  auto out = torch::empty({static_cast<int64_t>(ts.size())}, torch::dtype(torch::kFloat64));
+  double* o = out.data_ptr<double>();
+  for (size_t i = 0; i < ts.size(); ++i) o[i] = sumsq(ts[i].data_ptr<float>(), nullptr, ts[i].numel());
+  return out;
+}
+
+// ‖a_i - b_i‖² (float64) for pairs of float32 contiguous CPU tensors of equal size (the update
+// norms: the snapshot before the optimizer step against the weights after it), read once, nothing
+// written; an empty tensor when any pair is of another kind.
+torch::Tensor diff_sq_norms(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
+  if (a.size() != b.size()) return torch::empty({0}, torch::dtype(torch::kFloat64));
+  for (size_t i = 0; i < a.size(); ++i)
+    if (!plain(a[i]) || !plain(b[i]) || a[i].numel() != b[i].numel())
+      return torch::empty({0}, torch::dtype(torch::kFloat64));
+  auto out = torch::empty({static_cast<int64_t>(a.size())}, torch::dtype(torch::kFloat64));
+  double* o = out.data_ptr<double>();
+  for (size_t i = 0; i < a.size(); ++i) o[i] = sumsq(a[i].data_ptr<float>(), b[i].data_ptr<float>(), a[i].numel());
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("sq_norms", &sq_norms, "squared norms of float32 CPU tensors (empty: some other kind)");
+  m.def("diff_sq_norms", &diff_sq_norms, "squared norms of pairwise differences (empty: some other kind)");
   m.def("act_pack", &act_pack, "the fast activation pack of a float32 CPU tensor (empty: not all finite)");
   m.def("grad_pack", &grad_pack, "the fast gradient pack of a float32 CPU tensor (empty: not all finite)");
 }

@@ -14,6 +14,8 @@ import sys
 import torch
 from torch import nn
 
+from normscope.collect import native
+
 
 def is_dtensor(t) -> bool:
     """A torch.distributed DTensor (checked without importing torch.distributed.tensor)."""
@@ -64,6 +66,8 @@ class ParamTracker:
         self._snap: list[torch.Tensor] | None = None
         self._grad_norms: torch.Tensor | None = None
         self._pending: torch.Tensor | None = None  # 3 x P: norm, grad_norm, update_norm
+        # no DTensor among the parameters: the fused kernel may take the norms (it checks the rest)
+        self._plain = not any(is_dtensor(p) for _, p, _ in self.entries)
 
     def _nan(self, p: torch.Tensor) -> torch.Tensor:
         return torch.full((), math.nan, dtype=torch.float64, device=local(p).device)
@@ -76,7 +80,13 @@ class ParamTracker:
         return [shard_weight(self.entries[i][1], world) for i in self.sharded()]
 
     def _norms(self, tensors: list[torch.Tensor | None], like: list[torch.Tensor]) -> torch.Tensor:
-        """Squared norms (float64) of the local tensors; NaN where a tensor is missing."""
+        """Squared norms (float64) of the local tensors; NaN where a tensor is missing. CPU float32
+        parameters: one call into the fused kernel (it declines any other kind: foreach ops)."""
+        kernel = native.KERNEL
+        if kernel is not None and self._plain and all(t is not None for t in tensors):
+            sq = kernel.sq_norms([t.detach() for t in tensors])
+            if sq.numel() == len(tensors):
+                return sq
         tensors = [local(t) for t in tensors]
         present = [t for t in tensors if t is not None]
         norms = torch._foreach_norm([t.detach() for t in present]) if present else []
@@ -122,6 +132,13 @@ class ParamTracker:
         w = self._norms([p.detach() for p in params], params)
         if updated and self.track_updates and self._snap is not None:
             trainable = [local(p.detach()) for p in params if p.requires_grad]
+            kernel = native.KERNEL if self._plain and len(trainable) == len(params) else None
+            du = kernel.diff_sq_norms(self._snap, trainable) if kernel is not None else None
+            if du is not None and du.numel() == len(params):  # one read of both, nothing written
+                self._pending = torch.stack([w, self._grad_norms, du]).view(-1)
+                self._grad_norms = None
+                self._snap = None
+                return
             torch._foreach_sub_(self._snap, trainable)  # snap := w_before - w_after (measured faster than torch.dist)
             norms = torch._foreach_norm(self._snap)
             if len(norms) == len(params) and all(n.device == w.device for n in norms):

@@ -51,7 +51,7 @@ from normscope.collect.bins import (
     linear_edges,
     symlog_edges,
 )
-from normscope.collect.packs import ActLayout, GradLayout, assemble, assemble_host
+from normscope.collect.packs import ActLayout, GradLayout, _ordered, assemble, assemble_host, preset_fields
 from normscope.collect.reducers_fast import WIDE, reduce_act_fast, reduce_act_fast_wide, reduce_act_minimal_fast
 from normscope.collect.views import Scratch, as_f32, channel_view_shape
 
@@ -125,7 +125,7 @@ def reduce_act(
         a, c, s = channel_view_shape(xf.shape, layout.axis)
         xf, layout = xf.reshape(a, 1, c * s), replace(layout, axis=1, per_channel=True)
     kernel = _native.KERNEL if fused else None
-    if kernel is not None and xf.device.type == "cpu" and not force_masked:
+    if kernel is not None and xf.device.type == "cpu" and not force_masked and _kernel_writes(layout.stats):
         a, c, s = channel_view_shape(xf.shape, layout.axis)
         standard = layout.stats != "minimal"
         kind, lo, hi = _hist_args(hist)
@@ -147,6 +147,21 @@ def reduce_act(
                 return reduce_act_fast_wide(xf, layout, hist, sat, hist_max, scratch, mn, mx, lo >= 0), True
             return reduce_act_fast(xf, layout, hist, sat, hist_max, scratch, lo, mx.item()), True
     return _reduce_act_masked(xf, layout, hist, sat, hist_max), False
+
+
+# The fast-pack fields the fused kernel writes (fused.cpp, act_pack), in order, per preset family.
+KERNEL_FIELDS = {
+    "standard": ("min", "max", "abs_sum", "n_zero", "n_nonpos", "n_sat", "s1", "m2", "active", "hist"),
+    "minimal": ("min", "max", "s1", "m2"),
+}
+
+
+@lru_cache(maxsize=8)
+def _kernel_writes(stats: str) -> bool:
+    """Whether the kernel's pack is this preset's fast pack: a field added to the pack table and
+    not yet to the kernel sends the tensors to the torch path instead of into a wrong layout."""
+    want = tuple(f.name for f in _ordered(preset_fields(stats), True))
+    return want == KERNEL_FIELDS["minimal" if stats == "minimal" else "standard"]
 
 
 @lru_cache(maxsize=64)

@@ -206,3 +206,62 @@ def test_runs_with_and_without_the_kernel_record_the_same_rows(tmp_path, monkeyp
     ga, gb = (r.grads.sort_values(keys).reset_index(drop=True) for r in (fused, plain))
     assert len(ga) == len(gb) > 0
     np.testing.assert_allclose(ga["norm"].to_numpy(), gb["norm"].to_numpy(), rtol=1e-5)
+    pa, pb = (r.params.sort_values(["step", "param"]).reset_index(drop=True) for r in (fused, plain))
+    assert len(pa) == len(pb) > 0 and (pa.update_norm > 0).all()  # every weight trains: the kernel's Δw path
+    for col in ("norm", "grad_norm", "update_norm"):
+        np.testing.assert_allclose(pa[col].to_numpy(), pb[col].to_numpy(), rtol=1e-5, err_msg=col)
+
+
+def test_the_kernel_writes_each_presets_fast_pack_and_steps_aside_for_a_new_field(monkeypatch):
+    from normscope.collect import packs as P
+
+    for stats in P.PRESETS:
+        assert R._kernel_writes(stats), stats  # the kernel's field list is the pack table's
+    R._kernel_writes.cache_clear()
+    extra = P.Field("n_extra", "1", "sum", True, "standard")
+    monkeypatch.setattr(P, "ACT_FIELDS", P.ACT_FIELDS + (extra,))
+    monkeypatch.setattr(R, "preset_fields", lambda stats: P.preset_fields.__wrapped__(stats, P.ACT_FIELDS))
+    try:
+        assert not R._kernel_writes("standard") and R._kernel_writes("minimal")
+    finally:
+        R._kernel_writes.cache_clear()
+
+
+@needs_kernel
+def test_parameter_norms_match_numpy_and_decline_other_kinds():
+    g = torch.Generator().manual_seed(5)
+    ts = [torch.randn(n, generator=g) * 3 for n in (0, 1, 15, 16, 17, 4097, 300001)]
+    want = [float(np.sum(t.numpy().astype(np.float64) ** 2)) for t in ts]
+    np.testing.assert_allclose(native.KERNEL.sq_norms(ts).numpy(), want, rtol=1e-6)
+    us = [t + torch.randn(t.shape, generator=g) * 1e-3 for t in ts]
+    want = [float(np.sum((t.numpy().astype(np.float64) - u.numpy()) ** 2)) for t, u in zip(ts, us)]
+    np.testing.assert_allclose(native.KERNEL.diff_sq_norms(ts, us).numpy(), want, rtol=1e-4)
+    # anything but contiguous float32 CPU tensors of equal sizes: declined (the caller uses foreach ops)
+    assert native.KERNEL.sq_norms([ts[3], torch.randn(4, 6).t()]).numel() == 0
+    assert native.KERNEL.sq_norms([ts[3], torch.randn(8).half()]).numel() == 0
+    assert native.KERNEL.diff_sq_norms([ts[3]], [ts[4]]).numel() == 0
+
+
+@needs_kernel
+def test_tracked_parameter_norms_equal_with_and_without_the_kernel(monkeypatch):
+    from normscope.collect.params import ParamTracker
+
+    def tracked(kernel):
+        monkeypatch.setattr(native, "KERNEL", kernel)
+        torch.manual_seed(1)
+        m = torch.nn.Sequential(torch.nn.Linear(40, 300), torch.nn.Tanh(), torch.nn.Linear(300, 3))
+        m[2].bias.requires_grad_(False)  # frozen: its update norm is 0, its gradient missing
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+        tr = ParamTracker(m)
+        for _ in range(2):
+            opt.zero_grad()
+            m(torch.randn(16, 40)).square().mean().backward()
+            tr.before_step()
+            opt.step()
+            tr.after_step(True)
+        return tr.take().view(3, -1).numpy()
+
+    kernel = native.KERNEL
+    got, want = tracked(kernel), tracked(None)
+    np.testing.assert_allclose(got, want, rtol=1e-5, equal_nan=True)
+    assert np.isnan(got[1, -1]) and got[2, -1] == 0.0  # the frozen bias
