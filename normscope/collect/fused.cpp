@@ -477,6 +477,7 @@ torch::Tensor act_pack(const torch::Tensor& x, int64_t A, int64_t C, int64_t S, 
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "act_pack: a contiguous float32 CPU tensor");
   TORCH_CHECK(A * C * S == x.numel() && C > 0, "act_pack: (A, C, S) does not match the tensor");
+  if (!x.has_storage()) return torch::empty({0}, torch::dtype(torch::kFloat64));  // the caller's NaN-safe path
   const float* p = x.data_ptr<float>();
   const int64_t head = standard ? 6 : 2;
   const int64_t size = head + 2 * C + (standard ? C + bins : 0);
@@ -521,6 +522,7 @@ torch::Tensor act_pack(const torch::Tensor& x, int64_t A, int64_t C, int64_t S, 
 torch::Tensor grad_pack(const torch::Tensor& g) {
   TORCH_CHECK(g.device().is_cpu() && g.scalar_type() == at::kFloat && g.is_contiguous(),
               "grad_pack: a contiguous float32 CPU tensor");
+  if (!g.has_storage()) return torch::empty({0}, torch::dtype(torch::kFloat64));  // the caller's NaN-safe path
   const float* p = g.data_ptr<float>();
   const int64_t n = g.numel();
   const auto edges = row_chunks(std::max<int64_t>(1, (n + kBlock - 1) / kBlock), kBlock);
@@ -608,8 +610,9 @@ double sumsq(const float* p, const float* q, int64_t n) {
   return total;
 }
 
-bool plain(const torch::Tensor& t) {
-  return t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous();
+bool plain(const torch::Tensor& t) {  // wrapper tensors (torch.func, fake, functional) have no storage
+  return t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+         t.has_storage() && !t.is_meta();
 }
 
 }  // namespace

@@ -5,6 +5,7 @@ block, threads), the NaN-safe fallback, and a loader that never breaks a run."""
 import copy
 import math
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -57,7 +58,7 @@ SHAPES = [((37, 129), -1), ((3, 5, 2, 3), 1), ((4, 33, 7), 1), ((2, 19, 16), 1),
 @pytest.mark.parametrize("kind", sorted(SPECS))
 @pytest.mark.parametrize("stats", ["minimal", "standard", "full"])
 def test_fused_rows_equal_torch_rows_and_numpy(shape, axis, kind, stats):
-    g = torch.Generator().manual_seed(hash((shape, kind, stats)) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(repr((shape, kind, stats)).encode()))  # not hash(): salted
     x = torch.randn(shape, generator=g) * 2 + 0.3
     if kind in ("sigmoid",):
         x = torch.sigmoid(x * 3)
@@ -74,8 +75,11 @@ def test_fused_rows_equal_torch_rows_and_numpy(shape, axis, kind, stats):
         va, vb = np.asarray(a[k], float), np.asarray(b[k], float)
         if k in EXACT or k in ("hist", "active"):
             np.testing.assert_array_equal(va, vb, err_msg=k)
-        else:
-            np.testing.assert_allclose(va, vb, rtol=2e-5, atol=1e-6, err_msg=k)
+        else:  # the torch path sums in float32 (std off by up to ~3e-5 on 1e5 elements); the kernel is checked below
+            np.testing.assert_allclose(va, vb, rtol=1e-4, atol=1e-6, err_msg=k)
+    x64 = x.double().numpy()
+    assert a["mean"] == pytest.approx(x64.mean(), rel=1e-6, abs=1e-7)
+    assert a["std"] == pytest.approx(x64.std(), rel=1e-5, abs=1e-7)  # float64 truth: the kernel to 1e-5
     if stats != "minimal":
         want = ref.act_stats(x.numpy(), axis, *SPECS[kind], hm)
         assert_matches(a, want, float(x.abs().max()) or 1.0)
@@ -265,3 +269,17 @@ def test_tracked_parameter_norms_equal_with_and_without_the_kernel(monkeypatch):
     got, want = tracked(kernel), tracked(None)
     np.testing.assert_allclose(got, want, rtol=1e-5, equal_nan=True)
     assert np.isnan(got[1, -1]) and got[2, -1] == 0.0  # the frozen bias
+
+
+@needs_kernel
+def test_tensors_without_storage_are_declined_not_read():
+    """Regression: under torch.func.grad the tracker's norms reached wrapper tensors (no storage):
+    'Cannot access data pointer of Tensor that doesn't have storage' became a hook error."""
+    seen = []
+
+    def f(w):
+        seen.append((native.KERNEL.sq_norms([w]).numel(), native.KERNEL.diff_sq_norms([w], [w]).numel()))
+        return (w * w).sum()
+
+    torch.func.grad(f)(torch.randn(5))
+    assert seen == [(0, 0)]
