@@ -120,15 +120,27 @@ def histogram(x: torch.Tensor, spec: HistSpec, hist_max: int, finite: torch.Tens
     return h, w.sum()
 
 
+def sat_region(sat: SatSpec) -> tuple[float, float, bool]:
+    """The saturation region of CHECKS.md, the one definition every reduction path reads (the
+    masked and fast torch paths and the fused kernel's arguments): ``(lo, hi, inclusive)``,
+    saturated where y < lo or y > hi, or y <= lo or y >= hi when ``inclusive`` (bounds kinds)."""
+    if sat.kind == "sigmoid":
+        return SIGMOID_LO, SIGMOID_HI, False
+    if sat.kind == "tanh":
+        return -TANH_T, TANH_T, False
+    return float(sat.lo), float(sat.hi), True
+
+
+def sat_ops(inclusive: bool):
+    """The (below, above) comparisons of a region: ``le``/``ge`` when inclusive, else ``lt``/``gt``."""
+    return (torch.le, torch.ge) if inclusive else (torch.lt, torch.gt)
+
+
 def sat_count(x: torch.Tensor, sat: SatSpec | None, buf: torch.Tensor | None) -> torch.Tensor:
     if sat is None:
         return x.new_zeros(())
-    if sat.kind == "sigmoid":
-        lo_op, hi_op, lo, hi = torch.lt, torch.gt, SIGMOID_LO, SIGMOID_HI
-    elif sat.kind == "tanh":
-        lo_op, hi_op, lo, hi = torch.lt, torch.gt, -TANH_T, TANH_T
-    else:
-        lo_op, hi_op, lo, hi = torch.le, torch.ge, sat.lo, sat.hi
+    lo, hi, incl = sat_region(sat)
+    lo_op, hi_op = sat_ops(incl)
     if buf is None:  # masked path: x has non-finite entries already replaced, mask applied by caller
         return lo_op(x, lo).sum() + hi_op(x, hi).sum()
     buf = buf.view(x.shape)

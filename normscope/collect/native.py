@@ -98,16 +98,18 @@ def load(background_build: bool = True):
     except Exception as e:  # a broken build: say so, keep training on the torch path
         STATE = f"unavailable ({type(e).__name__}: {e}); run `normscope build-kernel` to rebuild"
         return None
-    if _BUILD is not None and _BUILD.poll() is None:
-        STATE = "building in the background (this run uses the torch path)"
-    elif background_build and _BUILD is None:
+    building = "building in the background (this run uses the torch path)"
+    if _BUILD is not None:
+        STATE = building if _BUILD.poll() is None else (
+            "not built (the background build failed: run `normscope build-kernel` to see why)")  # fmt: skip
+    elif background_build:
         try:
             _BUILD = _spawn_build()
-            STATE = "building in the background (this run uses the torch path)"
+            STATE = building
         except OSError as e:
             STATE = f"not built ({e}); run `normscope build-kernel`"
     else:
-        STATE = "not built (the background build failed: run `normscope build-kernel` to see why)"
+        STATE = "not built; run `normscope build-kernel`"
     return None
 
 

@@ -131,28 +131,30 @@ class ParamTracker:
             self._grad_norms = self._norms([p.grad for p in params], params)
         w = self._norms([p.detach() for p in params], params)
         if updated and self.track_updates and self._snap is not None:
-            trainable = [local(p.detach()) for p in params if p.requires_grad]
-            kernel = native.KERNEL if self._plain and len(trainable) == len(params) else None
-            du = kernel.diff_sq_norms(self._snap, trainable) if kernel is not None else None
-            if du is not None and du.numel() == len(params):  # one read of both, nothing written
-                self._pending = torch.stack([w, self._grad_norms, du]).view(-1)
-                self._grad_norms = None
-                self._snap = None
-                return
-            torch._foreach_sub_(self._snap, trainable)  # snap := w_before - w_after (measured faster than torch.dist)
-            norms = torch._foreach_norm(self._snap)
-            if len(norms) == len(params) and all(n.device == w.device for n in norms):
-                du = torch.stack(norms).double().pow_(2) if norms else w.new_zeros(0)
-            else:
-                upd = iter(norms)
-                du = torch.stack(
-                    [next(upd).double().to(w.device) ** 2 if p.requires_grad else w.new_zeros(()) for p in params]
-                )
+            du = self._update_norms(params, w)
         else:
             du = torch.full_like(w, math.nan)
         self._pending = torch.stack([w, self._grad_norms, du]).double().view(-1)
         self._grad_norms = None
         self._snap = None
+
+    def _update_norms(self, params, w: torch.Tensor) -> torch.Tensor:
+        """‖w_before − w_after‖² per parameter (0 for frozen ones) from the snapshot: one read of
+        both through the fused kernel for CPU float32 parameters, else foreach ops in the snapshot."""
+        trainable = [local(p.detach()) for p in params if p.requires_grad]
+        kernel = native.KERNEL if self._plain and len(trainable) == len(params) else None
+        if kernel is not None:
+            du = kernel.diff_sq_norms(self._snap, trainable)
+            if du.numel() == len(params):
+                return du
+        torch._foreach_sub_(self._snap, trainable)  # snap := w_before - w_after (measured faster than torch.dist)
+        norms = torch._foreach_norm(self._snap)
+        if len(norms) == len(params) and all(n.device == w.device for n in norms):
+            return torch.stack(norms).double().pow_(2) if norms else w.new_zeros(0)
+        upd = iter(norms)
+        return torch.stack(
+            [next(upd).double().to(w.device) ** 2 if p.requires_grad else w.new_zeros(()) for p in params]
+        )
 
     def take(self) -> torch.Tensor | None:
         p, self._pending = self._pending, None

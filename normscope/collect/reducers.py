@@ -49,6 +49,8 @@ from normscope.collect.bins import (
     hist_stride,
     histogram,
     linear_edges,
+    sat_ops,
+    sat_region,
     symlog_edges,
 )
 from normscope.collect.packs import ActLayout, GradLayout, _ordered, assemble, assemble_host, preset_fields
@@ -172,15 +174,12 @@ def _hist_args(hist: HistSpec) -> tuple[int, float, float]:
 
 @lru_cache(maxsize=64)
 def _sat_args(sat: SatSpec | None) -> tuple[int, float, float]:
-    """The kernel's saturation arguments (the regions of :func:`_sat_mask`): kind (0 none, 1
-    sigmoid, 2 tanh: outside the open interval; 3 bounds: at or past them) and the thresholds."""
+    """The kernel's saturation arguments, from :func:`bins.sat_region`: kind (0 none, 1 outside
+    the open interval, 3 at or past the bounds) and the thresholds."""
     if sat is None:
         return 0, 0.0, 0.0
-    if sat.kind == "sigmoid":
-        return 1, SIGMOID_LO, SIGMOID_HI
-    if sat.kind == "tanh":
-        return 2, -TANH_T, TANH_T
-    return 3, float(sat.lo), float(sat.hi)
+    lo, hi, incl = sat_region(sat)
+    return (3 if incl else 1), lo, hi
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -245,11 +244,9 @@ def _reduce_act_minimal_masked(xf, layout, a):
 
 
 def _sat_mask(x: torch.Tensor, sat: SatSpec) -> torch.Tensor:
-    if sat.kind == "sigmoid":
-        return (x < SIGMOID_LO) | (x > SIGMOID_HI)
-    if sat.kind == "tanh":
-        return (x < -TANH_T) | (x > TANH_T)
-    return (x <= sat.lo) | (x >= sat.hi)
+    lo, hi, incl = sat_region(sat)
+    lo_op, hi_op = sat_ops(incl)
+    return lo_op(x, lo) | hi_op(x, hi)
 
 
 def reduce_grad(g: torch.Tensor, force_masked: bool | None = None, fused: bool = True) -> tuple[torch.Tensor, bool]:

@@ -14,17 +14,16 @@ import torch
 
 from normscope.collect.bins import (
     LINEAR_BINS,
-    SIGMOID_HI,
-    SIGMOID_LO,
     SYMLOG_BINS,
     SYMLOG_K,
     SYMLOG_LO_EXP,
-    TANH_T,
     HistSpec,
     SatSpec,
     hist_stride,
     histogram,
     sat_count,
+    sat_ops,
+    sat_region,
 )
 from normscope.collect.packs import assemble, assemble_host
 from normscope.collect.views import Scratch, channel_view_shape
@@ -163,12 +162,8 @@ def _sat_count_fast(flat, sat: SatSpec | None, buf, lo: float, hi: float, n_nonp
     side no element reaches costs nothing; ``x <= 0`` is the non-positive count already taken."""
     if sat is None:
         return 0.0
-    if sat.kind == "sigmoid":
-        lo_op, hi_op, t_lo, t_hi, incl = torch.lt, torch.gt, SIGMOID_LO, SIGMOID_HI, False
-    elif sat.kind == "tanh":
-        lo_op, hi_op, t_lo, t_hi, incl = torch.lt, torch.gt, -TANH_T, TANH_T, False
-    else:
-        lo_op, hi_op, t_lo, t_hi, incl = torch.le, torch.ge, sat.lo, sat.hi, True
+    t_lo, t_hi, incl = sat_region(sat)
+    lo_op, hi_op = sat_ops(incl)
     f_lo, f_hi = _f32(t_lo), _f32(t_hi)  # the float32 comparison the ops make
     out = 0.0
     if (lo <= f_lo) if incl else (lo < f_lo):

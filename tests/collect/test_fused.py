@@ -34,6 +34,8 @@ def test_kernel_is_loaded_when_required():
 
 
 def rows(x, axis, kind, stats="standard", hist_max=4096, fused=True, max_channels=None):
+    if fused:  # a kernel that failed to load would make fused=True the torch path: a comparison of it with itself
+        assert native.KERNEL is not None, native.STATE
     hist, sat = SPECS[kind]
     lay = R.act_layout(x, axis, hist, max_channels, stats)
     pack, fast = R.reduce_act(x, lay, hist, sat, hist_max, R.Scratch(), fused=fused)
@@ -162,6 +164,8 @@ def test_a_missing_build_starts_one_background_build_and_the_run_goes_on(monkeyp
         return Running()
 
     monkeypatch.setattr(native, "_spawn_build", spawn)
+    assert native.load(background_build=False) is None and not spawned
+    assert native.STATE == "not built; run `normscope build-kernel`"
     assert native.load() is None and native.load() is None
     assert spawned == [1] and "background" in native.STATE
     x = torch.randn(3, 4, 5)
@@ -266,6 +270,7 @@ def test_tracked_parameter_norms_equal_with_and_without_the_kernel(monkeypatch):
         return tr.take().view(3, -1).numpy()
 
     kernel = native.KERNEL
+    assert kernel is not None, native.STATE
     got, want = tracked(kernel), tracked(None)
     np.testing.assert_allclose(got, want, rtol=1e-5, equal_nan=True)
     assert np.isnan(got[1, -1]) and got[2, -1] == 0.0  # the frozen bias
