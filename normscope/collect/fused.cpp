@@ -579,9 +579,12 @@ torch::Tensor grad_pack(const torch::Tensor& g) {
 
 namespace {
 
-// Σ p² (q == nullptr) or Σ (p - q)² over n floats, float32 vectors flushed to float64 per block,
-// split across threads for long tensors.
-double sumsq(const float* p, const float* q, int64_t n) {
+// Σ d(k)² over k < n, d given as whole vectors (lanes(k): elements k .. k + kW - 1) and single
+// elements (one(k), the tail): float32 vectors flushed to float64 per block, split across threads
+// for long tensors. The one loop behind the parameter norms, the update norms and the
+// optimizer-state updates below.
+template <typename Lanes, typename One>
+double sumsq_of(int64_t n, Lanes lanes, One one) {
   const auto edges = row_chunks(std::max<int64_t>(1, (n + kBlock - 1) / kBlock), kBlock);
   const int64_t parts = static_cast<int64_t>(edges.size()) - 1;
   std::vector<double> part(parts, 0.0);
@@ -593,12 +596,12 @@ double sumsq(const float* p, const float* q, int64_t n) {
       vf acc{};
       int64_t k = s;
       for (; k + kW <= t; k += kW) {
-        const vf d = q ? load(p + k) - load(q + k) : load(p + k);
+        const vf d = lanes(k);
         acc += d * d;
       }
       float tail = 0;
       for (; k < t; ++k) {
-        const float d = q ? p[k] - q[k] : p[k];
+        const float d = one(k);
         tail += d * d;
       }
       total += static_cast<double>(hsum(acc)) + tail;
@@ -609,6 +612,36 @@ double sumsq(const float* p, const float* q, int64_t n) {
   for (double v : part) total += v;
   return total;
 }
+
+// Σ p² (q == nullptr) or Σ (p - q)² over n floats.
+double sumsq(const float* p, const float* q, int64_t n) {
+  if (!q) return sumsq_of(n, [&](int64_t k) { return load(p + k); }, [&](int64_t k) { return p[k]; });
+  return sumsq_of(n, [&](int64_t k) { return load(p + k) - load(q + k); }, [&](int64_t k) { return p[k] - q[k]; });
+}
+
+// One parameter's update read back from its optimizer's state (normscope/collect/updates.py has
+// the algebra): A = a·t1 + b·t2 (KIND 0: SGD) or a·(t1 / (√t2 / k + eps)) (KIND 1: Adam, in the
+// order torch's Adam computes it); Δ = (A − c·w) · d, d = 1 / (1 − c).
+struct Update {
+  const float *w, *t1, *t2;
+  float a, b, k, eps, c, d;
+  template <int KIND>
+  float at(int64_t i) const {
+    const float A = KIND == 0 ? a * t1[i] + b * t2[i] : a * (t1[i] / (std::sqrt(t2[i]) / k + eps));
+    return (A - c * w[i]) * d;
+  }
+  template <int KIND>
+  double sumsq(int64_t n) const {
+    return sumsq_of(
+        n,
+        [&](int64_t k0) {
+          float l[kW];
+          for (int j = 0; j < kW; ++j) l[j] = at<KIND>(k0 + j);  // vectorised (-fno-math-errno: sqrtps)
+          return load(l);
+        },
+        [&](int64_t i) { return at<KIND>(i); });
+  }
+};
 
 bool plain(const torch::Tensor& t) {  // wrapper tensors (torch.func, fake, functional) have no storage
   return t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
@@ -642,9 +675,39 @@ torch::Tensor diff_sq_norms(const std::vector<torch::Tensor>& a, const std::vect
   return out;
 }
 
+// ‖Δ_i‖² (float64) of optimizer updates read back from the state the step left (updates.py):
+// w, t1, t2 float32 contiguous CPU tensors of equal size per parameter (t2 may repeat t1 where
+// b == 0), coef 7 numbers per parameter, (kind, a, b, k, eps, c, d), one flat list. Read once,
+// nothing written; an empty tensor when any is of another kind.
+torch::Tensor update_sq_norms(const std::vector<torch::Tensor>& w, const std::vector<torch::Tensor>& t1,
+                              const std::vector<torch::Tensor>& t2, const std::vector<double>& coef) {
+  const auto none = torch::empty({0}, torch::dtype(torch::kFloat64));
+  const int64_t P = static_cast<int64_t>(w.size());
+  if (static_cast<int64_t>(t1.size()) != P || static_cast<int64_t>(t2.size()) != P ||
+      static_cast<int64_t>(coef.size()) != 7 * P)
+    return none;
+  for (int64_t i = 0; i < P; ++i)
+    if (!plain(w[i]) || !plain(t1[i]) || !plain(t2[i]) || t1[i].numel() != w[i].numel() ||
+        t2[i].numel() != w[i].numel())
+      return none;
+  const double* cf = coef.data();
+  auto out = torch::empty({P}, torch::dtype(torch::kFloat64));
+  double* o = out.data_ptr<double>();
+  for (int64_t i = 0; i < P; ++i) {
+    const double* r = cf + 7 * i;
+    const Update u{w[i].data_ptr<float>(), t1[i].data_ptr<float>(), t2[i].data_ptr<float>(),
+                   static_cast<float>(r[1]), static_cast<float>(r[2]), static_cast<float>(r[3]),
+                   static_cast<float>(r[4]), static_cast<float>(r[5]), static_cast<float>(r[6])};
+    const int64_t n = w[i].numel();
+    o[i] = r[0] == 0 ? u.sumsq<0>(n) : u.sumsq<1>(n);
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sq_norms", &sq_norms, "squared norms of float32 CPU tensors (empty: some other kind)");
   m.def("diff_sq_norms", &diff_sq_norms, "squared norms of pairwise differences (empty: some other kind)");
+  m.def("update_sq_norms", &update_sq_norms, "squared norms of updates read from optimizer state (empty: some other kind)");
   m.def("act_pack", &act_pack, "the fast activation pack of a float32 CPU tensor (empty: not all finite)");
   m.def("grad_pack", &grad_pack, "the fast gradient pack of a float32 CPU tensor (empty: not all finite)");
 }

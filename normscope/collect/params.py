@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 
 import torch
 from torch import nn
 
 from normscope.collect import native
+from normscope.collect.updates import OptimizerUpdate
 
 
 def is_dtensor(t) -> bool:
@@ -48,10 +50,12 @@ def shard_weight(p, world: int) -> float:
 class ParamTracker:
     """Computes parameter norms with fused ``_foreach`` kernels; no host sync until the step pack.
 
-    ``before_step`` (optimizer pre-hook) takes ‖∇w‖² and, when updates are tracked, copies w
-    (the copy lives only while the optimizer steps);
-    ``after_step`` (post-hook) takes ‖w‖² and ‖w_before − w_after‖²; :meth:`take` returns the
-    3 × P squared norms (of the local shards for DTensors).
+    ``before_step`` (optimizer pre-hook) takes ‖∇w‖²; ``after_step`` (post-hook) takes ‖w‖² and
+    ‖w_before − w_after‖²; :meth:`take` returns the 3 × P squared norms (of the local shards for
+    DTensors). ‖Δw‖ of a torch SGD / Adam / AdamW step is read from the optimizer's state after
+    the step (:mod:`normscope.collect.updates`, checked against the weights' change); any other
+    update is measured against a copy of w taken in ``before_step``, which lives only while the
+    optimizer steps. ``update_source`` says which (meta.json's ``update_norms``).
     """
 
     def __init__(self, model: nn.Module, track_updates: bool = True, names: dict[str, str] | None = None):
@@ -68,6 +72,12 @@ class ParamTracker:
         self._pending: torch.Tensor | None = None  # 3 x P: norm, grad_norm, update_norm
         # no DTensor among the parameters: the fused kernel may take the norms (it checks the rest)
         self._plain = not any(is_dtensor(p) for _, p, _ in self.entries)
+        self._reader: OptimizerUpdate | None = None  # reads ‖Δw‖ from the optimizer's state
+        self._reader_opt = None
+        self._reader_off: str | None = None  # why the state is not read any more (a failed check)
+        self._reading = False  # this step's ‖Δw‖ comes from the state: no snapshot taken
+        self._check: torch.Tensor | None = None  # a check's disagreeing elements, until the transfer
+        self.update_source = "weight snapshot"
 
     def _nan(self, p: torch.Tensor) -> torch.Tensor:
         return torch.full((), math.nan, dtype=torch.float64, device=local(p).device)
@@ -105,11 +115,30 @@ class ParamTracker:
         """Copy the trainable weights now (a manual update loop: before its first forward)."""
         self._take_snapshot([p for _, p, _ in self.entries])
 
-    def before_step(self) -> None:
+    def _reader_for(self, optimizer) -> OptimizerUpdate | None:
+        if optimizer is None or self._reader_off is not None or not self.track_updates:
+            return None
+        if self._reader_opt is not optimizer:
+            self._reader_opt, self._reader = optimizer, OptimizerUpdate.of(optimizer)
+        return self._reader
+
+    def before_step(self, optimizer=None) -> None:
+        """``optimizer``: the one about to step (its state may give ‖Δw‖ without a copy)."""
         params = [p for _, p, _ in self.entries]
         if not params:
             return
         self._grad_norms = self._norms([p.grad for p in params], params)
+        reader = self._reader_for(optimizer)
+        why = reader.unreadable(params) if reader is not None else None
+        self._reading = reader is not None and why is None
+        if self._reading:
+            self._snap = None  # (a copy from the first forward of a manual loop: not needed)
+            self.update_source = f"{reader.name} state"
+            if reader.due():
+                reader.probe([local(p.detach()) for p in params])
+            return
+        if self._reader_off is None:
+            self.update_source = f"weight snapshot ({reader.name}: {why})" if why else "weight snapshot"
         self._take_snapshot(params)
 
     def _take_snapshot(self, params) -> None:
@@ -118,6 +147,7 @@ class ParamTracker:
             # are already freed, so the copy reuses their memory instead of raising peak memory
             # (on CPU a fresh allocation page-faults, ~2 ms per 4 MB: measured in the benchmark).
             trainable = [local(p.detach()) for p in params if p.requires_grad]
+            self._snap = None  # (never two copies at once)
             self._snap = [torch.empty_like(p) for p in trainable]
             if trainable:
                 torch._foreach_copy_(self._snap, trainable)
@@ -130,13 +160,49 @@ class ParamTracker:
         if self._grad_norms is None:
             self._grad_norms = self._norms([p.grad for p in params], params)
         w = self._norms([p.detach() for p in params], params)
-        if updated and self.track_updates and self._snap is not None:
+        if updated and self._reading:
+            du = self._read_updates(params, w)
+        elif updated and self.track_updates and self._snap is not None:
             du = self._update_norms(params, w)
         else:
             du = torch.full_like(w, math.nan)
         self._pending = torch.stack([w, self._grad_norms, du]).double().view(-1)
         self._grad_norms = None
         self._snap = None
+        self._reading = False
+
+    def _read_updates(self, params, w: torch.Tensor) -> torch.Tensor:
+        """‖Δw‖² from the optimizer's state. On a check step, NaN where the check failed (decided
+        on the device; :meth:`checked` reads the verdict with the step's transfer)."""
+        reader = self._reader
+        weights = [local(p.detach()) for p in params]
+        nbad = reader.check(params, weights)
+        du = reader.sq_norms(params, weights, self._grad_norms, kernel_ok=self._plain).to(w.device)
+        reader.updates += 1
+        if nbad is not None:
+            du = torch.where(nbad.to(du.device) > 0, torch.full_like(du, math.nan), du)
+            self._check = nbad
+        return du
+
+    def take_check(self) -> torch.Tensor | None:
+        """This step's check of the optimizer-state algebra (disagreeing elements), if one ran."""
+        c, self._check = self._check, None
+        return c
+
+    def checked(self, disagreeing: float) -> None:
+        """The check's verdict, read on the host: a disagreement hands the rest of the run to the
+        weight snapshot (that step's ‖Δw‖ is already NaN)."""
+        reader = self._reader
+        if reader is None:
+            return
+        if disagreeing > 0 and self._reader_off is None:
+            why = reader.explain()
+            self._reader_off = self.update_source = (
+                f"weight snapshot (the {reader.name} state disagreed with the weights' change: {why})"
+            )
+            warnings.warn(f"normscope: ‖Δw‖ could not be read from the {reader.name} optimizer's state ({why}); "
+                          "measuring it against a weight copy from the next step on", RuntimeWarning, stacklevel=2)  # fmt: skip
+        reader.forget()
 
     def _update_norms(self, params, w: torch.Tensor) -> torch.Tensor:
         """‖w_before − w_after‖² per parameter (0 for frozen ones) from the snapshot: one read of
@@ -163,6 +229,8 @@ class ParamTracker:
 
     def release(self) -> None:
         self._snap = None
+        self._reading = False
+        self._check = None
         self._pending = None
         self._grad_norms = None
 

@@ -129,6 +129,7 @@ class Scope(ForwardHooks, CompiledRuntime, StepEnd):
         self._disabled: set[str] = set()
         self._hook_errors: list[str] = []
         self._optimizer_steps = 0
+        self._manual_steps = 0  # scope.step() calls that advanced (a manual update loop)
         self._forward_since_advance = False
         self._warned_manual = False
         self._scratch = R.Scratch()
@@ -265,6 +266,7 @@ class Scope(ForwardHooks, CompiledRuntime, StepEnd):
                 )
                 self._warned_manual = True
             return
+        self._manual_steps += 1
         self._end_modes(emit=self._sampling)
         if self._sampling:
             # a manual update loop: ‖Δw‖ against the snapshot taken at the step's first forward
@@ -327,7 +329,7 @@ class Scope(ForwardHooks, CompiledRuntime, StepEnd):
     def _on_opt_pre(self, opt, args, kwargs) -> None:
         if not self._owns(opt) or not self._sampling:
             return
-        self._guard(self._params.before_step)
+        self._guard(self._params.before_step, opt)
 
     def _on_opt_post(self, opt, args, kwargs) -> None:
         if not self._owns(opt):

@@ -86,8 +86,17 @@ class ForwardHooks:
         self._root_phase = "train" if train else "eval"
         if self._modes is not None:
             self._audit("on_forward")
-        if self._sampling and not self._snapped and not self._optimizer_steps and self.track_updates:
-            # no optimizer seen (yet): snapshot now so that scope.step() can measure ‖Δw‖ of a manual update
+        if (
+            self._sampling
+            and not self._snapped
+            and self._manual_steps
+            and not self._optimizer_steps
+            and self.track_updates
+        ):
+            # a manual update loop (scope.step() advanced, no optimizer stepped): snapshot now so that
+            # scope.step() can measure ‖Δw‖. Not before the loop shows itself: a copy of the weights
+            # held through forward and backward raises peak memory, and an optimizer (the usual
+            # case) needs none (its state gives ‖Δw‖, or it is copied at the optimizer step)
             self._snapped = True
             self._guard(self._params.snapshot)
 

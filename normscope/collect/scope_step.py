@@ -42,12 +42,15 @@ class StepEnd:
         flags = self._sentinels.take() if self._sentinels is not None else []
         # after the packs and norms, in this order: logged scalars, finiteness flags, signals (the
         # writer's own values under torch.distributed: per-rank measurements, not merged)
-        tail = scal_t + [f[4] for f in flags] + [v for *_, v in self._signals]
+        chk = self._params.take_check() if params else None  # the optimizer-state algebra's check
+        tail = scal_t + [f[4] for f in flags] + [v for *_, v in self._signals] + ([chk] if chk is not None else [])
         acc = StepAccumulator()
         norms = None
         if self._world > 1:
             write, norms = self._reduce(pending, sq, acc)
             if not write or (not pending and sq is None and not self._scalars and not tail):
+                if chk is not None:  # a rank that writes nothing reads its own check (check steps only)
+                    self._params.checked(float(chk))
                 return
             host = _to_host(tail) if tail else np.zeros(0)
             off = 0
@@ -68,6 +71,7 @@ class StepEnd:
             hp = group_hparams(self._opt)
             if self._opt is not None and "optimizer" not in self._meta:
                 self._meta["optimizer"] = describe_optimizer(self._opt)
+            self._meta["update_norms"] = self._params.update_source
             for i, (pname, p, layer) in enumerate(self._params.entries):
                 lr, wd = hp.get(id(p), (math.nan, math.nan))
                 w.append("params", {
@@ -89,6 +93,10 @@ class StepEnd:
                 w.append("signals", {"step": step, "phase": phase, "layer": layer, "call": call, "name": name,
                                      "value": float(host[off + k])})  # fmt: skip
             off += len(names)
+        if chk is not None:
+            self._params.checked(float(host[off]))
+            off += 1
+            self._meta["update_norms"] = self._params.update_source
         self._steps_recorded += 1
         self._since_flush += 1
         if self._exec_order:  # no root forward seen (submodules called directly)

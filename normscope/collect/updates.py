@@ -1,0 +1,272 @@
+"""‖Δw‖ of an optimizer step read back from the optimizer's own state: no copy of the weights.
+
+A step of torch's SGD, Adam or AdamW is, per parameter, ``w_after = (1 − c)·w_before + A`` with
+``A`` an element-wise function of the state the step leaves behind (g: the gradient, s = −1 when
+maximising; λ: weight decay; ``t``: the parameter's step count after the step):
+
+- SGD with momentum μ, not Nesterov: ``A = −lr·buf`` and c = 0 (the decay is inside ``buf``);
+- SGD without momentum: ``A = −lr·s·g``; Nesterov: ``A = −lr·(s·g + μ·buf)``; c = lr·λ;
+- Adam: ``A = −lr/(1 − β1ᵗ) · m / (√v / √(1 − β2ᵗ) + ε)`` (v: ``max_exp_avg_sq`` with amsgrad),
+  c = 0 (L2 decay is inside m); AdamW (decoupled decay): the same A, c = lr·λ;
+
+so ``Δ = w_after − w_before = (A − c·w_after) / (1 − c)`` needs only the weights after the step and
+the state. It is the update the optimizer computed; the weights' change differs from it by the
+float rounding of ``w + A``. Before any use the algebra is checked against the weights' real change
+on a sample of elements (:meth:`OptimizerUpdate.probe` / :meth:`OptimizerUpdate.check`), again
+every ``VERIFY_EVERY`` updates; a disagreement hands the run back to the weight snapshot.
+
+Any other optimizer (or subclass, whose ``step`` may differ), capturable / differentiable / complex
+/ sparse cases, and state on another device than the host reads go back to the snapshot.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from normscope.collect import native
+
+VERIFY_EVERY = 50  # updates between two checks of the algebra (besides the first two)
+PROBE = 64  # elements per parameter compared in a check
+_SLICE = 1 << 20  # elements per slice in the torch path (bounds its temporaries)
+
+# a term: (kind, t1, t2, a, b, k, eps, c); kind 0: A = a·t1 + b·t2 (t2 None: b = 0), kind 1: Adam
+ZERO = None  # the parameter did not move in this step (no gradient, frozen, not in the optimizer)
+
+
+def _host(v) -> float | None:
+    """A hyperparameter as a float, None when reading it would need a device sync (a host
+    tensor is read through numpy: a memory read, no dispatched op)."""
+    if isinstance(v, torch.Tensor):
+        return float(v.detach().numpy().reshape(-1)[0]) if v.numel() == 1 and v.device.type == "cpu" else None
+    return float(v)
+
+
+class OptimizerUpdate:
+    """Reads the update of a step of one torch SGD / Adam / AdamW from its state (see the module)."""
+
+    KINDS = {torch.optim.SGD: "SGD", torch.optim.Adam: "Adam", torch.optim.AdamW: "AdamW"}
+
+    def __init__(self, opt: torch.optim.Optimizer):
+        self.opt = opt
+        self.name = self.KINDS[type(opt)]
+        self.updates = 0  # steps whose update was read
+        self._probe: dict[int, torch.Tensor] | None = None
+        self._evidence: list = []  # the last check's (index, real, predicted, ok) per parameter
+
+    @classmethod
+    def of(cls, opt) -> OptimizerUpdate | None:
+        return cls(opt) if type(opt) in cls.KINDS else None  # exact types: a subclass may step otherwise
+
+    def unreadable(self, params: list[torch.Tensor]) -> str | None:
+        """Why this step's update cannot be read from the state (None: it can). Checked before the
+        step, so that the snapshot is taken when it cannot."""
+        for g in self.opt.param_groups:
+            for key in ("capturable", "differentiable"):
+                if g.get(key):
+                    return f"{key}=True"
+            if g.get("fused") and any(p.device.type != "cpu" for p in g["params"]):
+                return "fused on an accelerator"
+            for key in ("lr", "weight_decay", "momentum", "dampening", "eps"):
+                if key in g and _host(g[key]) is None:
+                    return f"{key} is a device tensor"
+            if any(_host(b) is None for b in g.get("betas", ())):
+                return "betas are device tensors"
+        for p in params:
+            if p.is_complex() or (p.grad is not None and p.grad.is_sparse):
+                return "complex or sparse parameters"
+        return None
+
+    def _groups(self) -> dict[int, dict]:
+        return {id(p): g for g in self.opt.param_groups for p in g["params"]}
+
+    def terms(self, params: list[torch.Tensor]) -> list:
+        """Per parameter, after the step: ZERO, a term, or ``math.nan`` (the state is not there)."""
+        groups = self._groups()
+        out = []
+        for p in params:
+            g = groups.get(id(p))
+            if g is None or p.grad is None or not p.requires_grad:
+                out.append(ZERO)
+                continue
+            out.append(self._term(p, g, self.opt.state.get(p, {})))
+        return out
+
+    def _term(self, p, g: dict, st: dict):
+        lr, wd = _host(g["lr"]), _host(g.get("weight_decay", 0.0))
+        if self.name == "SGD":
+            mu = _host(g.get("momentum", 0.0))
+            buf = st.get("momentum_buffer")
+            if mu and buf is None:
+                return math.nan
+            sign = -1.0 if g.get("maximize") else 1.0
+            if mu and not g.get("nesterov"):
+                return (0, buf, None, -lr, 0.0, 1.0, 0.0, 0.0)
+            if mu:
+                return (0, p.grad, buf, -lr * sign, -lr * mu, 1.0, 0.0, lr * wd)
+            return (0, p.grad, None, -lr * sign, 0.0, 1.0, 0.0, lr * wd)
+        b1, b2 = (_host(b) for b in g["betas"])
+        v = st.get("max_exp_avg_sq") if g.get("amsgrad") else st.get("exp_avg_sq")
+        m, step = st.get("exp_avg"), st.get("step")
+        if m is None or v is None or step is None or _host(step) is None:
+            return math.nan
+        t = _host(step)
+        c = lr * wd if g.get("decoupled_weight_decay", self.name == "AdamW") else 0.0
+        return (1, m, v, -lr / (1 - b1**t), 0.0, (1 - b2**t) ** 0.5, _host(g["eps"]), c)
+
+    # -- squared norms ---------------------------------------------------------------------------
+
+    def sq_norms(self, params, weights, grad_sq: torch.Tensor | None, kernel_ok: bool) -> torch.Tensor:
+        """‖Δ‖² per parameter (float64, on the parameters' device; of the local shards for DTensors).
+
+        ``weights``: the local weights after the step; ``grad_sq``: this step's squared gradient
+        norms (Δ = a·g needs nothing more). Δ = a·t1 is a scaled norm; the rest goes through the
+        fused kernel for CPU float32 parameters (``kernel_ok``), else torch ops on slices of at most
+        ``_SLICE`` elements. No host sync and no host-to-device copy: the values stay on the device
+        for the step's single transfer.
+        """
+        from normscope.collect.params import local  # (params imports this module)
+
+        dev = weights[0].device if weights else torch.device("cpu")
+        vals: list = [None] * len(params)  # 0-d float64 tensors on dev; None: Δ = 0
+        scaled, todo = [], []
+        for i, tm in enumerate(self.terms(params)):
+            if tm is ZERO:
+                continue
+            if not isinstance(tm, tuple):
+                vals[i] = torch.full((), math.nan, dtype=torch.float64, device=dev)
+                continue
+            kind, t1, t2, a, _b, _k, _eps, c = tm
+            if kind == 0 and t2 is None and c == 0:  # Δ = a·t1
+                if t1 is params[i].grad and grad_sq is not None:
+                    vals[i] = grad_sq[i] * (a * a)
+                else:
+                    scaled.append((i, local(t1).detach(), a * a))
+                continue
+            todo.append((i, weights[i], (kind, local(t1).detach(), _d(local(t2)), *tm[3:])))
+        if scaled:
+            for (i, _, a2), sq in zip(scaled, _sq_plain([t for _, t, _ in scaled], kernel_ok).unbind()):
+                vals[i] = sq * a2
+        if todo:
+            sq = None
+            kernel = native.KERNEL if kernel_ok else None
+            if kernel is not None:
+                coef = [x for _, _, tm in todo for x in (tm[0], *tm[3:], 1.0 / (1.0 - tm[7]))]
+                sq = kernel.update_sq_norms(
+                    [w for _, w, _ in todo], [tm[1] for _, _, tm in todo],
+                    [tm[2] if tm[2] is not None else tm[1] for _, _, tm in todo], coef)  # fmt: skip
+                sq = sq.unbind() if sq.numel() == len(todo) else None
+            if sq is None:
+                sq = [_sq_sliced(w, tm) for _, w, tm in todo]
+            for (i, _, _), v in zip(todo, sq):
+                vals[i] = v
+        if all(v is None for v in vals):
+            return torch.zeros(len(params), dtype=torch.float64, device=dev)
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        return torch.stack([zero if v is None else v.to(device=dev, dtype=torch.float64) for v in vals])
+
+    # -- the check against the weights' real change ----------------------------------------------
+
+    def due(self) -> bool:
+        return self.updates < 2 or self.updates % VERIFY_EVERY == 0
+
+    def probe(self, weights: list[torch.Tensor]) -> None:
+        """Before the step: keep the first ``PROBE`` elements of every parameter (float64)."""
+        self._probe = {
+            i: w.reshape(-1)[:PROBE].to(torch.float64, copy=True) for i, w in enumerate(weights) if w.numel()
+        }
+
+    def check(self, params, weights) -> torch.Tensor | None:
+        """After the step: the algebra's Δ against the weights' change on the probed elements. The
+        number of disagreeing elements as a device tensor (read with the step's transfer: no
+        sync here), or None when nothing was probed. Tolerance: the float rounding of the step (a
+        few units in the last place of w) plus 1e-4 of Δ. :meth:`explain` describes a failure."""
+        from normscope.collect.params import local
+
+        probe, self._probe = self._probe, None
+        if probe is None:
+            return None
+        self._evidence = []
+        counts = []
+        for i, tm in enumerate(self.terms(params)):
+            if i not in probe:
+                continue
+            w = weights[i].reshape(-1)[:PROBE].double()
+            real = w - probe[i]
+            if tm is ZERO:
+                pred = torch.zeros_like(real)
+            elif not isinstance(tm, tuple):
+                pred = torch.full_like(real, math.nan)  # no state after the step: a disagreement
+            else:
+                pred = delta(weights[i], (tm[0], local(tm[1]), local(tm[2]), *tm[3:]), n=PROBE)
+            eps = torch.finfo(weights[i].dtype).eps
+            tol = 4 * eps * (w.abs() + probe[i].abs()) + 1e-4 * pred.abs() + 1e-30
+            ok = (real - pred).abs() <= tol  # NaN compares False: a disagreement
+            counts.append((~ok).sum())
+            self._evidence.append((i, real, pred, ok))
+        return torch.stack(counts).sum() if counts else None
+
+    def explain(self) -> str:
+        """The first disagreement of the last check (reads its tensors: call only after a failure)."""
+        for i, real, pred, ok in self._evidence:
+            bad = (~ok).nonzero()
+            if bad.numel():
+                j = int(bad[0])
+                return (f"parameter {i}, element {j}: the weights moved by {float(real[j]):.6g}, the {self.name} "
+                        f"state gives {float(pred[j]):.6g}")  # fmt: skip
+        return "a disagreement"
+
+    def forget(self) -> None:
+        self._evidence = []
+
+
+def _d(t):
+    return t.detach() if t is not None else None
+
+
+def _sq_plain(tensors: list[torch.Tensor], kernel_ok: bool) -> torch.Tensor:
+    """Squared norms (float64) of a list: one kernel call for CPU float32 tensors, else foreach."""
+    kernel = native.KERNEL if kernel_ok else None
+    if kernel is not None:
+        sq = kernel.sq_norms(tensors)
+        if sq.numel() == len(tensors):
+            return sq
+    dev = tensors[0].device
+    return torch.stack([n.double().to(dev) for n in torch._foreach_norm(tensors)]).pow_(2)
+
+
+def delta(w: torch.Tensor, term: tuple, n: int | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Δ = (A − c·w) / (1 − c) element-wise (the module's algebra) over the first ``n`` elements of
+    the flat tensors (all: None), computed in ``dtype``."""
+    kind, t1, t2, a, b, k, eps, c = term
+    sl = slice(None) if n is None else slice(0, n)
+
+    def flat(t):
+        return t.detach().reshape(-1)[sl].to(dtype)
+
+    if kind == 0:
+        A = flat(t1) * a
+        if t2 is not None:
+            A += flat(t2) * b
+    else:
+        A = (flat(t1) / (flat(t2).sqrt() / k + eps)) * a
+    if c:
+        A -= flat(w) * c
+        A /= 1.0 - c
+    return A
+
+
+def _sq_sliced(w: torch.Tensor, term: tuple) -> torch.Tensor:
+    """‖Δ‖² (float64) in torch ops, slice by slice of the flat tensors (temporaries of at most
+    ``_SLICE`` elements, never a copy of the whole parameter)."""
+    dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+    kind, t1, t2, *rest = term
+    n = w.numel()
+    flat = [x.detach().reshape(-1) if x is not None else None for x in (w, t1, t2)]
+    total = torch.zeros((), dtype=torch.float64, device=w.device)
+    for s in range(0, n, _SLICE):
+        part = [x[s : s + _SLICE] if x is not None else None for x in flat]
+        d = delta(part[0], (kind, part[1], part[2], *rest), dtype=dtype)
+        total += torch.linalg.vector_norm(d, dtype=torch.float64) ** 2
+    return total

@@ -1,0 +1,193 @@
+"""‖Δw‖ read back from the optimizer's state (normscope/collect/updates.py) against the brute-force
+truth: a float64 copy of every weight before each step, subtracted after it."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from normscope import watch
+from normscope.collect import native
+from normscope.collect import updates as U
+from normscope.collect.params import ParamTracker
+from normscope.store import load
+
+CONFIGS = [
+    (torch.optim.SGD, dict(lr=0.05)),
+    (torch.optim.SGD, dict(lr=0.05, weight_decay=0.02)),
+    (torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
+    (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=0.02, dampening=0.1)),
+    (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
+    (torch.optim.SGD, dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.03, maximize=True)),
+    (torch.optim.SGD, dict(lr=0.05, weight_decay=0.02, maximize=True, foreach=False)),
+    (torch.optim.SGD, dict(lr=torch.tensor(0.05), momentum=0.9, fused=True)),
+    (torch.optim.Adam, dict(lr=1e-2)),
+    (torch.optim.Adam, dict(lr=1e-2, weight_decay=0.01, foreach=False)),
+    (torch.optim.Adam, dict(lr=1e-2, amsgrad=True, maximize=True)),
+    (torch.optim.Adam, dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-4, fused=True)),
+    (torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)),
+    (torch.optim.AdamW, dict(lr=1e-2)),
+    (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.3, amsgrad=True, foreach=False)),
+    (torch.optim.AdamW, dict(lr=torch.tensor(3e-3), weight_decay=0.05, betas=(0.9, 0.98))),
+]
+
+
+def _ids(c):
+    return f"{c[0].__name__}-" + "-".join(f"{k}={v}" for k, v in c[1].items())
+
+
+class Net(nn.Module):
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.a = nn.Linear(20, 700, dtype=dtype)  # 14,000 weights: past a kernel block, several lanes
+        self.b = nn.Linear(700, 3, dtype=dtype)
+        self.unused = nn.Linear(3, 3, dtype=dtype)  # in the optimizer, never gets a gradient
+        self.frozen = nn.Parameter(torch.ones(5, dtype=dtype), requires_grad=False)
+        self.outside = nn.Parameter(torch.ones(4, dtype=dtype))  # not in the optimizer, gets a gradient
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))) + self.outside.sum()
+
+
+def _run(cls, kw, steps=4, dtype=torch.float32, hook=None):
+    """(tracked 3 x P squared norms per step, true ‖Δw‖² per step, tracker)."""
+    torch.manual_seed(0)
+    net = Net(dtype)
+    opt = cls([p for n, p in net.named_parameters() if n not in ("frozen", "outside")], **kw)
+    if hook is not None:
+        opt.register_step_post_hook(hook)
+    tr = ParamTracker(net)
+    got, want = [], []
+    for _ in range(steps):
+        opt.zero_grad()
+        net(torch.randn(32, 20, dtype=dtype)).square().mean().backward()
+        before = [p.detach().double().clone() for p in net.parameters()]
+        tr.before_step(opt)
+        opt.step()
+        tr.after_step(True)
+        got.append(tr.take().view(3, -1)[2].numpy())
+        chk = tr.take_check()  # (the scope reads it with the step's transfer)
+        if chk is not None:
+            tr.checked(float(chk))
+        want.append(
+            np.array([float((p.detach().double() - b).square().sum()) for p, b in zip(net.parameters(), before)])
+        )
+    return np.array(got), np.array(want), tr
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
+@pytest.mark.parametrize("config", CONFIGS, ids=_ids)
+def test_update_norms_from_the_optimizer_state_equal_the_weights_change(config, kernel, monkeypatch):
+    if kernel:
+        assert native.KERNEL is not None, native.STATE
+    else:
+        monkeypatch.setattr(native, "KERNEL", None)
+    cls, kw = config
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got, want, tr = _run(cls, kw)
+    assert tr.update_source == f"{cls.__name__} state" and tr._snap is None
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-20)
+    names = [n for n, _ in Net().named_parameters()]
+    for n in ("unused.weight", "unused.bias", "frozen", "outside"):
+        assert (got[:, names.index(n)] == 0).all()
+    assert (got[:, names.index("a.weight")] > 0).all()
+
+
+def test_float64_parameters_take_the_torch_path_and_agree():
+    got, want, tr = _run(torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1), dtype=torch.float64)
+    assert tr.update_source == "AdamW state"
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-30)
+
+
+def test_the_kernel_and_the_torch_slices_agree_on_every_kind(monkeypatch):
+    """update_sq_norms against the sliced torch algebra (slices shrunk so a tensor spans several)."""
+    assert native.KERNEL is not None, native.STATE
+    monkeypatch.setattr(U, "_SLICE", 1000)
+    g = torch.Generator().manual_seed(3)
+    w, t1, t2 = (torch.randn(12_345, generator=g) for _ in range(3))
+    t2 = t2.abs()
+    for term in [(0, t1, None, -0.1, 0.0, 1.0, 0.0, 0.0), (0, t1, t2, -0.1, -0.05, 1.0, 0.0, 0.003),
+                 (1, t1, t2, -0.02, 0.0, 0.7, 1e-3, 0.0), (1, t1, t2, -0.02, 0.0, 0.3, 1e-8, 0.01)]:  # fmt: skip
+        coef = [term[0], *term[3:], 1 / (1 - term[7])]
+        k = native.KERNEL.update_sq_norms([w], [t1], [term[2] if term[2] is not None else t1], coef)
+        ref = float(U.delta(w, term).square().sum())  # float64
+        assert float(k[0]) == pytest.approx(ref, rel=1e-6)
+        assert float(U._sq_sliced(w, term)) == pytest.approx(ref, rel=1e-5)
+    # another kind of tensor: declined, not read
+    assert native.KERNEL.update_sq_norms([w.double()], [t1], [t1], coef).numel() == 0
+
+
+def test_a_hook_that_changes_the_weights_is_caught_and_the_snapshot_takes_over():
+    """A per-optimizer post hook (weight clipping, as in WGAN) runs before normscope's: the
+    weights' change is no longer the optimizer's update. The first check sees it; that step's
+    ‖Δw‖ is NaN, and every later one is measured against the snapshot, exactly."""
+
+    def clip(opt, args, kwargs):
+        with torch.no_grad():
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    p.clamp_(-0.02, 0.02)
+
+    with pytest.warns(RuntimeWarning, match="could not be read from the SGD optimizer's state"):
+        got, want, tr = _run(torch.optim.SGD, dict(lr=0.05, momentum=0.9), hook=clip)
+    assert tr.update_source.startswith("weight snapshot (the SGD state disagreed")
+    assert np.isnan(got[0]).all()
+    np.testing.assert_allclose(got[1:], want[1:], rtol=1e-5, atol=1e-20)
+
+
+def test_other_optimizers_and_unreadable_settings_take_the_snapshot():
+    class MySGD(torch.optim.SGD):  # a subclass may step otherwise: never read
+        pass
+
+    for cls, kw, source in [
+        (torch.optim.RMSprop, dict(lr=1e-3), "weight snapshot"),
+        (MySGD, dict(lr=0.05), "weight snapshot"),
+    ]:
+        got, want, tr = _run(cls, kw, steps=2)
+        assert tr.update_source == source
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-20)
+    # settings whose step the algebra does not cover: the copy is taken before the step
+    net = Net()
+    net(torch.randn(2, 20)).sum().backward()
+    for opt, why in [(torch.optim.Adam(net.parameters(), differentiable=True), "differentiable=True"),
+                     (torch.optim.SGD(net.parameters(), lr=torch.tensor([0.1])[0].expand(())), None)]:  # fmt: skip
+        tr = ParamTracker(net)
+        tr.before_step(opt)
+        assert (tr._snap is not None) == (why is not None)
+        assert tr.update_source == (f"weight snapshot ({type(opt).__name__}: {why})" if why else "SGD state")
+
+
+def test_the_check_runs_on_the_first_two_updates_then_every_verify_every(monkeypatch):
+    calls = []
+    real = U.OptimizerUpdate.probe
+    monkeypatch.setattr(U.OptimizerUpdate, "probe", lambda self, w: (calls.append(self.updates), real(self, w)))
+    monkeypatch.setattr(U, "VERIFY_EVERY", 3)
+    _run(torch.optim.SGD, dict(lr=0.05, momentum=0.9), steps=7)
+    assert calls == [0, 1, 3, 6]
+
+
+def test_a_watched_adamw_run_records_exact_update_norms_without_a_copy(tmp_path, monkeypatch):
+    copies = []
+    monkeypatch.setattr(ParamTracker, "_take_snapshot", lambda self, params: copies.append(1))
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 32), nn.GELU(), nn.LayerNorm(32), nn.Linear(32, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    want = {}
+    with watch(model, tmp_path / "r", every=2, optimizer=opt):
+        for step in range(5):
+            opt.zero_grad()
+            model(torch.randn(16, 6)).square().mean().backward()
+            before = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+            opt.step()
+            want[step] = {n: float((p.detach().double() - before[n]).norm()) for n, p in model.named_parameters()}
+    run = load(tmp_path / "r")
+    assert not copies and run.meta["update_norms"] == "AdamW state"
+    assert sorted(run.params.step.unique()) == [0, 2, 4]
+    for r in run.params.itertuples():
+        assert r.update_norm == pytest.approx(want[r.step][r.param], rel=1e-5) and r.update_norm > 0
+    assert not run.params.update_norm.isna().any()
