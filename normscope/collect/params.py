@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from normscope.collect import native
-from normscope.collect.updates import OptimizerUpdate
+from normscope.collect.updates import OptimizerUpdate, sq_norms_of
 
 
 def is_dtensor(t) -> bool:
@@ -92,17 +92,16 @@ class ParamTracker:
     def _norms(self, tensors: list[torch.Tensor | None], like: list[torch.Tensor]) -> torch.Tensor:
         """Squared norms (float64) of the local tensors; NaN where a tensor is missing. CPU float32
         parameters: one call into the fused kernel (it declines any other kind: foreach ops)."""
-        kernel = native.KERNEL
-        if kernel is not None and self._plain and all(t is not None for t in tensors):
-            sq = kernel.sq_norms([t.detach() for t in tensors])
-            if sq.numel() == len(tensors):
-                return sq
+        if self._plain and tensors and all(t is not None for t in tensors):
+            ts = [t.detach() for t in tensors]
+            if len({t.device for t in ts}) == 1:
+                return sq_norms_of(ts, kernel_ok=True)
         tensors = [local(t) for t in tensors]
         present = [t for t in tensors if t is not None]
         norms = torch._foreach_norm([t.detach() for t in present]) if present else []
         dev = local(like[0]).device if like else torch.device("cpu")
         if present and len(present) == len(tensors) and all(n.device == dev for n in norms):
-            return torch.stack(norms).double().pow_(2)  # the usual case: three ops, not three per tensor
+            return torch.stack(norms).double().pow_(2)  # DTensor shards: three ops, not three per tensor
         norms = iter(norms)
         out = [next(norms).double().to(dev) ** 2 if t is not None else self._nan(like[0]) for t in tensors]
         return torch.stack(out) if out else torch.empty(0, device=dev)

@@ -130,7 +130,7 @@ class OptimizerUpdate:
 
         dev = weights[0].device if weights else torch.device("cpu")
         vals: list = [None] * len(params)  # 0-d float64 tensors on dev; None: Δ = 0
-        scaled, todo = [], []
+        by_grad, scaled, todo = [], [], []
         for i, tm in enumerate(self.terms(params)):
             if tm is ZERO:
                 continue
@@ -138,16 +138,21 @@ class OptimizerUpdate:
                 vals[i] = torch.full((), math.nan, dtype=torch.float64, device=dev)
                 continue
             kind, t1, t2, a, _b, _k, _eps, c = tm
-            if kind == 0 and t2 is None and c == 0:  # Δ = a·t1
+            if kind == 0 and t2 is None and c == 0:  # Δ = a·t1: a scaled norm
                 if t1 is params[i].grad and grad_sq is not None:
-                    vals[i] = grad_sq[i] * (a * a)
+                    by_grad.append((i, a * a))
                 else:
                     scaled.append((i, local(t1).detach(), a * a))
                 continue
             todo.append((i, weights[i], (kind, local(t1).detach(), _d(local(t2)), *tm[3:])))
+        if by_grad:  # (unbind and foreach: a few ops for all, no host-to-device copy of the scales)
+            g = grad_sq.to(device=dev, dtype=torch.float64).unbind()
+            for (i, _), v in zip(by_grad, torch._foreach_mul([g[i] for i, _ in by_grad], [a2 for _, a2 in by_grad])):
+                vals[i] = v
         if scaled:
-            for (i, _, a2), sq in zip(scaled, _sq_plain([t for _, t, _ in scaled], kernel_ok).unbind()):
-                vals[i] = sq * a2
+            sq = sq_norms_of([t for _, t, _ in scaled], kernel_ok).to(dev).unbind()
+            for (i, _, _), v in zip(scaled, torch._foreach_mul(list(sq), [a2 for *_, a2 in scaled])):
+                vals[i] = v
         if todo:
             sq = None
             kernel = native.KERNEL if kernel_ok else None
@@ -158,13 +163,13 @@ class OptimizerUpdate:
                     [tm[2] if tm[2] is not None else tm[1] for _, _, tm in todo], coef)  # fmt: skip
                 sq = sq.unbind() if sq.numel() == len(todo) else None
             if sq is None:
-                sq = [_sq_sliced(w, tm) for _, w, tm in todo]
+                sq = [_sq_sliced(w, tm).to(dev) for _, w, tm in todo]
             for (i, _, _), v in zip(todo, sq):
                 vals[i] = v
         if all(v is None for v in vals):
             return torch.zeros(len(params), dtype=torch.float64, device=dev)
         zero = torch.zeros((), dtype=torch.float64, device=dev)
-        return torch.stack([zero if v is None else v.to(device=dev, dtype=torch.float64) for v in vals])
+        return torch.stack([zero if v is None else v for v in vals])
 
     # -- the check against the weights' real change ----------------------------------------------
 
@@ -225,15 +230,15 @@ def _d(t):
     return t.detach() if t is not None else None
 
 
-def _sq_plain(tensors: list[torch.Tensor], kernel_ok: bool) -> torch.Tensor:
-    """Squared norms (float64) of a list: one kernel call for CPU float32 tensors, else foreach."""
+def sq_norms_of(tensors: list[torch.Tensor], kernel_ok: bool) -> torch.Tensor:
+    """Squared norms (float64) of a list of tensors on one device: one kernel call for CPU float32
+    tensors, else foreach ops (three ops, not three per tensor)."""
     kernel = native.KERNEL if kernel_ok else None
     if kernel is not None:
         sq = kernel.sq_norms(tensors)
         if sq.numel() == len(tensors):
             return sq
-    dev = tensors[0].device
-    return torch.stack([n.double().to(dev) for n in torch._foreach_norm(tensors)]).pow_(2)
+    return torch.stack(torch._foreach_norm(tensors)).double().pow_(2)
 
 
 def delta(w: torch.Tensor, term: tuple, n: int | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
