@@ -166,7 +166,8 @@ class TransformerProbes:
         names = canonical_names(self.model)
         mods = dict(self.model.named_modules())
         specs = attention_modules(self.model)
-        handles = self.handles
+        handles = self.handles  # the root's hooks, every step
+        hooks = scope._step_hooks  # the modules' hooks: sampled steps only
         handles += [self.model.register_forward_pre_hook(self._root_pre),
                     self.model.register_forward_hook(self._root_post)]  # fmt: skip
         for raw, spec in specs.items():
@@ -174,11 +175,11 @@ class TransformerProbes:
             st = _Attn(names.get(raw, raw), spec, m)
             self.attn.append(st)
             if spec.kind == "mha":
-                handles.append(m.register_forward_pre_hook(self._mha_hook(st), with_kwargs=True))
+                hooks.add(m, self._mha_hook(st), pre=True, with_kwargs=True)
                 continue
-            handles.append(m.register_forward_pre_hook(self._attn_pre(st), with_kwargs=True))
+            hooks.add(m, self._attn_pre(st), pre=True, with_kwargs=True)
             for child in {spec.q[0], spec.k[0]}:
-                handles.append(getattr(m, child).register_forward_hook(self._proj_hook(st, child)))
+                hooks.add(getattr(m, child), self._proj_hook(st, child))
         for raw in transformer_blocks(self.model, specs):
             m = mods[raw]
             inner = [s for a, s in specs.items() if a.startswith(raw + ".") and s.kind == "mha"]
@@ -186,7 +187,7 @@ class TransformerProbes:
             if getattr(m, "batch_first", None) is False:
                 seq_axis = 0
             self.blocks[raw] = (names.get(raw, raw), seq_axis)
-            handles.append(m.register_forward_hook(self._block_hook(raw)))
+            hooks.add(m, self._block_hook(raw))
         if scope is not None:
             scope._meta["transformer"] = {
                 "attention": {st.name: st.spec.as_json() for st in self.attn},
@@ -419,10 +420,12 @@ def _logits_of(output: Any) -> torch.Tensor | None:
 def register(scope) -> list:
     """Install the transformer probes on ``scope.model``; returns the hook handles (none on error)."""
     probes = TransformerProbes(scope)
+    n0 = len(scope._step_hooks)
     try:
         return probes.register()
     except Exception as e:  # an unrecognisable model must not stop the collector
         for h in probes.handles:  # none left half-installed
             h.remove()
+        scope._step_hooks.truncate(n0)
         scope._note_error("transformer probes", e)
         return []

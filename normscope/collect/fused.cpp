@@ -477,6 +477,11 @@ torch::Tensor act_pack(const torch::Tensor& x, int64_t A, int64_t C, int64_t S, 
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "act_pack: a contiguous float32 CPU tensor");
   TORCH_CHECK(A * C * S == x.numel() && C > 0, "act_pack: (A, C, S) does not match the tensor");
+  // the symlog bin index comes from the exponent bits: any other bin count would write past the
+  // histogram (linear bins are clamped to the count)
+  TORCH_CHECK(!standard || bins == 0 || hist_kind == 2 || (hist_kind == 1 && bins == 2 * (symlog_k + 1) + 1),
+              "act_pack: a symlog histogram has 2 * (symlog_k + 1) + 1 bins");
+  TORCH_CHECK(bins >= 0 && stride >= 0, "act_pack: negative bins or stride");
   if (!x.has_storage()) return torch::empty({0}, torch::dtype(torch::kFloat64));  // the caller's NaN-safe path
   const float* p = x.data_ptr<float>();
   const int64_t head = standard ? 6 : 2;

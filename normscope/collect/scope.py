@@ -38,6 +38,7 @@ from normscope.collect.scope_hooks import CachedReduction, ForwardHooks
 from normscope.collect.scope_step import StepEnd
 from normscope.collect.select import HookPlan, Selector, canonical_names, plan_hooks
 from normscope.collect.sentinel import FiniteSentinels
+from normscope.collect.step_hooks import StepHooks
 from normscope.errors import NormscopeError
 from normscope.roles import type_name
 from normscope.store.writer import RunWriter, write_json
@@ -110,7 +111,9 @@ class Scope(ForwardHooks, CompiledRuntime, StepEnd):
         optimizer = _unwrap_optimizer(optimizer)
         self._explicit_opt = optimizer
         self._opt = optimizer
-        self._handles: list[Any] = []
+        self._handles: list[Any] = []  # root and optimizer hooks: every step
+        self._step_hooks = StepHooks()  # the modules' hooks: sampled steps only (step_hooks.py)
+        self._hook_guards = False  # dynamo guards on module hooks (set once dynamo is in the process)
         self._active = False
         self.step_index = 0
         self._sampling = True
@@ -189,13 +192,15 @@ class Scope(ForwardHooks, CompiledRuntime, StepEnd):
         root = self.model
         self._handles.append(root.register_forward_pre_hook(self._on_root_pre))
         self._handles.append(root.register_forward_hook(self._on_root_post))
+        self._step_hooks.attach()  # step 0 is sampled
         for i, plan in enumerate(self._plans):
-            self._handles.append(plan.module.register_forward_hook(self._make_hook(plan, i)))
+            self._step_hooks.add(plan.module, self._make_hook(plan, i))
         if self._sentinels is not None:
-            self._handles += self._sentinels.register(self)
+            self._sentinels.register(self, self._step_hooks)
         self._handles += transformer_probes(self)  # attention logits, output log Z, massive activations
         if "torch._dynamo" in sys.modules:  # torch.compile used in this process: drop code traced without the hooks
             self._drop_stale_compiled_code()
+            self._hook_guards = True
         if self._explicit_opt is not None:
             self._handles.append(self._explicit_opt.register_step_pre_hook(self._on_opt_pre))
             self._handles.append(self._explicit_opt.register_step_post_hook(self._on_opt_post))
@@ -218,6 +223,7 @@ class Scope(ForwardHooks, CompiledRuntime, StepEnd):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._step_hooks.clear()
         C.unregister_scope(self._sid)
         failed = not status.startswith("complete")
         try:
@@ -246,7 +252,8 @@ class Scope(ForwardHooks, CompiledRuntime, StepEnd):
 
     @property
     def hook_count(self) -> int:
-        return len(self._handles)
+        """Hooks installed: the root's and optimizer's, and the modules' (attached on sampled steps)."""
+        return len(self._handles) + len(self._step_hooks)
 
     @property
     def is_writer(self) -> bool:
@@ -350,9 +357,28 @@ class Scope(ForwardHooks, CompiledRuntime, StepEnd):
         """Gradient statistics this sampled step (every ``grad_every``-th one)."""
         return self.record_grads and (self.step_index // self.every) % self.grad_every == 0
 
+    def _switch_hooks(self) -> None:
+        """The modules' hooks for the next step: attached when it is sampled, else removed, so that
+        an unsampled step takes torch's hook-free call path (step_hooks.py). Dynamo imported since
+        start (torch.compile maybe called while the hooks were off): from now on compiled code
+        guards on hooks, and code compiled without them is dropped, so that a sampled step
+        recompiles with the hooks instead of silently running code that has none."""
+        hooks = self._step_hooks
+        if hooks.pinned:
+            return
+        try:
+            if not self._hook_guards and "torch._dynamo" in sys.modules:
+                self._hook_guards = True
+                self._drop_stale_compiled_code()
+            hooks.attach() if self._sampling else hooks.detach()
+        except Exception as e:  # never break the user's training: keep the hooks on
+            hooks.pinned = True
+            self._note_error("hooks", e)
+
     def _advance(self) -> None:
         self.step_index += 1
         self._sampling = self.step_index % self.every == 0
+        self._switch_hooks()
         self._calls.clear()
         self._recent.clear()
         self._axes.clear()

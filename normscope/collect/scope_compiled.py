@@ -33,7 +33,11 @@ class CompiledRuntime:
             self._note_error("root", e)
 
     def _mark_compiled(self) -> None:
-        """Note in meta.json that compiled code ran (the checks whose probes only run eagerly say so)."""
+        """Note in meta.json that compiled code ran (the checks whose probes only run eagerly say so),
+        and keep the modules' hooks attached from now on: dynamo guards on them, so switching them
+        off for unsampled steps would recompile (step_hooks.py)."""
+        if not self._step_hooks.pinned:
+            self._step_hooks.pin()
         if self._writer is not None and "compiled" not in self._meta:
             self._meta["compiled"] = True
 

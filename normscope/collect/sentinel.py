@@ -38,9 +38,12 @@ class FiniteSentinels:
         self._seq = 0
         self._seen: dict[int, weakref.ref] = {}
 
-    def register(self, scope) -> list:
+    def register(self, scope, hooks) -> None:
+        """Add the flags' hooks to ``hooks`` (a :class:`~normscope.collect.step_hooks.StepHooks`:
+        attached on sampled steps only)."""
         ref = weakref.ref(scope)
-        return [m.register_forward_hook(self._hook(ref, name, type(m).__name__)) for name, m in self.targets]
+        for name, m in self.targets:
+            hooks.add(m, self._hook(ref, name, type(m).__name__))
 
     def new_forward(self) -> None:
         self._seq = 0

@@ -209,3 +209,41 @@ def test_unseen_compiled_code_warns_once_and_notes(tmp_path):
     assert sum("normscope's hooks" in str(r.message) for r in rec) == 1
     run = load(tmp_path / "r")
     assert any("without calling normscope's hooks" in n for n in run.meta["notes"])
+
+
+@pytest.mark.parametrize("guards", ["on", "dynamo-arrived-later"])
+def test_compiled_while_the_hooks_were_off_recompiles_once_with_them(tmp_path, guards):
+    """The modules' hooks are off on unsampled steps (step_hooks.py). A model first compiled on
+    such a step is traced without them; the next sampled step attaches them, and the code without
+    them is not reused in silence: dynamo's hook guards (on since watch(), or, when dynamo came
+    into the process after watch(), turned on and the hook-less code dropped at the next step)
+    recompile it with the hooks once; then they stay on (pinned), with no further graph."""
+    torch.manual_seed(3)
+    model = models.SharedMLP()
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)) for _ in range(4)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    cm = torch.compile(model, backend="aot_eager")
+
+    def step(fwd, i):
+        x, y = data[i % 4]
+        loss = nn.functional.cross_entropy(fwd(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    with watch(model, tmp_path / "c", every=3) as scope:
+        step(model, 0)  # sampled, eager
+        step(model, 1)  # unsampled: the hooks are off
+        if guards != "on":  # as if dynamo had been imported only now, after watch()
+            scope._hook_guards = False
+            torch._dynamo.config.skip_nnmodule_hook_guards = True
+        step(cm, 2)  # unsampled: compiled without the hooks
+        counters.clear()
+        for i in range(3, 9):
+            step(cm, i)
+        assert scope._step_hooks.pinned
+    assert graphs() == 1 and breaks() == 0  # the recompilation at step 3, then none
+    c = load(tmp_path / "c")
+    assert sorted(c.stats.step.unique()) == [0, 3, 6]
+    assert c.meta.get("compiled") is True

@@ -277,6 +277,20 @@ def test_tracked_parameter_norms_equal_with_and_without_the_kernel(monkeypatch):
 
 
 @needs_kernel
+def test_arguments_that_would_read_or_write_out_of_bounds_raise_not_crash():
+    """Regression: a symlog bin count other than the exponent range's wrote past the histogram
+    (a segfault, found by hand-calling the kernel); the reducers never pass one, the kernel now
+    refuses it, like a wrong (A, C, S)."""
+    x = torch.randn(4, 20, 30)
+    k = native.KERNEL
+    args = (0.0, 0.0, 1, 0, 0.0, 0.0, -20, 34)
+    assert k.act_pack(x, 4, 20, 30, True, 1, 71, *args).numel() > 0
+    for a, c, s, bins in [(4, 20, 30, 32), (4, 20, 31, 71), (4, 20, 30, -1)]:
+        with pytest.raises(RuntimeError, match="act_pack"):
+            k.act_pack(x, a, c, s, True, 1, bins, *args)
+
+
+@needs_kernel
 def test_tensors_without_storage_are_declined_not_read():
     """Regression: under torch.func.grad the tracker's norms reached wrapper tensors (no storage):
     'Cannot access data pointer of Tensor that doesn't have storage' became a hook error."""
