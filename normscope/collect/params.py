@@ -121,14 +121,15 @@ class ParamTracker:
             self._reader_opt, self._reader = optimizer, OptimizerUpdate.of(optimizer)
         return self._reader
 
-    def before_step(self, optimizer=None) -> None:
-        """``optimizer``: the one about to step (its state may give ‖Δw‖ without a copy)."""
+    def before_step(self, optimizer=None, closure: bool = False) -> None:
+        """``optimizer``: the one about to step (its state may give ‖Δw‖ without a copy);
+        ``closure``: its step was given a closure."""
         params = [p for _, p, _ in self.entries]
         if not params:
             return
         self._grad_norms = self._norms([p.grad for p in params], params)
         reader = self._reader_for(optimizer)
-        why = reader.unreadable(params) if reader is not None else None
+        why = reader.unreadable(params, closure) if reader is not None else None
         self._reading = reader is not None and why is None
         if self._reading:
             self._snap = None  # (a copy from the first forward of a manual loop: not needed)

@@ -336,7 +336,10 @@ class Scope(ForwardHooks, CompiledRuntime, StepEnd):
     def _on_opt_pre(self, opt, args, kwargs) -> None:
         if not self._owns(opt) or not self._sampling:
             return
-        self._guard(self._params.before_step, opt)
+        # (args: step()'s own, the optimizer first; a closure second or by keyword)
+        closure = (args[1] if len(args) > 1 else None) if args else None
+        closure = closure if closure is not None else kwargs.get("closure")
+        self._guard(self._params.before_step, opt, closure is not None)
 
     def _on_opt_post(self, opt, args, kwargs) -> None:
         if not self._owns(opt):

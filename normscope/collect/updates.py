@@ -15,8 +15,11 @@ float rounding of ``w + A``. Before any use the algebra is checked against the w
 on a sample of elements (:meth:`OptimizerUpdate.probe` / :meth:`OptimizerUpdate.check`), again
 every ``VERIFY_EVERY`` updates; a disagreement hands the run back to the weight snapshot.
 
-Any other optimizer (or subclass, whose ``step`` may differ), capturable / differentiable / complex
-/ sparse cases, and state on another device than the host reads go back to the snapshot.
+Any other optimizer (or subclass, whose ``step`` may differ), a step given a closure (it recomputes
+the gradients inside the step), float16 / bfloat16 parameters (an update smaller than half a unit
+in the last place is lost in the weights, and their real change is what such a run must see),
+capturable / differentiable / complex / sparse cases, and hyperparameters on a device go back to
+the snapshot.
 """
 
 from __future__ import annotations
@@ -59,9 +62,12 @@ class OptimizerUpdate:
     def of(cls, opt) -> OptimizerUpdate | None:
         return cls(opt) if type(opt) in cls.KINDS else None  # exact types: a subclass may step otherwise
 
-    def unreadable(self, params: list[torch.Tensor]) -> str | None:
+    def unreadable(self, params: list[torch.Tensor], closure: bool = False) -> str | None:
         """Why this step's update cannot be read from the state (None: it can). Checked before the
-        step, so that the snapshot is taken when it cannot."""
+        step, so that the snapshot is taken when it cannot. ``closure``: the step was given one
+        (it recomputes the gradients inside the step, after this check has read them)."""
+        if closure:
+            return "a closure recomputes the gradients inside step()"
         for g in self.opt.param_groups:
             for key in ("capturable", "differentiable"):
                 if g.get(key):
@@ -76,6 +82,10 @@ class OptimizerUpdate:
         for p in params:
             if p.is_complex() or (p.grad is not None and p.grad.is_sparse):
                 return "complex or sparse parameters"
+            if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+                # an update below half a unit in the last place is lost in the weights: their
+                # real change (the snapshot) is what such a run needs to see, not the intended one
+                return f"{p.dtype} parameters"
         return None
 
     def _groups(self) -> dict[int, dict]:

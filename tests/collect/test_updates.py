@@ -162,6 +162,46 @@ def test_other_optimizers_and_unreadable_settings_take_the_snapshot():
         assert tr.update_source == (f"weight snapshot ({type(opt).__name__}: {why})" if why else "SGD state")
 
 
+def test_a_closure_and_half_precision_parameters_take_the_snapshot():
+    """A closure recomputes the gradients inside step(), after the pre-hook read them; float16 /
+    bfloat16 weights lose updates below half a unit in the last place, so their real change is
+    the one to record (here: lr so small that most bfloat16 weights do not move at all)."""
+    torch.manual_seed(0)
+    net = nn.Linear(8, 8)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x = torch.randn(4, 8)
+
+    def closure():
+        opt.zero_grad()
+        loss = net(x).square().mean()
+        loss.backward()
+        return loss
+
+    closure()
+    tr = ParamTracker(net)
+    before = [p.detach().clone() for p in net.parameters()]
+    tr.before_step(opt, closure=True)
+    opt.step(closure)
+    tr.after_step(True)
+    assert tr.update_source == "weight snapshot (SGD: a closure recomputes the gradients inside step())"
+    want = [float((p.detach() - b).square().sum()) for p, b in zip(net.parameters(), before)]
+    np.testing.assert_allclose(tr.take().view(3, -1)[2].numpy(), want, rtol=1e-5)
+
+    half = nn.Linear(64, 64).to(torch.bfloat16)
+    opt = torch.optim.SGD(half.parameters(), lr=1e-5)
+    half(torch.randn(4, 64, dtype=torch.bfloat16)).float().square().mean().backward()
+    tr = ParamTracker(half)
+    before = [p.detach().float().clone() for p in half.parameters()]
+    tr.before_step(opt)
+    opt.step()
+    tr.after_step(True)
+    assert tr.update_source == "weight snapshot (SGD: torch.bfloat16 parameters)"
+    real = [float((p.detach().float() - b).square().sum()) for p, b in zip(half.parameters(), before)]
+    intended = [float((1e-5 * p.grad.float()).square().sum()) for p in half.parameters()]
+    np.testing.assert_allclose(tr.take().view(3, -1)[2].numpy(), real, rtol=1e-2)
+    assert real[0] < 0.5 * intended[0]  # most of the intended update was lost to rounding
+
+
 def test_the_check_runs_on_the_first_two_updates_then_every_verify_every(monkeypatch):
     calls = []
     real = U.OptimizerUpdate.probe
@@ -191,3 +231,26 @@ def test_a_watched_adamw_run_records_exact_update_norms_without_a_copy(tmp_path,
     for r in run.params.itertuples():
         assert r.update_norm == pytest.approx(want[r.step][r.param], rel=1e-5) and r.update_norm > 0
     assert not run.params.update_norm.isna().any()
+
+
+def test_a_watched_step_with_a_closure_is_measured_against_a_copy(tmp_path):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 6)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    with watch(model, tmp_path / "c", every=1, optimizer=opt):
+        closure()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.step(closure)
+    run = load(tmp_path / "c")
+    assert run.meta["update_norms"].startswith("weight snapshot (SGD: a closure")
+    for r in run.params.itertuples():
+        assert r.update_norm == pytest.approx(float((dict(model.named_parameters())[r.param].detach()
+                                                     - before[r.param]).norm()), rel=1e-5)  # fmt: skip
