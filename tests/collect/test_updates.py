@@ -162,6 +162,18 @@ def test_other_optimizers_and_unreadable_settings_take_the_snapshot():
         assert tr.update_source == (f"weight snapshot ({type(opt).__name__}: {why})" if why else "SGD state")
 
 
+def _closure(model, opt, x):
+    """A step closure: zero the gradients, recompute the loss and its gradients."""
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    return closure
+
+
 def test_a_closure_and_half_precision_parameters_take_the_snapshot():
     """A closure recomputes the gradients inside step(), after the pre-hook read them; float16 /
     bfloat16 weights lose updates below half a unit in the last place, so their real change is
@@ -169,14 +181,7 @@ def test_a_closure_and_half_precision_parameters_take_the_snapshot():
     torch.manual_seed(0)
     net = nn.Linear(8, 8)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    x = torch.randn(4, 8)
-
-    def closure():
-        opt.zero_grad()
-        loss = net(x).square().mean()
-        loss.backward()
-        return loss
-
+    closure = _closure(net, opt, torch.randn(4, 8))
     closure()
     tr = ParamTracker(net)
     before = [p.detach().clone() for p in net.parameters()]
@@ -237,14 +242,7 @@ def test_a_watched_step_with_a_closure_is_measured_against_a_copy(tmp_path):
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x = torch.randn(8, 6)
-
-    def closure():
-        opt.zero_grad()
-        loss = model(x).square().mean()
-        loss.backward()
-        return loss
-
+    closure = _closure(model, opt, torch.randn(8, 6))
     with watch(model, tmp_path / "c", every=1, optimizer=opt):
         closure()
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
