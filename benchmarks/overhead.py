@@ -36,6 +36,11 @@ the right figure for the default cadence when a chunk holds fewer steps than the
 even number of repeats of every/2 steps covers whole cadence periods). Peak RSS is measured in a
 fresh subprocess per variant (VmHWM: the high-water mark of that process image); it varies by
 about ±4 % between identical processes here, so ``--rss-repeats N`` quotes the median of N.
+Most of that spread, and most of what any hook adds to peak RSS, is glibc's dynamic mmap
+threshold (freed large blocks raise it, later activations then come from the heap, which small
+allocations in between keep from shrinking): ``--rss-mmap-threshold BYTES`` fixes it in the
+child processes (``MALLOC_MMAP_THRESHOLD_``), and peak RSS then measures live memory,
+reproducibly. ``--rss-only`` skips the timing.
 
 ``--device cuda`` moves every model and batch to the GPU, synchronises before reading the clock,
 and counts the host synchronisations of one sampled step per variant with
@@ -245,10 +250,13 @@ def _vm_hwm_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def peak_rss(name: str, variant: str, steps: int, threads: int) -> float:
+def peak_rss(name: str, variant: str, steps: int, threads: int, mmap_threshold: int | None = None) -> float:
     cmd = [sys.executable, __file__, "--rss-child", name, variant, str(steps), "--threads", str(threads),
            "--device", DEVICE.type]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    env = dict(os.environ)
+    if mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -268,6 +276,9 @@ def main() -> None:
         default=1,
         help="fresh processes per variant for peak RSS, median quoted (it varies ±4%% run to run)",
     )
+    ap.add_argument("--rss-mmap-threshold", type=int, metavar="BYTES",
+                    help="MALLOC_MMAP_THRESHOLD_ for the RSS processes (glibc's dynamic threshold off)")  # fmt: skip
+    ap.add_argument("--rss-only", action="store_true", help="peak RSS only, no timing")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--rss-child", nargs=3, metavar=("WORKLOAD", "VARIANT", "STEPS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -297,13 +308,15 @@ def main() -> None:
         if name == "mobilenetv2" and not has_transformers():
             print("mobilenetv2: skipped, transformers is not installed (pip install transformers)", file=log)
             continue
-        res = time_workload(name, repeats, chunk, variants)
+        nan = {"median_s": math_nan(), "ratio_to_bare": math_nan(), "ratio_total": math_nan()}
+        res = {v: nan for v in variants} if a.rss_only else time_workload(name, repeats, chunk, variants)
         for v in variants:
             rss = (
                 math_nan()
                 if a.no_rss
                 else statistics.median(
-                    peak_rss(name, v, 2 if a.quick else 4, a.threads) for _ in range(max(1, a.rss_repeats))
+                    peak_rss(name, v, 2 if a.quick else 4, a.threads, a.rss_mmap_threshold)
+                    for _ in range(max(1, a.rss_repeats))
                 )
             )
             rows.append({"workload": name, "variant": v, **res[v], "peak_rss_mib": rss})

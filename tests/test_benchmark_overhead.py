@@ -33,3 +33,14 @@ def test_mobilenetv2_workload_has_many_small_hooked_calls():
     assert 120 <= len(plan_hooks(model)) <= 180
     x, y = batch(torch.Generator().manual_seed(0))
     assert x.shape == (16, 3, 64, 64) and model(x).shape == (16, 10)
+
+
+def test_rss_only_with_a_fixed_mmap_threshold_reports_peak_rss_per_variant():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--workloads", "mlp", "--variants",
+                          "bare,watch-every1", "--rss-only", "--rss-mmap-threshold", "131072", "--quick"],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines() if line.startswith("  ")}
+    assert set(rows) >= {"bare", "watch-every1"}
+    assert rows["bare"][1] == "nan" and float(rows["bare"][4]) > 100  # no timing; a peak RSS in MiB
+    assert 0.9 < float(rows["watch-every1"][5]) < 1.5
