@@ -77,7 +77,7 @@ class ParamTracker:
         self._reader_off: str | None = None  # why the state is not read any more (a failed check)
         self._reading = False  # this step's ‖Δw‖ comes from the state: no snapshot taken
         self._check: torch.Tensor | None = None  # a check's disagreeing elements, until the transfer
-        self.update_source = "weight snapshot"
+        self.update_source = "weight snapshot" if track_updates else "not measured (track_updates=False)"
 
     def _nan(self, p: torch.Tensor) -> torch.Tensor:
         return torch.full((), math.nan, dtype=torch.float64, device=local(p).device)
@@ -137,7 +137,7 @@ class ParamTracker:
             if reader.due():
                 reader.probe([local(p.detach()) for p in params])
             return
-        if self._reader_off is None:
+        if self._reader_off is None and self.track_updates:
             self.update_source = f"weight snapshot ({reader.name}: {why})" if why else "weight snapshot"
         self._take_snapshot(params)
 

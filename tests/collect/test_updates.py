@@ -207,6 +207,18 @@ def test_a_closure_and_half_precision_parameters_take_the_snapshot():
     assert real[0] < 0.5 * intended[0]  # most of the intended update was lost to rounding
 
 
+def test_untracked_updates_say_so_and_copy_nothing():
+    net = Net()
+    net(torch.randn(2, 20)).sum().backward()
+    tr = ParamTracker(net, track_updates=False)
+    for opt in (torch.optim.SGD(net.parameters(), lr=0.1), torch.optim.RMSprop(net.parameters())):
+        tr.before_step(opt)
+        opt.step()
+        tr.after_step(True)
+        assert tr._snap is None and tr.update_source == "not measured (track_updates=False)"
+        assert torch.isnan(tr.take().view(3, -1)[2]).all()
+
+
 def test_the_check_runs_on_the_first_two_updates_then_every_verify_every(monkeypatch):
     calls = []
     real = U.OptimizerUpdate.probe
