@@ -176,8 +176,9 @@ class ParamTracker:
         on the device; :meth:`checked` reads the verdict with the step's transfer)."""
         reader = self._reader
         weights = [local(p.detach()) for p in params]
-        nbad = reader.check(params, weights)
-        du = reader.sq_norms(params, weights, self._grad_norms, kernel_ok=self._plain).to(w.device)
+        terms = reader.terms(params)
+        nbad = reader.check(terms, weights)
+        du = reader.sq_norms(params, terms, weights, self._grad_norms, kernel_ok=self._plain).to(w.device)
         reader.updates += 1
         if nbad is not None:
             du = torch.where(nbad.to(du.device) > 0, torch.full_like(du, math.nan), du)

@@ -198,9 +198,7 @@ class Scope(ForwardHooks, CompiledRuntime, StepEnd):
         if self._sentinels is not None:
             self._sentinels.register(self, self._step_hooks)
         self._handles += transformer_probes(self)  # attention logits, output log Z, massive activations
-        if "torch._dynamo" in sys.modules:  # torch.compile used in this process: drop code traced without the hooks
-            self._drop_stale_compiled_code()
-            self._hook_guards = True
+        self._ensure_hook_guards()
         if self._explicit_opt is not None:
             self._handles.append(self._explicit_opt.register_step_pre_hook(self._on_opt_pre))
             self._handles.append(self._explicit_opt.register_step_post_hook(self._on_opt_post))
@@ -337,8 +335,7 @@ class Scope(ForwardHooks, CompiledRuntime, StepEnd):
         if not self._owns(opt) or not self._sampling:
             return
         # (args: step()'s own, the optimizer first; a closure second or by keyword)
-        closure = (args[1] if len(args) > 1 else None) if args else None
-        closure = closure if closure is not None else kwargs.get("closure")
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")
         self._guard(self._params.before_step, opt, closure is not None)
 
     def _on_opt_post(self, opt, args, kwargs) -> None:
@@ -360,6 +357,13 @@ class Scope(ForwardHooks, CompiledRuntime, StepEnd):
         """Gradient statistics this sampled step (every ``grad_every``-th one)."""
         return self.record_grads and (self.step_index // self.every) % self.grad_every == 0
 
+    def _ensure_hook_guards(self) -> None:
+        """Once torch.compile is in the process (at start, or first seen at a step's end): drop the
+        code traced without the hooks and make compiled code guard on them."""
+        if not self._hook_guards and "torch._dynamo" in sys.modules:
+            self._hook_guards = True
+            self._drop_stale_compiled_code()
+
     def _switch_hooks(self) -> None:
         """The modules' hooks for the next step: attached when it is sampled, else removed, so that
         an unsampled step takes torch's hook-free call path (step_hooks.py). Dynamo imported since
@@ -370,9 +374,7 @@ class Scope(ForwardHooks, CompiledRuntime, StepEnd):
         if hooks.pinned:
             return
         try:
-            if not self._hook_guards and "torch._dynamo" in sys.modules:
-                self._hook_guards = True
-                self._drop_stale_compiled_code()
+            self._ensure_hook_guards()
             hooks.attach() if self._sampling else hooks.detach()
         except Exception as e:  # never break the user's training: keep the hooks on
             hooks.pinned = True

@@ -127,11 +127,12 @@ class OptimizerUpdate:
 
     # -- squared norms ---------------------------------------------------------------------------
 
-    def sq_norms(self, params, weights, grad_sq: torch.Tensor | None, kernel_ok: bool) -> torch.Tensor:
+    def sq_norms(self, params, terms, weights, grad_sq: torch.Tensor | None, kernel_ok: bool) -> torch.Tensor:
         """‖Δ‖² per parameter (float64, on the parameters' device; of the local shards for DTensors).
 
-        ``weights``: the local weights after the step; ``grad_sq``: this step's squared gradient
-        norms (Δ = a·g needs nothing more). Δ = a·t1 is a scaled norm; the rest goes through the
+        ``terms``: :meth:`terms` of this step (the check reads the same); ``weights``: the local
+        weights after the step; ``grad_sq``: this step's squared gradient norms (Δ = a·g needs
+        nothing more). Δ = a·t1 is a scaled norm; the rest goes through the
         fused kernel for CPU float32 parameters (``kernel_ok``), else torch ops on slices of at most
         ``_SLICE`` elements. No host sync and no host-to-device copy: the values stay on the device
         for the step's single transfer.
@@ -141,7 +142,7 @@ class OptimizerUpdate:
         dev = weights[0].device if weights else torch.device("cpu")
         vals: list = [None] * len(params)  # 0-d float64 tensors on dev; None: Δ = 0
         by_grad, scaled, todo = [], [], []
-        for i, tm in enumerate(self.terms(params)):
+        for i, tm in enumerate(terms):
             if tm is ZERO:
                 continue
             if not isinstance(tm, tuple):
@@ -192,7 +193,7 @@ class OptimizerUpdate:
             i: w.reshape(-1)[:PROBE].to(torch.float64, copy=True) for i, w in enumerate(weights) if w.numel()
         }
 
-    def check(self, params, weights) -> torch.Tensor | None:
+    def check(self, terms, weights) -> torch.Tensor | None:
         """After the step: the algebra's Δ against the weights' change on the probed elements. The
         number of disagreeing elements as a device tensor (read with the step's transfer: no
         sync here), or None when nothing was probed. Tolerance: the float rounding of the step (a
@@ -204,7 +205,7 @@ class OptimizerUpdate:
             return None
         self._evidence = []
         counts = []
-        for i, tm in enumerate(self.terms(params)):
+        for i, tm in enumerate(terms):
             if i not in probe:
                 continue
             w = weights[i].reshape(-1)[:PROBE].double()
