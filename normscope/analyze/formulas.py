@@ -137,29 +137,71 @@ def stale_stats(running_mean, running_var, pop_mean, pop_var, eps: float = 1e-5)
     return dmu, ratio
 
 
-def bn_running_ema(batch_means, batch_vars, counts, momentum, steps=None, init_mean=0.0, init_var=1.0):
-    """The running statistics BatchNorm would hold after seeing these batches (rows: steps).
+def bn_running_ema(batch_means, batch_vars, counts, momentum, steps=None, until=None, init_mean=0.0, init_var=1.0):
+    """The running statistics BatchNorm would hold after seeing these batches (rows: steps), and
+    how far off that rebuild may be: ``(mean, var, sd_mean, sd_var)``, per channel.
 
     BN updates r ← (1 − m)·r + m·b per forward, with the unbiased batch variance v·n/(n − 1);
-    ``momentum=None`` is the cumulative average. ``steps`` (sampled step indices) lets rows be
-    sparser than every step: a gap of k steps applies the momentum k times with the sampled
-    batch standing for the unseen ones (exact when every step is sampled)."""
+    ``momentum=None`` is the cumulative average. ``steps`` are the rows' step indices (default
+    0, 1, …) and ``until`` the number of forwards BN ran (default: the last step + 1). With every
+    step recorded the rebuild is exact and the sds are 0. With gaps, the batch statistics of the
+    steps between two recorded ones are interpolated linearly, and held at the last recorded value
+    after it. The sds then bound the rebuild's error: the leave-one-out interpolation residual of
+    the recorded rows, taken as fully correlated within each gap and weighted by the gap's share
+    of the average, plus the drift the last two rows show, over the unrecorded tail. They are inf
+    when fewer than three rows leave gaps (nothing to estimate the residual from)."""
     m_ = np.asarray(batch_means, dtype=np.float64)
     v_ = np.asarray(batch_vars, dtype=np.float64)
     n = np.asarray(counts, dtype=np.float64).reshape(-1, 1)
     v_ = v_ * n / np.maximum(n - 1, 1)
-    t = len(m_)
-    rm = np.full(m_.shape[1], init_mean, dtype=np.float64)
-    rv = np.full(m_.shape[1], init_var, dtype=np.float64)
+    rows, ch = m_.shape if m_.ndim == 2 else (0, 0)
+    s = np.arange(rows) if steps is None else np.asarray(steps, dtype=np.int64)
+    if rows == 0:
+        z = np.zeros(ch)
+        return np.full(ch, init_mean, float), np.full(ch, init_var, float), z, z
+    if (np.diff(s) <= 0).any() or s[0] < 0:
+        raise ValueError("steps must be increasing and non-negative")
+    T = int(s[-1]) + 1 if until is None else int(until)
+    if T < s[-1] + 1:
+        raise ValueError(f"until ({T}) must exceed the last step ({int(s[-1])})")
+    t = np.arange(T)
     if momentum is None:
-        return (m_.mean(0), v_.mean(0)) if t else (rm, rv)
-    steps = np.arange(t) if steps is None else np.asarray(steps)
-    gaps = np.diff(np.concatenate([[steps[0] - 1], steps])) if t else []
-    for i in range(t):
-        keep = (1.0 - momentum) ** max(int(gaps[i]), 1)
-        rm = keep * rm + (1 - keep) * m_[i]
-        rv = keep * rv + (1 - keep) * v_[i]
-    return rm, rv
+        w = np.full(T, 1.0 / T)
+        w_init = 0.0
+    else:
+        w = float(momentum) * (1.0 - float(momentum)) ** (T - 1 - t)  # step t's weight in the final average
+        w_init = (1.0 - float(momentum)) ** T
+    # each step's batch statistic as a combination of the recorded rows: linear between rows, held outside
+    right = np.clip(np.searchsorted(s, t, side="left"), 0, rows - 1)
+    left = np.where(t > s[-1], rows - 1, np.clip(np.where(s[right] == t, right, right - 1), 0, rows - 1))
+    span = (s[right] - s[left]).astype(np.float64)
+    lam = np.where(span > 0, (t - s[left]) / np.where(span > 0, span, 1.0), 0.0)
+    coef = np.zeros(rows)
+    np.add.at(coef, left, w * (1.0 - lam))
+    np.add.at(coef, right, w * lam)
+    mean = coef @ m_ + w_init * init_mean
+    var = coef @ v_ + w_init * init_var
+    seen = np.zeros(T, dtype=bool)
+    seen[s] = True
+    if seen.all():
+        z = np.zeros(ch)
+        return mean, var, z, z
+    if rows < 3:
+        inf = np.full(ch, np.inf)
+        return mean, var, inf, inf
+    # unrecorded steps' weights, summed per gap (gap g: between rows g and g + 1; the tail after the last row)
+    gap = np.searchsorted(s, t, side="right") - 1  # the row at or before each step (-1: before the first row)
+    block = np.bincount(gap[~seen] + 1, weights=w[~seen], minlength=rows + 1)
+    frac = ((s[1:-1] - s[:-2]) / (s[2:] - s[:-2]))[:, None]
+    out = []
+    for x in (m_, v_):
+        resid = x[1:-1] - (x[:-2] + (x[2:] - x[:-2]) * frac)  # each interior row against its neighbours' line
+        sig2 = (resid**2).mean(0)
+        err2 = (block**2).sum() * sig2
+        slope = (x[-1] - x[-2]) / float(s[-1] - s[-2])
+        err2 = err2 + (np.abs(slope) * (w * np.clip(t - s[-1], 0, None)).sum()) ** 2
+        out.append(np.sqrt(err2))
+    return mean, var, out[0], out[1]
 
 
 def geometric_rate(values) -> float:

@@ -17,35 +17,56 @@ from normscope.analyze.registry import SkipCheck, Thresholds, register
 ID = "stale-running-stats"
 
 
-def _lag_only(ctx, name: str, b: dict, rm, rv, eps: float, t) -> dict | None:
+def _init_weight(momentum, steps_run: int) -> float:
+    """The share of the initial (0, 1) statistics still in the running average after ``steps_run``
+    forwards: a momentum too small for the run leaves the statistics stale by construction, which is no lag."""
+    return 0.0 if momentum is None else (1.0 - float(momentum)) ** steps_run
+
+
+def _lag_only(ctx, name: str, b: dict, rm, rv, eps: float, t, steps_run: int) -> dict | None:
     """Is the running statistics' mismatch EMA lag? Rebuild the running statistics from the batch
     statistics the layer actually saw (the collector's BN-input rows); when the real ones match
     that rebuild, BN did exactly what it should with the data it saw, and the distance to the
     population comes from weights that moved since (early training), not from stale statistics.
-    Returns the comparison, or None when the rows cannot tell (not every step recorded, no rows)."""
+
+    With every step recorded the rebuild is exact. Under sparser sampling the steps between rows
+    are interpolated, and each channel's tolerance widens by three times the rebuild's own error
+    bound (formulas.bn_running_ema); ``lag_only`` is None (cannot tell) when that bound is as
+    large as the mismatch the check flags. Returns None when the rows cannot be used at all (no
+    rows, a first row after step 0, BN called more than once per step)."""
     tr = ctx.train
     d = tr[(tr.layer == name) & (tr.output == "input") & (tr.call == 0)].sort_values("step") if len(tr) else tr
-    if len(d) < 2:
+    if len(d) < 1:
         return None
     steps = d.step.to_numpy()
-    if steps[0] != 0 or (np.diff(steps) > 1).any():
-        return None  # sparse sampling: the rebuild would be an approximation; stay with the population test
+    if steps[0] != 0 or steps[-1] >= steps_run:
+        return None  # the rows do not start where the running statistics did
     means, vars_ = stack(d.ch_mean), stack(d.ch_var)
     if means.shape[1] != rm.size or (d.forwards.to_numpy() != 1).any():
         return None
     counts = d["count"].to_numpy(float) / rm.size
     momentum = b.get("momentum", 0.1)
-    # the share of the initial (0, 1) statistics still in the average: a momentum too small for the run
-    # leaves the statistics stale by construction, which is no lag
-    init_weight = 0.0 if momentum is None else (1.0 - float(momentum)) ** (int(steps[-1]) + 1)
-    ema_m, ema_v = bn_running_ema(means, vars_, counts, momentum, steps)
+    init_weight = _init_weight(momentum, steps_run)
+    ema_m, ema_v, sd_m, sd_v = bn_running_ema(means, vars_, counts, momentum, steps, until=steps_run)
     dmu, ratio = stale_stats(rm, rv, ema_m, ema_v, eps)
     live = (ema_v > 10 * eps) | (rv > 10 * eps)
-    off = ((dmu > t["mean_sigma"]) | (ratio < t["var_lo"]) | (ratio > t["var_hi"])) & live
-    frac = float(off[live].mean()) if live.any() else 0.0
-    return {"lag_only": frac < t["channel_frac"] and init_weight < 0.05, "off_vs_seen_batches": frac,
-            "init_weight_in_running": init_weight,
-            "mean_shift_sigma_vs_seen_median": float(np.median(dmu[live])) if live.any() else 0.0}  # fmt: skip
+    every_step = len(steps) == steps_run
+    ev = {"rebuild": "every step recorded" if every_step else f"{len(steps)} of {steps_run} steps recorded, the rest interpolated",
+          "init_weight_in_running": init_weight}  # fmt: skip
+    if not live.any():
+        return dict(ev, lag_only=None)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tol_m = 3 * sd_m / np.sqrt(ema_v + eps)  # the rebuild's error bound, in σ units
+        tol_v = 3 * sd_v / (ema_v + eps)  # and relative to the variance
+    ev["rebuild_error_sigma_median"] = float(np.median(tol_m[live]) / 3)
+    if not every_step and not (
+        np.median(tol_m[live]) / 3 <= t["mean_sigma"] and np.median(tol_v[live]) / 3 <= 1 - t["var_lo"]
+    ):
+        return dict(ev, lag_only=None)  # too few rows to rebuild the average to the precision the check judges at
+    off = ((dmu > t["mean_sigma"] + tol_m) | (ratio < t["var_lo"] - tol_v) | (ratio > t["var_hi"] + tol_v)) & live
+    frac = float(off[live].mean())
+    return dict(ev, lag_only=frac < t["channel_frac"] and init_weight < 0.05, off_vs_seen_batches=frac,
+                mean_shift_sigma_vs_seen_median=float(np.median(dmu[live])))  # fmt: skip
 
 
 def _mismatch(rm, rv, pop, eps, t):
@@ -82,6 +103,7 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     cause = _mode_cause(ctx)
     skipped_small = []
     judged = 0
+    steps_run = int(ctx.probe.get("steps_run") or (int(ctx.train.step.max()) + 1 if len(ctx.train) else 0))
     for name, b in bn.items():
         if not b.get("track_running_stats", True) or b.get("running_mean") is None:
             continue
@@ -108,15 +130,19 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
             continue
         # stale, or only lagging? Lag: the running statistics equal the EMA of the batches BN saw, and
         # (for eval data) the eval population is the training population (no distribution shift).
-        lag = _lag_only(ctx, name, b, rm, rv, eps, t)
+        lag = _lag_only(ctx, name, b, rm, rv, eps, t, steps_run)
         shift = None
         train_pop = _pass(b, key.replace("eval/", "train/", 1)) if data == "eval" else None
         if train_pop is not None:
             _, _, live2, shifted = _mismatch(pop[0], pop[1], train_pop, eps, t)
             shift = float(shifted[live2].mean()) if live2.any() else 0.0
-        is_lag = lag is not None and lag["lag_only"] and (shift is None or shift < t["channel_frac"])
-        severity = "info" if is_lag else "warning"
-        (lagging if is_lag else flagged).append(name)
+        no_shift = shift is None or shift < t["channel_frac"]
+        is_lag = lag is not None and bool(lag["lag_only"]) and no_shift
+        # too few rows to tell lag from staleness, and none of the causes of staleness seen: no verdict, no warning
+        untold = (lag is not None and lag["lag_only"] is None and no_shift and not cause
+                  and _init_weight(b.get("momentum", 0.1), steps_run) < 0.05)  # fmt: skip
+        severity = "info" if is_lag or untold else "warning"
+        (lagging if is_lag or untold else flagged).append(name)
         ev = {"population": key, "channels": int(live.sum()), "stale_channels": int(bad.sum()), "stale_fraction": frac,
               "mean_shift_sigma_median": float(np.median(dmu[live])), "mean_shift_sigma_max": float(np.max(dmu[live])),
               "var_ratio_median": float(np.median(ratio[live])), "var_ratio_min": float(np.min(ratio[live])),
@@ -139,6 +165,18 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
             "a PreciseBN-style pass with equal weight per sample and dropout off), or check why the data changed "
             "between training and evaluation; a very small or very large BN momentum also leaves stale statistics."
         )
+        if untold and name not in kept_frozen:
+            msg = (f"{name}'s running statistics differ from {src} recomputed now: {pct(frac)} of channels are off "
+                   f"(median mean shift {num(ev['mean_shift_sigma_median'])} σ). This run recorded {lag['rebuild']}: "
+                   f"too few to tell whether they are the average of the batches the layer saw (lag behind weights "
+                   f"still moving, as early in training) or stale. No cause of staleness was seen: the mode audit "
+                   f"is clean, the momentum is not too small"
+                   f"{', the eval data match the training data' if shift is not None else ''}.")  # fmt: skip
+            rec = (
+                "For a verdict, probe with every step recorded (every=1, or a smaller --every). Either way, "
+                "re-estimate the statistics with the final weights before evaluating (normscope.recalibrate_bn)."
+            )
+            ev["lag_undetermined"] = True
         if cause and not is_lag:
             msg += f" Cause seen by the mode audit: {cause} (eval-in-train-mode)."
             ev["mode_cause"] = cause
