@@ -249,7 +249,10 @@ class _Packs:
         """One scalar field of every pack (``default`` where a pack derives it or lacks it)."""
         pos = self.pos[:, _SCALARS[self.kind].index(name)]
         have = pos >= 0
-        out = np.array(np.broadcast_to(np.asarray(default, dtype=np.float64), (self.m,)))
+        if np.ndim(default) == 0:
+            out = np.full(self.m, default, dtype=np.float64)
+        else:
+            out = np.array(default, dtype=np.float64).reshape(self.m)  # (a copy)
         out[have] = self.host[self.offs[have] + pos[have]]
         return out
 
@@ -306,14 +309,16 @@ def finish_act_flat(entries: list[PendingEntry], offs: np.ndarray, host: np.ndar
         return unseen_nan(pk.scalar(name, np.nan) / nn)
 
     hist, hw, hist_have = pk.vector("hist")
-    sums = np.add.reduceat(np.nan_to_num(hist), np.cumsum(hw) - hw) if hist.size and hw.all() else 0.0
+    hist[np.isnan(hist)] = 0.0  # (counts: NaN only where a pack lacks the field)
+    sums = np.add.reduceat(hist, np.cumsum(hw) - hw) if hist.size and hw.all() else 0.0
     hist_n = np.where(hist_have & (hw > 0), pk.scalar("hist_n", sums), 0)
     active, aw, act_have = pk.vector("active")
     per = np.array([e.layout.per_channel for e in entries])
     ef, ei = np.zeros(0, np.float32), np.zeros(0, np.int64)
     chm, chv = _split(ch_mean.astype(np.float32), cw), _split(ch_var.astype(np.float32), cw)
-    acts = _split(np.nan_to_num(active).astype(np.int64), aw)
-    hists = _split(np.nan_to_num(hist).astype(np.int64), hw)
+    active[np.isnan(active)] = 0.0
+    acts = _split(active.astype(np.int64), aw)
+    hists = _split(hist.astype(np.int64), hw)
     return {
         "count": (n + n_nan + n_inf).astype(np.int64).tolist(),
         "samples": samples.astype(np.int64).tolist(),

@@ -89,13 +89,16 @@ class ParamTracker:
     def shard_weights(self, world: int) -> list[float]:
         return [shard_weight(self.entries[i][1], world) for i in self.sharded()]
 
-    def _norms(self, tensors: list[torch.Tensor | None], like: list[torch.Tensor]) -> torch.Tensor:
+    def _norms(
+        self, tensors: list[torch.Tensor | None], like: list[torch.Tensor], last_first: bool = False
+    ) -> torch.Tensor:
         """Squared norms (float64) of the local tensors; NaN where a tensor is missing. CPU float32
-        parameters: one call into the fused kernel (it declines any other kind: foreach ops)."""
+        parameters: one call into the fused kernel (it declines any other kind: foreach ops);
+        ``last_first``: see :func:`~normscope.collect.updates.sq_norms_of`."""
         if self._plain and tensors and all(t is not None for t in tensors):
             ts = [t.detach() for t in tensors]
             if len({t.device for t in ts}) == 1:
-                return sq_norms_of(ts, kernel_ok=True)
+                return sq_norms_of(ts, kernel_ok=True, last_first=last_first)
         tensors = [local(t) for t in tensors]
         present = [t for t in tensors if t is not None]
         norms = torch._foreach_norm([t.detach() for t in present]) if present else []
@@ -159,7 +162,7 @@ class ParamTracker:
             return
         if self._grad_norms is None:
             self._grad_norms = self._norms([p.grad for p in params], params)
-        w = self._norms([p.detach() for p in params], params)
+        w = self._norms([p.detach() for p in params], params, last_first=updated)  # (the step's last writes: cached)
         if updated and self._reading:
             du = self._read_updates(params, w)
         elif updated and self.track_updates and self._snap is not None:

@@ -121,7 +121,7 @@ def _rle_levels(levels: np.ndarray, bit_width: int) -> bytes:
     lie past the page's value count), other widths as RLE runs."""
     if bit_width == 1 and len(levels):
         body = _varint(((len(levels) + 7) // 8) << 1 | 1)
-        body += np.packbits(levels.astype(np.uint8), bitorder="little").tobytes()
+        body += np.packbits(np.asarray(levels, dtype=np.uint8), bitorder="little").tobytes()
         return struct.pack("<i", len(body)) + body
     out = bytearray()
     nbytes = (bit_width + 7) // 8
@@ -134,13 +134,23 @@ def _rle_levels(levels: np.ndarray, bit_width: int) -> bytes:
     return struct.pack("<i", len(out)) + bytes(out)
 
 
+def _string(v) -> bytes:
+    e = str(v).encode()
+    return struct.pack("<i", len(e)) + e
+
+
 def _plain(kind: str, values: list) -> bytes:
     phys, _, dt = _SCALARS[kind]
-    if kind == "string":
+    if kind == "string":  # (layer and column names repeat row after row: each distinct one encoded once)
+        enc: dict = {}
         parts = []
         for v in values:
-            b = str(v).encode()
-            parts.append(struct.pack("<i", len(b)))
+            try:
+                b = enc.get(v)
+            except TypeError:  # (an unhashable value: encoded as its str, uncached)
+                b = _string(v)
+            if b is None:
+                b = enc[v] = _string(v)
             parts.append(b)
         return b"".join(parts)
     if kind == "bool":
@@ -148,28 +158,34 @@ def _plain(kind: str, values: list) -> bytes:
     return np.asarray(values, dtype=dt).tobytes()
 
 
-def _page(num_values: int, body: bytes) -> bytes:
+def _page(num_values: int, body: list[bytes]) -> list[bytes]:
+    """A data page: its header, then the body's pieces (not joined: the file is joined once)."""
+    size = sum(len(b) for b in body)
     dph = _Struct().i32(1, num_values).i32(2, _ENC_PLAIN).i32(3, _ENC_RLE).i32(4, _ENC_RLE)
-    ph = _Struct().i32(1, 0).i32(2, len(body)).i32(3, len(body)).struct(5, dph)
-    return ph.end() + body
+    ph = _Struct().i32(1, 0).i32(2, size).i32(3, size).struct(5, dph)
+    return [ph.end(), *body]
 
 
-def _column_chunk(kind: str, values: list) -> tuple[bytes, int, int]:
-    """Encoded pages of one column: (bytes, physical type, number of level entries)."""
+def _column_chunk(kind: str, values: list) -> tuple[list[bytes], int, int]:
+    """Encoded pages of one column: (byte pieces, physical type, number of level entries)."""
     if kind.startswith("list<"):
         inner = kind[5:-1]
-        arrays = [np.asarray(v if v is not None else [], dtype=_SCALARS[inner][2]).reshape(-1) for v in values]
-        lens = np.array([len(a) for a in arrays], dtype=np.int64)
-        n_entries = int(np.maximum(lens, 1).sum())
-        rep = np.ones(n_entries, dtype=np.int64)
-        dfn = np.ones(n_entries, dtype=np.int64)
-        first = (np.cumsum(np.maximum(lens, 1)) - np.maximum(lens, 1)).astype(np.int64)
+        dt = _SCALARS[inner][2]
+        empty = np.empty(0, dtype=dt)
+        # (a 1-D array is taken as it is, without a copy)
+        arrays = [v.reshape(-1) if type(v) is np.ndarray else empty if v is None else np.ravel(v) for v in values]
+        lens = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+        per_row = np.maximum(lens, 1)  # an empty list still takes one level entry
+        n_entries = int(per_row.sum())
+        first = np.cumsum(per_row) - per_row
+        rep = np.ones(n_entries, dtype=np.uint8)
         rep[first] = 0
+        dfn = np.ones(n_entries, dtype=np.uint8)
         dfn[first[lens == 0]] = 0  # an empty list: one entry, not defined
-        flat = np.concatenate(arrays) if arrays else np.empty(0, dtype=_SCALARS[inner][2])
-        body = _rle_levels(rep, 1) + _rle_levels(dfn, 1) + flat.tobytes()
+        flat = np.concatenate(arrays).astype(dt, copy=False) if arrays else empty
+        body = [_rle_levels(rep, 1), _rle_levels(dfn, 1), flat.tobytes()]
         return _page(n_entries, body), _SCALARS[inner][0], n_entries
-    return _page(len(values), _plain(kind, values)), _SCALARS[kind][0], len(values)
+    return _page(len(values), [_plain(kind, values)]), _SCALARS[kind][0], len(values)
 
 
 def _schema_elements(columns: dict[str, str]) -> list[_Struct]:
@@ -190,26 +206,34 @@ def _schema_elements(columns: dict[str, str]) -> list[_Struct]:
 
 def encode_parquet(columns: dict[str, str], data: dict[str, list]) -> bytes:
     """A whole Parquet file for ``data`` (column → values) with ``columns`` (column → kind)."""
+    return b"".join(encode_parquet_pieces(columns, data))
+
+
+def encode_parquet_pieces(columns: dict[str, str], data: dict[str, list]) -> list[bytes]:
+    """The file of :func:`encode_parquet` as its pieces in order (written one after another, the
+    file is never joined in memory)."""
     nrows = len(next(iter(data.values()))) if data else 0
-    out = bytearray(b"PAR1")
+    out = [b"PAR1"]
+    offset = 4
     chunks = []
     total = 0
     for name, kind in columns.items():
-        body, phys, n_entries = _column_chunk(kind, data[name])
-        offset = len(out)
-        out += body
-        total += len(body)
+        pieces, phys, n_entries = _column_chunk(kind, data[name])
+        size = sum(len(b) for b in pieces)
+        out += pieces
         path = [name, "list", "element"] if kind.startswith("list<") else [name]
         md = (
             _Struct().i32(1, phys).lst(2, _C_I32, [_ENC_PLAIN, _ENC_RLE]).lst(3, _C_BINARY, path).i32(4, 0)
-            .i64(5, n_entries).i64(6, len(body)).i64(7, len(body)).i64(9, offset)
+            .i64(5, n_entries).i64(6, size).i64(7, size).i64(9, offset)
         )  # fmt: skip
         chunks.append(_Struct().i64(2, offset).struct(3, md))
+        offset += size
+        total += size
     rg = _Struct().lst(1, _C_STRUCT, chunks).i64(2, total).i64(3, nrows)
     fmd = (
         _Struct().i32(1, 1).lst(2, _C_STRUCT, _schema_elements(columns)).i64(3, nrows)
         .lst(4, _C_STRUCT, [rg]).string(6, "normscope parquet writer")
     )  # fmt: skip
     meta = fmd.end()
-    out += meta + struct.pack("<i", len(meta)) + b"PAR1"
-    return bytes(out)
+    out += [meta, struct.pack("<i", len(meta)), b"PAR1"]
+    return out

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from normscope.store.parquet import encode_parquet
+from normscope.store.parquet import encode_parquet_pieces
 
 FORMAT = "normscope-run/1"
 TABLES = ("stats", "grads", "params", "scalars", "signals")
@@ -76,12 +76,16 @@ def file_mode() -> int:
 _UMASK_LOCK = threading.Lock()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes | list[bytes]) -> None:
+    """Write ``data`` (bytes, or its pieces in order) to ``path`` through a temporary file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, list):
+                f.writelines(data)
+            else:
+                f.write(data)
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
@@ -156,7 +160,7 @@ class RunWriter:
         for t in TABLES:
             if not self._rows[t]:
                 continue
-            data = encode_parquet(SCHEMA[t], self._cols[t])
+            data = encode_parquet_pieces(SCHEMA[t], self._cols[t])
             path = self.stats_dir / t / f"part-{self._seq:06d}.parquet"
             atomic_write_bytes(path, data)
             self.parts_written += 1

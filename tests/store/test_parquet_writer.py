@@ -61,3 +61,22 @@ def test_random_columns(ints, data):
         {"i": ints, "l": lists, "f": floats, "t": texts},
     ))  # fmt: skip
     assert got["i"] == ints and got["l"] == lists and got["f"] == floats and got["t"] == texts
+
+
+def test_list_values_of_any_array_kind_and_the_pieces_join_to_the_file():
+    """Rows as the collector hands them (float32/float64/int arrays, 2-D arrays, None, lists; the
+    same string over and over) round-trip, and the pieces the writer streams are the file."""
+    from normscope.store.parquet import encode_parquet_pieces
+
+    kinds = {"s": "string", "lf": "list<float32>", "li": "list<int64>"}
+    rows = {
+        "s": ["conv1", "conv1", None, "conv1", "bn"],
+        "lf": [np.arange(3, dtype=np.float32), np.array([[0.5, 1.5]], dtype=np.float64), None, [2.0], np.zeros(0)],
+        "li": [np.array([1, 2], dtype=np.int32), None, np.arange(4).reshape(2, 2), [7], np.array(9)],
+    }
+    data = encode_parquet(kinds, rows)
+    assert b"".join(encode_parquet_pieces(kinds, rows)) == data
+    got = read(data)
+    assert got["s"] == ["conv1", "conv1", "None", "conv1", "bn"]
+    assert got["lf"] == [[0.0, 1.0, 2.0], [0.5, 1.5], [], [2.0], []]
+    assert got["li"] == [[1, 2], [], [0, 1, 2, 3], [7], [9]]
