@@ -218,7 +218,7 @@ class TransformerProbes:
         scope._note_error(f"{key} (transformer probe)", e)
 
     def _phase(self, scope) -> str:
-        return scope._root_phase or ("train" if self.model.training and torch.is_grad_enabled() else "eval")
+        return scope._phase_now()
 
     # --- root: a new forward; the output logits ---------------------------------------------------------
     def _root_pre(self, module, args) -> None:

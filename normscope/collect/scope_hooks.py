@@ -140,10 +140,19 @@ class ForwardHooks:
 
         return hook
 
+    def _phase_now(self, training: bool | None = None) -> str:
+        """The phase of a call now: the running root forward's, else "train" when ``training``
+        (default: the model in train mode with grad enabled), else "eval". Every recorder asks here."""
+        if self._root_phase is not None:
+            return self._root_phase
+        if training is None:
+            training = self.model.training and torch.is_grad_enabled()
+        return "train" if training else "eval"
+
     def _begin_call(self, plan: HookPlan, training: bool) -> tuple[str, int]:
         """One recorded call of ``plan``'s module: its phase and call index; notes the execution order."""
         self._forward_since_advance = True
-        phase = self._root_phase or ("train" if training else "eval")
+        phase = self._phase_now(training)
         call = self._calls[plan.name]
         self._calls[plan.name] = call + 1
         if self._exec_order is not None:

@@ -59,7 +59,7 @@ class FiniteSentinels:
             try:
                 if in_backward():  # a checkpoint's recomputation
                     return None
-                phase = scope._root_phase or ("train" if module.training and torch.is_grad_enabled() else "eval")
+                phase = scope._phase_now(module.training and torch.is_grad_enabled())
                 for _, t in iter_float_tensors(output):
                     hit = scope._axes.get(id(t))
                     if hit is not None and hit[0]() is t:

@@ -69,6 +69,24 @@ def _lag_only(ctx, name: str, b: dict, rm, rv, eps: float, t, steps_run: int) ->
                 mean_shift_sigma_vs_seen_median=float(np.median(dmu[live])))  # fmt: skip
 
 
+def _verdict(ctx, name, b, rm, rv, eps, key, data, pop, t, steps_run, cause):
+    """Stale, or only lagging? Lag: the running statistics equal the EMA of the batches BN saw, and
+    (for eval data) the eval population is the training population (no distribution shift).
+    Returns (the rebuild's evidence, the eval-vs-train shift, lag, cannot tell): "cannot tell" when
+    the rows are too sparse for the rebuild and no cause of staleness was seen."""
+    lag = _lag_only(ctx, name, b, rm, rv, eps, t, steps_run)
+    shift = None
+    train_pop = _pass(b, key.replace("eval/", "train/", 1)) if data == "eval" else None
+    if train_pop is not None:
+        _, _, live2, shifted = _mismatch(pop[0], pop[1], train_pop, eps, t)
+        shift = float(shifted[live2].mean()) if live2.any() else 0.0
+    no_shift = shift is None or shift < t["channel_frac"]
+    is_lag = lag is not None and bool(lag["lag_only"]) and no_shift
+    untold = (lag is not None and lag["lag_only"] is None and no_shift and not cause
+              and _init_weight(b.get("momentum", 0.1), steps_run) < 0.05)  # fmt: skip
+    return lag, shift, is_lag, untold
+
+
 def _mismatch(rm, rv, pop, eps, t):
     dmu, ratio = stale_stats(rm, rv, pop[0], pop[1], eps)
     live = (pop[1] > 10 * eps) | (rv > 10 * eps)
@@ -84,6 +102,36 @@ def _mode_cause(ctx: Context) -> str | None:
     if any(k.startswith("eval-in-train-mode:") and e.get("bn_train", 0) > 0 for k, e in ev.items()):
         return "evaluation forwards ran with BatchNorm in train mode and updated its running statistics on evaluation batches"
     return None
+
+
+def _gap_finding(ctx, gap: dict, below: list, t, steps_run: int, cause) -> Finding:
+    """The train-mode/eval-mode output gap, with no BN flagged on its own. Lag when every judged
+    BN's running statistics are the average of the batches it saw (small per-layer lags add up
+    over depth, early in training): info, like a lagging layer; likewise when the rows are too
+    sparse to tell and no cause of staleness was seen. Otherwise a warning."""
+    verdicts = [_verdict(ctx, *layer, t, steps_run, cause) for layer in below]
+    lag_all = bool(verdicts) and all(v[2] for v in verdicts)
+    untold = bool(verdicts) and not lag_all and all(v[2] or v[3] for v in verdicts)
+    ev = dict(gap, threshold=t["output_gap"], layers_judged=len(verdicts),
+              layers_lagging=sum(bool(v[2]) for v in verdicts))  # fmt: skip
+    msg = (
+        f"The model's outputs differ by {pct(gap['rel_gap'])} (relative L2) between train-mode BatchNorm (batch "
+        f"statistics) and eval mode (running statistics) on {gap.get('samples')} samples of the {gap.get('data')} data."
+    )
+    rec = "Recalibrate BN statistics (normscope.recalibrate_bn) on data like the evaluation data."
+    if lag_all:
+        ev["lag_only"] = True
+        msg += (" Yet every BatchNorm's running statistics are the exponential average of the batches it saw: "
+                "small per-layer lags behind weights still moving (as early in training) add up over depth — not stale.")  # fmt: skip
+        rec = ("Nothing is wrong with BN itself. Before evaluating a model stopped this early, re-estimate the "
+               "statistics with the final weights (normscope.recalibrate_bn); with more training the lag fades.")  # fmt: skip
+    elif untold:
+        ev["lag_undetermined"] = True
+        msg += (" This run recorded too few steps to tell lag behind moving weights from staleness, and no cause "
+                "of staleness was seen.")  # fmt: skip
+        rec = ("For a verdict, probe with every step recorded (every=1, or a smaller --every). Either way, "
+               "re-estimate the statistics with the final weights before evaluating (normscope.recalibrate_bn).")  # fmt: skip
+    return Finding(ID, "info" if lag_all or untold else "warning", None, None, msg, ev, rec)
 
 
 @register(
@@ -103,6 +151,7 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     cause = _mode_cause(ctx)
     skipped_small = []
     judged = 0
+    below = []  # judged layers under the flag threshold
     steps_run = int(ctx.probe.get("steps_run") or (int(ctx.train.step.max()) + 1 if len(ctx.train) else 0))
     for name, b in bn.items():
         if not b.get("track_running_stats", True) or b.get("running_mean") is None:
@@ -127,20 +176,9 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
             continue
         frac = float(bad[live].mean())
         if frac < t["channel_frac"]:
+            below.append((name, b, rm, rv, eps, key, data, pop))  # (the output gap asks about these too)
             continue
-        # stale, or only lagging? Lag: the running statistics equal the EMA of the batches BN saw, and
-        # (for eval data) the eval population is the training population (no distribution shift).
-        lag = _lag_only(ctx, name, b, rm, rv, eps, t, steps_run)
-        shift = None
-        train_pop = _pass(b, key.replace("eval/", "train/", 1)) if data == "eval" else None
-        if train_pop is not None:
-            _, _, live2, shifted = _mismatch(pop[0], pop[1], train_pop, eps, t)
-            shift = float(shifted[live2].mean()) if live2.any() else 0.0
-        no_shift = shift is None or shift < t["channel_frac"]
-        is_lag = lag is not None and bool(lag["lag_only"]) and no_shift
-        # too few rows to tell lag from staleness, and none of the causes of staleness seen: no verdict, no warning
-        untold = (lag is not None and lag["lag_only"] is None and no_shift and not cause
-                  and _init_weight(b.get("momentum", 0.1), steps_run) < 0.05)  # fmt: skip
+        lag, shift, is_lag, untold = _verdict(ctx, name, b, rm, rv, eps, key, data, pop, t, steps_run, cause)
         severity = "info" if is_lag or untold else "warning"
         (lagging if is_lag or untold else flagged).append(name)
         ev = {"population": key, "channels": int(live.sum()), "stale_channels": int(bad.sum()), "stale_fraction": frac,
@@ -203,12 +241,7 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         out.append(Finding(ID, severity, name, None, msg, ev, rec))
     gap = ctx.probe.get("bn_gap") or {}
     if not flagged and not lagging and judged and gap.get("rel_gap") is not None and gap["rel_gap"] > t["output_gap"]:
-        msg = (
-            f"The model's outputs differ by {pct(gap['rel_gap'])} (relative L2) between train-mode BatchNorm (batch "
-            f"statistics) and eval mode (running statistics) on {gap.get('samples')} samples of the {gap.get('data')} data."
-        )
-        rec = "Recalibrate BN statistics (normscope.recalibrate_bn) on data like the evaluation data."
-        out.append(Finding(ID, "warning", None, None, msg, dict(gap, threshold=t["output_gap"]), rec))
+        out.append(_gap_finding(ctx, gap, below, t, steps_run, cause))
     if not judged and not out:
         if skipped_small:
             raise SkipCheck(
