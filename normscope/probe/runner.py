@@ -270,6 +270,40 @@ def _after_training(model, recipe, probe_x, graph, max_samples, seed, notes, ste
     return out
 
 
+def _token_vocab(model: nn.Module, shape: tuple, dev, seed: int | None) -> int | None:
+    """None when the model runs on standard-normal inputs of ``shape``; the vocabulary size when
+    it only runs on token ids (its first nn.Embedding's, which is the token embedding in
+    transformers' models). Anything else: a one-line error saying what the model did."""
+    from normscope.probe.recipe import _first_line
+
+    def attempt(x):
+        with M.preserved(model), torch.no_grad(), M.fork_rng(seed):
+            model.train()
+            model(x)
+
+    try:
+        attempt(torch.randn(shape).to(dev))
+        return None
+    except Exception as e:  # noqa: BLE001 - told to the user in one line below
+        first = e
+    emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if emb is not None:
+        try:
+            attempt(torch.randint(0, emb.num_embeddings, shape).to(dev))
+            return emb.num_embeddings
+        except Exception as e:  # noqa: BLE001
+            raise NormscopeError(
+                f"probe_model: the model raised on standard-normal inputs of shape {shape} "
+                f"({type(first).__name__}: {_first_line(first)}) and on token ids below {emb.num_embeddings} "
+                f"({type(e).__name__}: {_first_line(e)}); probe it with a recipe and real batches instead."
+            ) from None
+    raise NormscopeError(
+        f"probe_model: the model raised on standard-normal inputs of shape {shape} "
+        f"({type(first).__name__}: {_first_line(first)}); check --input-shape (batch size first), or probe "
+        "it with a recipe and real batches."
+    ) from None
+
+
 def probe_model(model_or_factory: nn.Module | Callable[[], nn.Module], input_shape: Sequence[int], steps: int = 8,
                 run_dir: str | os.PathLike | None = None, every: int = 1, seed: int | None = 0,
                 name: str | None = None):  # fmt: skip
@@ -277,8 +311,10 @@ def probe_model(model_or_factory: nn.Module | Callable[[], nn.Module], input_sha
     flow, signal propagation and structural checks.
 
     ``input_shape`` includes the batch dimension, e.g. ``(32, 3, 32, 32)``. Each step draws fresh
-    standard-normal inputs; targets are standard-normal tensors shaped like the output (MSE
-    loss). The optimizer is SGD with learning rate 0, so the weights stay at initialisation.
+    standard-normal inputs, or, for a model that embeds its input (a language model: it raises
+    on floats and has an nn.Embedding), token ids uniform below its first embedding's size, with
+    ``input_shape`` (batch, sequence); targets are standard-normal tensors shaped like the output
+    (MSE loss). The optimizer is SGD with learning rate 0, so the weights stay at initialisation.
     """
     from normscope.collect import watch
     from normscope.store import load
@@ -308,7 +344,11 @@ def probe_model(model_or_factory: nn.Module | Callable[[], nn.Module], input_sha
     run_dir = Path(run_dir) if run_dir is not None else _default_run_dir(name + "-init")
     dev = M.device_of(model)
     gen = torch.Generator().manual_seed(seed or 0)
-    xs = [torch.randn(shape, generator=gen).to(dev) for _ in range(steps)]
+    vocab = _token_vocab(model, shape, dev, seed)
+    if vocab is None:
+        xs = [torch.randn(shape, generator=gen).to(dev) for _ in range(steps)]
+    else:  # a model that embeds its input: uniform token ids
+        xs = [torch.randint(0, vocab, shape, generator=gen).to(dev) for _ in range(steps)]
     notes: dict[str, str] = {}
     graph, why = build_graph(model, (xs[0],))
     if why:
@@ -340,6 +380,7 @@ def probe_model(model_or_factory: nn.Module | Callable[[], nn.Module], input_sha
         "graph": graph.to_json() if graph is not None else None, "optimizer": M.optimizer_groups(model, opt),
         "weights": weight_sparsity(model), "signal": signal, "notes": dict(notes, inputs="synthetic inputs",
                                                                            bn="synthetic inputs"),
+        "synthetic_inputs": "standard normal" if vocab is None else f"token ids uniform in [0, {vocab})",
     }  # fmt: skip
     write_probe(run_dir, data)
     return load(run_dir)

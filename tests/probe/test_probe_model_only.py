@@ -87,3 +87,44 @@ def test_probe_model_errors(tmp_path):
         probe_model(nn.Linear(2, 2), "2x2")
     with pytest.raises(NormscopeError, match="input_shape must be positive"):
         probe_model(nn.Linear(2, 2), (0, 2))
+
+
+def test_probe_model_wrong_input_shape_is_one_line_error(tmp_path):
+    """Regression: a forward that raised on the synthetic input surfaced torch's own traceback."""
+    with pytest.raises(
+        NormscopeError, match=r"raised on standard-normal inputs of shape \(4, 3\).*check --input-shape"
+    ) as e:
+        probe_model(nn.Linear(2, 2), (4, 3), run_dir=tmp_path / "a")
+    assert "\n" not in str(e.value)
+    # an embedding model on a shape no embedding path accepts either: both attempts are named
+    bad = nn.Sequential(nn.Embedding(10, 4), nn.Linear(5, 2))
+    with pytest.raises(NormscopeError, match=r"and on token ids below 10") as e:
+        probe_model(bad, (4, 3), run_dir=tmp_path / "b")
+    assert "\n" not in str(e.value)
+
+
+def test_probe_model_feeds_token_ids_to_a_model_that_embeds_its_input(tmp_path):
+    """A language model raises on float inputs: probe_model draws token ids below its first
+    embedding's size (the token table), so init diagnostics run on it too."""
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(50, 16)
+            self.pos = nn.Embedding(8, 16)
+            self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 50))
+
+        def forward(self, ids):
+            seen.append(ids)
+            return self.mlp(self.tok(ids) + self.pos(torch.arange(ids.shape[1])))
+
+    seen = []
+    run = probe_model(LM(), (4, 8), steps=3, run_dir=tmp_path / "lm")
+    assert read_probe(run.run_dir)["synthetic_inputs"] == "token ids uniform in [0, 50)"
+    real = [x for x in seen if isinstance(x, torch.Tensor)]  # (not the fx tracer's proxies)
+    ids = [x for x in real if x.dtype == torch.int64]
+    assert len(ids) == len(real) - 1 >= 3  # every forward but the first attempt (floats) got token ids
+    assert all(x.shape == (4, 8) and 0 <= int(x.min()) and int(x.max()) < 50 for x in ids)
+    assert len(set(run.stats.step)) == 3 and {"mlp.0", "mlp.2"} <= set(run.stats.layer)
+    a = analyze_full(run)
+    assert not [f for f in a.findings if f.severity != "info"]

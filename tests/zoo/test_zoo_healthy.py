@@ -126,3 +126,26 @@ def test_output_gap_from_small_lags_over_depth_is_lag_not_stale(tmp_path):
     stale = analysed(0.16)
     assert stale.severity == "warning" and "lag_only" not in stale.evidence
     assert stale.evidence["layers_lagging"] == 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zoo_at_initialisation_raises_no_warning(tmp_path, name):
+    """`normscope inspect MODEL --input-shape ...` (probe_model: init-time diagnostics on synthetic
+    inputs) on every zoo architecture: images for the vision models, token ids for the text models
+    (which raised a raw torch error before), and no warning on these healthy initialisations."""
+    z = Z.BY_NAME[name]
+    import torch
+
+    torch.manual_seed(0)
+    vision = z.family != "text"
+    model = H.Logits(z.build(), "pixel_values" if vision else "input_ids", seq2seq=name == "t5")
+    shape = (8, 3, Z.IMG, Z.IMG) if vision else (8, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = normscope.probe_model(model, shape, steps=4, run_dir=tmp_path / name)
+    assert run.probe["synthetic_inputs"].startswith("standard normal" if vision else "token ids")
+    a = normscope.analyze_full(run)
+    loud = [str(f) for f in a.findings if f.severity != "info"]
+    assert not loud, "\n".join(loud)
+    assert not [s for s in a.skipped if s.reason.startswith("check failed")], a.skipped
+    assert {"vanishing-gradients", "exploding-gradients"} <= set(a.checks_run)

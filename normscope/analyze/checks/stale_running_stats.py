@@ -15,6 +15,14 @@ from normscope.analyze.formulas import bn_running_ema, stale_stats
 from normscope.analyze.registry import SkipCheck, Thresholds, register
 
 ID = "stale-running-stats"
+REC_LAG = (
+    "Nothing is wrong with BN itself. Before evaluating a model stopped this early, re-estimate the "
+    "statistics with the final weights (normscope.recalibrate_bn); with more training the lag fades."
+)
+REC_UNTOLD = (
+    "For a verdict, probe with every step recorded (every=1, or a smaller --every). Either way, "
+    "re-estimate the statistics with the final weights before evaluating (normscope.recalibrate_bn)."
+)
 
 
 def _init_weight(momentum, steps_run: int) -> float:
@@ -123,14 +131,12 @@ def _gap_finding(ctx, gap: dict, below: list, t, steps_run: int, cause) -> Findi
         ev["lag_only"] = True
         msg += (" Yet every BatchNorm's running statistics are the exponential average of the batches it saw: "
                 "small per-layer lags behind weights still moving (as early in training) add up over depth — not stale.")  # fmt: skip
-        rec = ("Nothing is wrong with BN itself. Before evaluating a model stopped this early, re-estimate the "
-               "statistics with the final weights (normscope.recalibrate_bn); with more training the lag fades.")  # fmt: skip
+        rec = REC_LAG
     elif untold:
         ev["lag_undetermined"] = True
         msg += (" This run recorded too few steps to tell lag behind moving weights from staleness, and no cause "
                 "of staleness was seen.")  # fmt: skip
-        rec = ("For a verdict, probe with every step recorded (every=1, or a smaller --every). Either way, "
-               "re-estimate the statistics with the final weights before evaluating (normscope.recalibrate_bn).")  # fmt: skip
+        rec = REC_UNTOLD
     return Finding(ID, "info" if lag_all or untold else "warning", None, None, msg, ev, rec)
 
 
@@ -210,10 +216,7 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
                    f"still moving, as early in training) or stale. No cause of staleness was seen: the mode audit "
                    f"is clean, the momentum is not too small"
                    f"{', the eval data match the training data' if shift is not None else ''}.")  # fmt: skip
-            rec = (
-                "For a verdict, probe with every step recorded (every=1, or a smaller --every). Either way, "
-                "re-estimate the statistics with the final weights before evaluating (normscope.recalibrate_bn)."
-            )
+            rec = REC_UNTOLD
             ev["lag_undetermined"] = True
         if cause and not is_lag:
             msg += f" Cause seen by the mode audit: {cause} (eval-in-train-mode)."
@@ -234,10 +237,7 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
             msg = (f"{name}'s running statistics lag the current weights: {pct(frac)} of channels differ from "
                    f"{src} recomputed now, yet they are the exponential average of the batches the layer saw "
                    f"(weights still moving fast, as early in training) — not stale.")  # fmt: skip
-            rec = (
-                "Nothing is wrong with BN itself. Before evaluating a model stopped this early, re-estimate the "
-                "statistics with the final weights (normscope.recalibrate_bn); with more training the lag fades."
-            )
+            rec = REC_LAG
         out.append(Finding(ID, severity, name, None, msg, ev, rec))
     gap = ctx.probe.get("bn_gap") or {}
     if not flagged and not lagging and judged and gap.get("rel_gap") is not None and gap["rel_gap"] > t["output_gap"]:
