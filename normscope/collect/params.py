@@ -77,6 +77,7 @@ class ParamTracker:
         self._reader_off: str | None = None  # why the state is not read any more (a failed check)
         self._reading = False  # this step's ‖Δw‖ comes from the state: no snapshot taken
         self._check: torch.Tensor | None = None  # a check's disagreeing elements, until the transfer
+        self._shard_w: tuple | None = None  # ((weights, device), the weights on the device)
         self.update_source = "weight snapshot" if track_updates else "not measured (track_updates=False)"
 
     def _nan(self, p: torch.Tensor) -> torch.Tensor:
@@ -88,6 +89,15 @@ class ParamTracker:
 
     def shard_weights(self, world: int) -> list[float]:
         return [shard_weight(self.entries[i][1], world) for i in self.sharded()]
+
+    def shard_weights_on(self, world: int, device: torch.device) -> torch.Tensor:
+        """:meth:`shard_weights` as a float64 tensor on ``device``, copied there once (again only
+        when the placements change), not at every sampled step."""
+        w = tuple(self.shard_weights(world))
+        key = (w, str(device))
+        if self._shard_w is None or self._shard_w[0] != key:
+            self._shard_w = (key, torch.tensor(w, dtype=torch.float64, device=device))
+        return self._shard_w[1]
 
     def _norms(
         self, tensors: list[torch.Tensor | None], like: list[torch.Tensor], last_first: bool = False

@@ -113,7 +113,7 @@ class StepEnd:
         try:
             extra = None
             if sharded:  # DTensor shards: Σ over ranks of (local ‖·‖² / replication) = the full ‖·‖²
-                wts = torch.tensor(self._params.shard_weights(self._world), dtype=torch.float64, device=sq.device)
+                wts = self._params.shard_weights_on(self._world, sq.device)
                 extra = sq.view(3, -1)[:, sharded] * wts
             red = D.StepReduction.build(pending, extra, self._shifts, dev)
             sig = red.sig
