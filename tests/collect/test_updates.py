@@ -264,3 +264,19 @@ def test_a_watched_step_with_a_closure_is_measured_against_a_copy(tmp_path):
     for r in run.params.itertuples():
         assert r.update_norm == pytest.approx(float((dict(model.named_parameters())[r.param].detach()
                                                      - before[r.param]).norm()), rel=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_sq_norms_read_last_first_keep_the_list_order(kernel, monkeypatch):
+    """The post-step norms read the list from its end (cache hits after the optimizer's walk); the
+    result must still be in the list's order, on the kernel and on the torch path."""
+    if kernel:
+        assert native.KERNEL is not None, native.STATE
+    else:
+        monkeypatch.setattr(native, "KERNEL", None)
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(n, generator=g) * (k + 1) for k, n in enumerate((3, 1000, 17, 4096, 1))]
+    want = torch.tensor([float(t.double().pow(2).sum()) for t in ts], dtype=torch.float64)
+    for last_first in (False, True):
+        got = U.sq_norms_of(ts, kernel_ok=True, last_first=last_first)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
