@@ -179,3 +179,23 @@ def test_bn_running_ema_too_few_rows_has_no_bound():
         F.bn_running_ema(means[:2], vars_[:2], counts[:2], 0.1, steps=[3, 1])
     with pytest.raises(ValueError, match="until"):
         F.bn_running_ema(means[:2], vars_[:2], counts[:2], 0.1, steps=[0, 5], until=3)
+
+
+def test_stale_lag_rebuild_declines_rows_that_repeat_a_step():
+    """Two BN-input rows for one step (nothing the collector writes today): the lag test says it
+    cannot use the rows instead of failing the whole check on the rebuild's ValueError."""
+    import types
+
+    import pandas as pd
+
+    from normscope.analyze.checks import stale_running_stats as S
+
+    rows = pd.DataFrame({"layer": ["bn"] * 3, "output": ["input"] * 3, "call": [0] * 3, "step": [0, 1, 1],
+                         "ch_mean": [np.zeros(2)] * 3, "ch_var": [np.ones(2)] * 3, "forwards": [1] * 3,
+                         "count": [64] * 3})  # fmt: skip
+    t = {"mean_sigma": 0.1, "var_lo": 0.8, "var_hi": 1.25, "channel_frac": 0.5}
+    ctx = types.SimpleNamespace(train=rows)
+    assert S._lag_only(ctx, "bn", {"momentum": 0.1}, np.zeros(2), np.ones(2), 1e-5, t, 2) is None
+    ok = rows.iloc[:2]
+    lag = S._lag_only(types.SimpleNamespace(train=ok), "bn", {"momentum": 0.1}, np.zeros(2), np.ones(2), 1e-5, t, 2)
+    assert lag is not None and lag["rebuild"] == "every step recorded"

@@ -47,8 +47,8 @@ def _lag_only(ctx, name: str, b: dict, rm, rv, eps: float, t, steps_run: int) ->
     if len(d) < 1:
         return None
     steps = d.step.to_numpy()
-    if steps[0] != 0 or steps[-1] >= steps_run:
-        return None  # the rows do not start where the running statistics did
+    if steps[0] != 0 or steps[-1] >= steps_run or (np.diff(steps) <= 0).any():
+        return None  # the rows do not start where the running statistics did (or repeat a step)
     means, vars_ = stack(d.ch_mean), stack(d.ch_var)
     if means.shape[1] != rm.size or (d.forwards.to_numpy() != 1).any():
         return None
