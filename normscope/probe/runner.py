@@ -281,15 +281,16 @@ def _token_vocab(model: nn.Module, shape: tuple, dev, seed: int | None) -> int |
             model.train()
             model(x)
 
+    gen = torch.Generator().manual_seed(seed or 0)  # (the caller's random state is not touched)
     try:
-        attempt(torch.randn(shape).to(dev))
+        attempt(torch.randn(shape, generator=gen).to(dev))
         return None
     except Exception as e:  # noqa: BLE001 - told to the user in one line below
         first = e
     emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
     if emb is not None:
         try:
-            attempt(torch.randint(0, emb.num_embeddings, shape).to(dev))
+            attempt(torch.randint(0, emb.num_embeddings, shape, generator=gen).to(dev))
             return emb.num_embeddings
         except Exception as e:  # noqa: BLE001
             raise NormscopeError(
@@ -354,7 +355,7 @@ def probe_model(model_or_factory: nn.Module | Callable[[], nn.Module], input_sha
     if why:
         notes["graph"] = f"fx tracing failed ({why})" + ("; used hooks" if graph is not None else "")
     signal = M.measure_signal(model, xs[0], graph, "init", 0, seed or 0)
-    with M.preserved(model), torch.no_grad():
+    with M.preserved(model), torch.no_grad(), M.fork_rng(seed):
         model.train()
         out = M.first_tensor(model(xs[0]))
     if out is None or not out.is_floating_point():

@@ -214,9 +214,8 @@ def encode_parquet_pieces(columns: dict[str, str], data: dict[str, list]) -> lis
     file is never joined in memory)."""
     nrows = len(next(iter(data.values()))) if data else 0
     out = [b"PAR1"]
-    offset = 4
+    offset = 4  # (after the magic; the columns' bytes in all: offset - 4)
     chunks = []
-    total = 0
     for name, kind in columns.items():
         pieces, phys, n_entries = _column_chunk(kind, data[name])
         size = sum(len(b) for b in pieces)
@@ -228,8 +227,7 @@ def encode_parquet_pieces(columns: dict[str, str], data: dict[str, list]) -> lis
         )  # fmt: skip
         chunks.append(_Struct().i64(2, offset).struct(3, md))
         offset += size
-        total += size
-    rg = _Struct().lst(1, _C_STRUCT, chunks).i64(2, total).i64(3, nrows)
+    rg = _Struct().lst(1, _C_STRUCT, chunks).i64(2, offset - 4).i64(3, nrows)
     fmd = (
         _Struct().i32(1, 1).lst(2, _C_STRUCT, _schema_elements(columns)).i64(3, nrows)
         .lst(4, _C_STRUCT, [rg]).string(6, "normscope parquet writer")

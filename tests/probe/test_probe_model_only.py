@@ -128,3 +128,12 @@ def test_probe_model_feeds_token_ids_to_a_model_that_embeds_its_input(tmp_path):
     assert len(set(run.stats.step)) == 3 and {"mlp.0", "mlp.2"} <= set(run.stats.layer)
     a = analyze_full(run)
     assert not [f for f in a.findings if f.severity != "info"]
+
+
+def test_probe_model_leaves_the_callers_random_state_alone(tmp_path):
+    """Regression: the input-kind attempt drew its inputs from torch's global generator."""
+    model = nn.Sequential(nn.Embedding(20, 8), nn.Dropout(0.1), nn.Linear(8, 4))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    probe_model(model, (4, 6), steps=2, run_dir=tmp_path / "lm")
+    assert torch.equal(torch.get_rng_state(), before)

@@ -64,13 +64,12 @@ def _lag_only(ctx, name: str, b: dict, rm, rv, eps: float, t, steps_run: int) ->
     if not live.any():
         return dict(ev, lag_only=None)
     with np.errstate(invalid="ignore", divide="ignore"):
-        tol_m = 3 * sd_m / np.sqrt(ema_v + eps)  # the rebuild's error bound, in σ units
-        tol_v = 3 * sd_v / (ema_v + eps)  # and relative to the variance
-    ev["rebuild_error_sigma_median"] = float(np.median(tol_m[live]) / 3)
-    if not every_step and not (
-        np.median(tol_m[live]) / 3 <= t["mean_sigma"] and np.median(tol_v[live]) / 3 <= 1 - t["var_lo"]
-    ):
+        err_m = sd_m / np.sqrt(ema_v + eps)  # the rebuild's error bound, in σ units
+        err_v = sd_v / (ema_v + eps)  # and relative to the variance
+    ev["rebuild_error_sigma_median"] = float(np.median(err_m[live]))
+    if not every_step and not (np.median(err_m[live]) <= t["mean_sigma"] and np.median(err_v[live]) <= 1 - t["var_lo"]):
         return dict(ev, lag_only=None)  # too few rows to rebuild the average to the precision the check judges at
+    tol_m, tol_v = 3 * err_m, 3 * err_v
     off = ((dmu > t["mean_sigma"] + tol_m) | (ratio < t["var_lo"] - tol_v) | (ratio > t["var_hi"] + tol_v)) & live
     frac = float(off[live].mean())
     return dict(ev, lag_only=frac < t["channel_frac"] and init_weight < 0.05, off_vs_seen_batches=frac,
@@ -91,7 +90,7 @@ def _verdict(ctx, name, b, rm, rv, eps, key, data, pop, t, steps_run, cause):
     no_shift = shift is None or shift < t["channel_frac"]
     is_lag = lag is not None and bool(lag["lag_only"]) and no_shift
     untold = (lag is not None and lag["lag_only"] is None and no_shift and not cause
-              and _init_weight(b.get("momentum", 0.1), steps_run) < 0.05)  # fmt: skip
+              and lag["init_weight_in_running"] < 0.05)  # fmt: skip
     return lag, shift, is_lag, untold
 
 
