@@ -56,6 +56,7 @@ class OptimizerUpdate:
         self.name = self.KINDS[type(opt)]
         self.updates = 0  # steps whose update was read
         self._probe: dict[int, torch.Tensor] | None = None
+        self._gprobe: dict[int, torch.Tensor] = {}  # the probed gradients, on a check step
         self._evidence: list = []  # the last check's (index, real, predicted, ok) per parameter
 
     @classmethod
@@ -87,6 +88,19 @@ class OptimizerUpdate:
                 # real change (the snapshot) is what such a run needs to see, not the intended one
                 return f"{p.dtype} parameters"
         return None
+
+    def keeps_grads(self) -> bool:
+        """Whether this step leaves every ``p.grad`` as it found it, so that the gradient norms
+        may be read after it, in one pass with the weights and the state: torch's per-tensor
+        implementation (CPU parameters, neither ``foreach`` nor ``fused``) only ever writes
+        copies of the gradient (``-g``, ``g + λ·w``). Its multi-tensor one adds in place (Nesterov
+        momentum), and a fused one may unscale in place. The check steps confirm it (:meth:`check`)."""
+        for g in self.opt.param_groups:
+            if g.get("foreach") or g.get("fused") or isinstance(g.get("weight_decay"), torch.Tensor):
+                return False
+            if any(p.device.type != "cpu" for p in g["params"]):
+                return False
+        return True
 
     def _groups(self) -> dict[int, dict]:
         return {id(p): g for g in self.opt.param_groups for p in g["params"]}
@@ -127,15 +141,41 @@ class OptimizerUpdate:
 
     # -- squared norms ---------------------------------------------------------------------------
 
+    def norms_after(self, params, terms, weights, grads, grad_sq: torch.Tensor | None, kernel_ok: bool):
+        """``(‖w‖², ‖g‖² or None, ‖Δ‖²)`` per parameter after the step (float64; of the local shards
+        for DTensors). ``grads``: the gradients to take in the same pass (None: ``grad_sq`` holds
+        their norms from before the step); the other arguments as :meth:`sq_norms`. CPU float32
+        parameters: one pass over each parameter's tensors through the fused kernel
+        (:func:`step_sq_norms`); else the weights' norms and :meth:`sq_norms`, and no gradient norms."""
+        from normscope.collect.params import local  # (params imports this module)
+
+        if kernel_ok and native.KERNEL is not None:
+            kterms = []
+            for i, tm in enumerate(terms):
+                if tm is ZERO:
+                    kterms.append(None)
+                elif not isinstance(tm, tuple):
+                    kterms.append(UNKNOWN)  # no state after the step
+                elif tm[0] == 0 and tm[2] is None and tm[7] == 0 and tm[1] is params[i].grad:
+                    kterms.append((3, None, None, *tm[3:]))  # Δ = a·g: the gradient's norm, scaled
+                else:
+                    kterms.append((tm[0], local(tm[1]).detach(), _d(local(tm[2])), *tm[3:]))
+            out = step_sq_norms(weights, grads, kterms, grad_sq)
+            if out is not None:
+                w, g, du = out.unbind(0)
+                return w, (g if grads is not None else None), du
+        w = sq_norms_of(weights, kernel_ok, last_first=True)
+        return w, None, self.sq_norms(params, terms, weights, grad_sq, kernel_ok).to(w.device)
+
     def sq_norms(self, params, terms, weights, grad_sq: torch.Tensor | None, kernel_ok: bool) -> torch.Tensor:
         """‖Δ‖² per parameter (float64, on the parameters' device; of the local shards for DTensors).
 
         ``terms``: :meth:`terms` of this step (the check reads the same); ``weights``: the local
         weights after the step; ``grad_sq``: this step's squared gradient norms (Δ = a·g needs
-        nothing more). Δ = a·t1 is a scaled norm; the rest goes through the
-        fused kernel for CPU float32 parameters (``kernel_ok``), else torch ops on slices of at most
-        ``_SLICE`` elements. No host sync and no host-to-device copy: the values stay on the device
-        for the step's single transfer.
+        nothing more). Δ = a·t1 is a scaled norm; the rest goes through torch ops on slices of at
+        most ``_SLICE`` elements (CPU float32 parameters take :meth:`norms_after`'s kernel pass
+        first). No host sync and no host-to-device copy: the values stay on the device for the
+        step's single transfer.
         """
         from normscope.collect.params import local  # (params imports this module)
 
@@ -164,20 +204,8 @@ class OptimizerUpdate:
             sq = sq_norms_of([t for _, t, _ in scaled], kernel_ok, last_first=True).to(dev).unbind()
             for (i, _, _), v in zip(scaled, torch._foreach_mul(list(sq), [a2 for *_, a2 in scaled])):
                 vals[i] = v
-        if todo:
-            todo.reverse()  # the step wrote the last parameters last: read them first, from the cache
-            sq = None
-            kernel = native.KERNEL if kernel_ok else None
-            if kernel is not None:
-                coef = [x for _, _, tm in todo for x in (tm[0], *tm[3:], 1.0 / (1.0 - tm[7]))]
-                sq = kernel.update_sq_norms(
-                    [w for _, w, _ in todo], [tm[1] for _, _, tm in todo],
-                    [tm[2] if tm[2] is not None else tm[1] for _, _, tm in todo], coef)  # fmt: skip
-                sq = sq.unbind() if sq.numel() == len(todo) else None
-            if sq is None:
-                sq = [_sq_sliced(w, tm).to(dev) for _, w, tm in todo]
-            for (i, _, _), v in zip(todo, sq):
-                vals[i] = v
+        for i, w, tm in reversed(todo):  # the step wrote the last parameters last: read them first
+            vals[i] = _sq_sliced(w, tm).to(dev)
         if all(v is None for v in vals):
             return torch.zeros(len(params), dtype=torch.float64, device=dev)
         zero = torch.zeros((), dtype=torch.float64, device=dev)
@@ -188,24 +216,37 @@ class OptimizerUpdate:
     def due(self) -> bool:
         return self.updates < 2 or self.updates % VERIFY_EVERY == 0
 
-    def probe(self, weights: list[torch.Tensor]) -> None:
-        """Before the step: keep the first ``PROBE`` elements of every parameter (float64)."""
+    def probe(self, weights: list[torch.Tensor], grads: list[torch.Tensor | None] | None = None) -> None:
+        """Before the step: keep the first ``PROBE`` elements of every parameter (float64), and of
+        every gradient (``grads``: the check also confirms that the step left them as they were)."""
         self._probe = {
             i: w.reshape(-1)[:PROBE].to(torch.float64, copy=True) for i, w in enumerate(weights) if w.numel()
         }
+        self._gprobe = {
+            i: g.detach().reshape(-1)[:PROBE].clone() for i, g in enumerate(grads or []) if g is not None and g.numel()
+        }
 
-    def check(self, terms, weights) -> torch.Tensor | None:
-        """After the step: the algebra's Δ against the weights' change on the probed elements. The
-        number of disagreeing elements as a device tensor (read with the step's transfer: no
-        sync here), or None when nothing was probed. Tolerance: the float rounding of the step (a
-        few units in the last place of w) plus 1e-4 of Δ. :meth:`explain` describes a failure."""
+    def check(self, terms, weights, grads: list[torch.Tensor | None] | None = None) -> torch.Tensor | None:
+        """After the step: the algebra's Δ against the weights' change on the probed elements, and
+        the probed gradients against ``grads`` (the step must not have written them: the norms
+        read them after it). The number of disagreeing elements as a device tensor (read with the
+        step's transfer: no sync here), or None when nothing was probed. Tolerance: the float
+        rounding of the step (a few units in the last place of w) plus 1e-4 of Δ; none for the
+        gradients. :meth:`explain` describes a failure."""
         from normscope.collect.params import local
 
         probe, self._probe = self._probe, None
+        gprobe, self._gprobe = self._gprobe, {}
         if probe is None:
             return None
         self._evidence = []
         counts = []
+        for i, before in gprobe.items():
+            g = grads[i] if grads is not None and i < len(grads) else None
+            now = g.detach().reshape(-1)[: before.numel()] if g is not None else torch.full_like(before, math.nan)
+            ok = now == before  # NaN compares False: a disagreement
+            counts.append((~ok).sum())
+            self._evidence.append((i, before, now, ok, "gradient"))
         for i, tm in enumerate(terms):
             if i not in probe:
                 continue
@@ -221,15 +262,18 @@ class OptimizerUpdate:
             tol = 4 * eps * (w.abs() + probe[i].abs()) + 1e-4 * pred.abs() + 1e-30
             ok = (real - pred).abs() <= tol  # NaN compares False: a disagreement
             counts.append((~ok).sum())
-            self._evidence.append((i, real, pred, ok))
+            self._evidence.append((i, real, pred, ok, "weights"))
         return torch.stack(counts).sum() if counts else None
 
     def explain(self) -> str:
         """The first disagreement of the last check (reads its tensors: call only after a failure)."""
-        for i, real, pred, ok in self._evidence:
+        for i, real, pred, ok, what in self._evidence:
             bad = (~ok).nonzero()
             if bad.numel():
                 j = int(bad[0])
+                if what == "gradient":
+                    return (f"parameter {i}, element {j}: step() changed the gradient from {float(real[j]):.6g} "
+                            f"to {float(pred[j]):.6g}")  # fmt: skip
                 return (f"parameter {i}, element {j}: the weights moved by {float(real[j]):.6g}, the {self.name} "
                         f"state gives {float(pred[j]):.6g}")  # fmt: skip
         return "a disagreement"
@@ -256,6 +300,53 @@ def sq_norms_of(tensors: list[torch.Tensor], kernel_ok: bool, last_first: bool =
         if sq.numel() == len(tensors):
             return sq.flip(0) if last_first else sq
     return torch.stack(torch._foreach_norm(tensors)).double().pow_(2)
+
+
+UNKNOWN = (-2, None, None, 0.0, 0.0, 1.0, 0.0, 0.0)  # a kernel term: ‖Δ‖² is NaN
+
+
+def step_sq_norms(
+    weights: list[torch.Tensor], grads: list | None, terms: list, grad_sq: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """The norms after an optimizer step, each parameter's tensors read once, in one pass, by the
+    fused kernel: a 3 × P float64 tensor of ‖w‖², ‖g‖² of ``grads`` (None: zeros; a missing
+    gradient: NaN) and ‖Δ‖². ``terms``: per parameter None (Δ = 0), :data:`UNKNOWN`, or
+    ``(kind, t1, t2, a, b, k, eps, c)``: kinds 0 and 1 this module's algebra, 2 Δ = t1 − w (t1:
+    a copy of the weights before the step), 3 Δ = a·g (no read: ‖g‖² of this pass, else of
+    ``grad_sq``, the norms taken before the step). Read from the list's end: the step wrote the
+    last parameters last, and they are still in the cache (the result keeps the list's order).
+    None when the kernel is not loaded or declines a tensor (not contiguous float32 on the CPU,
+    sizes that differ)."""
+    kernel = native.KERNEL
+    if kernel is None:
+        return None
+    ws, gs, t1s, t2s, coef, missing = [], [], [], [], [], []
+    for i in range(len(weights) - 1, -1, -1):
+        w, tm = weights[i], terms[i]
+        ws.append(w)
+        if grads is not None:
+            g = grads[i]
+            if g is None:
+                missing.append(i)
+            gs.append(w if g is None else g.detach())
+        if tm is None:
+            t1s.append(w)
+            t2s.append(w)
+            coef += (-1, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0)
+        else:
+            kind, t1, t2, a, b, k, eps, c = tm
+            t1 = w if t1 is None else t1
+            t1s.append(t1)
+            t2s.append(t1 if t2 is None else t2)
+            coef += (kind, a, b, k, eps, c, 1.0 / (1.0 - c))
+    gsq = grad_sq.double().flip(0) if grad_sq is not None and grads is None else torch.empty(0, dtype=torch.float64)
+    out = kernel.step_sq_norms(ws, gs, t1s, t2s, coef, gsq)
+    if out.numel() != 3 * len(weights):
+        return None
+    out = out.flip(1)
+    if missing:
+        out[1, missing] = math.nan
+    return out
 
 
 def delta(w: torch.Tensor, term: tuple, n: int | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:

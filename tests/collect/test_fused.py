@@ -19,6 +19,7 @@ import normscope
 from normscope.collect import decode as H
 from normscope.collect import native
 from normscope.collect import reducers as R
+from normscope.collect import updates as U
 from normscope.store import load
 
 needs_kernel = pytest.mark.skipif(
@@ -243,11 +244,12 @@ def test_parameter_norms_match_numpy_and_decline_other_kinds():
     np.testing.assert_allclose(native.KERNEL.sq_norms(ts).numpy(), want, rtol=1e-6)
     us = [t + torch.randn(t.shape, generator=g) * 1e-3 for t in ts]
     want = [float(np.sum((t.numpy().astype(np.float64) - u.numpy()) ** 2)) for t, u in zip(ts, us)]
-    np.testing.assert_allclose(native.KERNEL.diff_sq_norms(ts, us).numpy(), want, rtol=1e-4)
+    diff = U.step_sq_norms(ts, None, [(2, u, None, 0.0, 0.0, 1.0, 0.0, 0.0) for u in us])
+    np.testing.assert_allclose(diff[2].numpy(), want, rtol=1e-4)
     # anything but contiguous float32 CPU tensors of equal sizes: declined (the caller uses foreach ops)
     assert native.KERNEL.sq_norms([ts[3], torch.randn(4, 6).t()]).numel() == 0
     assert native.KERNEL.sq_norms([ts[3], torch.randn(8).half()]).numel() == 0
-    assert native.KERNEL.diff_sq_norms([ts[3]], [ts[4]]).numel() == 0
+    assert U.step_sq_norms([ts[3]], None, [(2, ts[4], None, 0.0, 0.0, 1.0, 0.0, 0.0)]) is None
 
 
 @needs_kernel
@@ -297,8 +299,8 @@ def test_tensors_without_storage_are_declined_not_read():
     seen = []
 
     def f(w):
-        seen.append((native.KERNEL.sq_norms([w]).numel(), native.KERNEL.diff_sq_norms([w], [w]).numel()))
+        seen.append((native.KERNEL.sq_norms([w]).numel(), U.step_sq_norms([w], [w], [None])))
         return (w * w).sum()
 
     torch.func.grad(f)(torch.randn(5))
-    assert seen == [(0, 0)]
+    assert seen == [(0, None)]

@@ -3,6 +3,7 @@ truth: a float64 copy of every weight before each step, subtracted after it."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -105,21 +106,55 @@ def test_float64_parameters_take_the_torch_path_and_agree():
 
 
 def test_the_kernel_and_the_torch_slices_agree_on_every_kind(monkeypatch):
-    """update_sq_norms against the sliced torch algebra (slices shrunk so a tensor spans several)."""
+    """step_sq_norms' update kinds against the sliced torch algebra (slices shrunk so a tensor
+    spans several), with the weights' and the gradients' norms of the same pass against numpy."""
     assert native.KERNEL is not None, native.STATE
     monkeypatch.setattr(U, "_SLICE", 1000)
     g = torch.Generator().manual_seed(3)
-    w, t1, t2 = (torch.randn(12_345, generator=g) for _ in range(3))
+    w, t1, t2, gr = (torch.randn(12_345, generator=g) for _ in range(4))
     t2 = t2.abs()
     for term in [(0, t1, None, -0.1, 0.0, 1.0, 0.0, 0.0), (0, t1, t2, -0.1, -0.05, 1.0, 0.0, 0.003),
                  (1, t1, t2, -0.02, 0.0, 0.7, 1e-3, 0.0), (1, t1, t2, -0.02, 0.0, 0.3, 1e-8, 0.01)]:  # fmt: skip
-        coef = [term[0], *term[3:], 1 / (1 - term[7])]
-        k = native.KERNEL.update_sq_norms([w], [t1], [term[2] if term[2] is not None else t1], coef)
         ref = float(U.delta(w, term).square().sum())  # float64
-        assert float(k[0]) == pytest.approx(ref, rel=1e-6)
+        for grads in ([gr], None):
+            k = U.step_sq_norms([w], grads, [term])
+            assert float(k[2, 0]) == pytest.approx(ref, rel=1e-6)
+            assert float(k[0, 0]) == pytest.approx(float(w.double().square().sum()), rel=1e-6)
+            assert float(k[1, 0]) == (pytest.approx(float(gr.double().square().sum()), rel=1e-6) if grads else 0.0)
         assert float(U._sq_sliced(w, term)) == pytest.approx(ref, rel=1e-5)
-    # another kind of tensor: declined, not read
-    assert native.KERNEL.update_sq_norms([w.double()], [t1], [t1], coef).numel() == 0
+    # another kind of tensor anywhere: declined, not read
+    assert U.step_sq_norms([w.double()], None, [None]) is None
+    assert U.step_sq_norms([w], [gr.double()], [None]) is None
+    assert U.step_sq_norms([w], None, [(0, t1[:-1], None, -0.1, 0.0, 1.0, 0.0, 0.0)]) is None
+
+
+def test_step_norms_of_a_parameter_list_in_one_pass_match_numpy():
+    """The tracker's kinds in one call, read last-first, returned in the list's order: a copy
+    before the step (kind 2), Δ = a·g from this pass's gradient norm or from the norms taken
+    before (kind 3), Δ = 0, unknown (NaN), and a missing gradient (NaN)."""
+    assert native.KERNEL is not None, native.STATE
+    g = torch.Generator().manual_seed(4)
+    sizes = (1, 15, 16, 17, 4097, 300_001)
+    ws = [torch.randn(n, generator=g) * 2 for n in sizes]
+    gs = [torch.randn(n, generator=g) for n in sizes]
+    snap = [w + torch.randn(w.shape, generator=g) * 1e-2 for w in ws]
+    gs[4] = None
+    terms = [(2, snap[0], None, 0.0, 0.0, 1.0, 0.0, 0.0), (3, None, None, -0.5, 0.0, 1.0, 0.0, 0.0), None, U.UNKNOWN,
+             (2, snap[4], None, 0.0, 0.0, 1.0, 0.0, 0.0), (0, snap[5], None, -0.1, 0.0, 1.0, 0.0, 0.0)]  # fmt: skip
+
+    def sq(t):
+        return float(np.sum(t.numpy().astype(np.float64) ** 2))
+
+    out = U.step_sq_norms(ws, gs, terms).numpy()
+    np.testing.assert_allclose(out[0], [sq(w) for w in ws], rtol=1e-6)
+    np.testing.assert_allclose(out[1], [math.nan if t is None else sq(t) for t in gs], rtol=1e-6)
+    want = [sq(snap[0] - ws[0]), 0.25 * sq(gs[1]), 0.0, math.nan, sq(snap[4] - ws[4]), 0.01 * sq(snap[5])]
+    np.testing.assert_allclose(out[2], want, rtol=1e-5)
+    # without the gradients: kind 3 scales the norms taken before the step; none given: declined
+    before = torch.tensor([7.0, 9.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    out = U.step_sq_norms(ws, None, terms, before).numpy()
+    assert out[2, 1] == pytest.approx(0.25 * 9.0) and (out[1] == 0).all()
+    assert U.step_sq_norms(ws, None, terms) is None
 
 
 def test_a_hook_that_changes_the_weights_is_caught_and_the_snapshot_takes_over():
@@ -138,6 +173,83 @@ def test_a_hook_that_changes_the_weights_is_caught_and_the_snapshot_takes_over()
     assert tr.update_source.startswith("weight snapshot (the SGD state disagreed")
     assert np.isnan(got[0]).all()
     np.testing.assert_allclose(got[1:], want[1:], rtol=1e-5, atol=1e-20)
+
+
+def _run_rows(opt, net, steps, hook=None):
+    """All three rows (‖w‖, ‖∇w‖, ‖Δw‖, squared) per step from a ParamTracker, against float64
+    references taken around the step; ``deferred``: steps whose gradient norms waited for it."""
+    if hook is not None:
+        opt.register_step_post_hook(hook)
+    tr = ParamTracker(net)
+    got, want, deferred = [], [], []
+    g = torch.Generator().manual_seed(9)
+    for _ in range(steps):
+        opt.zero_grad()
+        net(torch.randn(32, 20, generator=g)).square().mean().backward()
+        before = [p.detach().double().clone() for p in net.parameters()]
+        gsq = [float(p.grad.double().square().sum()) if p.grad is not None else math.nan for p in net.parameters()]
+        tr.before_step(opt)
+        deferred.append(tr._grad_norms is None)
+        opt.step()
+        tr.after_step(True)
+        got.append(tr.take().view(3, -1).numpy())
+        chk = tr.take_check()
+        if chk is not None:
+            tr.checked(float(chk))
+        ws = [float(p.detach().double().square().sum()) for p in net.parameters()]
+        du = [float((p.detach().double() - b).square().sum()) for p, b in zip(net.parameters(), before)]
+        want.append(np.array([ws, gsq, du]))
+    return np.array(got), np.array(want), deferred, tr
+
+
+@pytest.mark.parametrize(
+    "cls,kw",
+    [(torch.optim.SGD, dict(lr=0.05, momentum=0.9)), (torch.optim.SGD, dict(lr=0.05, weight_decay=0.02)),
+     (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)), (torch.optim.Adam, dict(lr=1e-2, maximize=True))],
+    ids=["sgd-momentum", "sgd-plain", "adamw", "adam-maximize"],
+)  # fmt: skip
+def test_gradient_norms_read_after_the_step_with_the_weights_equal_the_norms_before_it(cls, kw):
+    """Torch's per-tensor step never writes p.grad: past the first two (checked) updates the
+    gradient norms are read after the step, in the weights' pass, and equal those before it."""
+    assert native.KERNEL is not None, native.STATE
+    torch.manual_seed(0)
+    net = Net()
+    opt = cls([p for n, p in net.named_parameters() if n not in ("frozen", "outside")], **kw)
+    got, want, deferred, tr = _run_rows(opt, net, steps=5)
+    assert deferred == [False, False, True, True, True] and tr.update_source == f"{cls.__name__} state"
+    np.testing.assert_allclose(got[:, :2], want[:, :2], rtol=2e-6, equal_nan=True)
+    np.testing.assert_allclose(got[:, 2], want[:, 2], rtol=2e-5, atol=1e-20)
+    names = [n for n, _ in net.named_parameters()]
+    assert np.isnan(got[:, 1, names.index("unused.weight")]).all()  # no gradient: NaN, not 0
+
+
+def test_a_step_that_writes_the_gradients_is_caught_before_they_are_read_after_it():
+    """Regression guard for the deferred gradient norms: an optimizer whose step changes p.grad
+    (here a post hook halving it, as an optimizer that rescales its gradients in place would)
+    must not have them read after the step. The first check compares the probed gradients, hands
+    the run to the weight snapshot (which takes them before the step), and every norm is right."""
+    torch.manual_seed(0)
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+
+    def halve(opt, args, kwargs):
+        for p in net.parameters():
+            if p.grad is not None:
+                p.grad.mul_(0.5)
+
+    with pytest.warns(RuntimeWarning, match="step\\(\\) changed the gradient"):
+        got, want, deferred, tr = _run_rows(opt, net, steps=4, hook=halve)
+    assert not any(deferred) and tr.update_source.startswith("weight snapshot (the SGD state disagreed")
+    np.testing.assert_allclose(got[:, 1], want[:, 1], rtol=2e-6, equal_nan=True)
+    np.testing.assert_allclose(got[1:, 2], want[1:, 2], rtol=2e-5, atol=1e-20)
+
+
+def test_multi_tensor_and_fused_steps_keep_the_gradient_norms_before_the_step():
+    net = Net()
+    for kw in (dict(foreach=True), dict(fused=True)):
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True, **kw)
+        assert not U.OptimizerUpdate(opt).keeps_grads()
+    assert U.OptimizerUpdate(torch.optim.SGD(net.parameters(), lr=0.05)).keeps_grads()
 
 
 def test_other_optimizers_and_unreadable_settings_take_the_snapshot():
@@ -222,7 +334,9 @@ def test_untracked_updates_say_so_and_copy_nothing():
 def test_the_check_runs_on_the_first_two_updates_then_every_verify_every(monkeypatch):
     calls = []
     real = U.OptimizerUpdate.probe
-    monkeypatch.setattr(U.OptimizerUpdate, "probe", lambda self, w: (calls.append(self.updates), real(self, w)))
+    monkeypatch.setattr(
+        U.OptimizerUpdate, "probe", lambda self, w, g=None: (calls.append(self.updates), real(self, w, g))
+    )
     monkeypatch.setattr(U, "VERIFY_EVERY", 3)
     _run(torch.optim.SGD, dict(lr=0.05, momentum=0.9), steps=7)
     assert calls == [0, 1, 3, 6]
