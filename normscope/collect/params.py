@@ -204,7 +204,11 @@ class ParamTracker:
         reader = self._reader
         weights = [local(p.detach()) for p in params]
         terms = reader.terms(params)
-        nbad = reader.check(terms, weights, [local(p.grad) for p in params])
+        if reader.probed and grads is None:  # (a check step: its gradients, to compare with the probe)
+            grads_now = [local(p.grad) for p in params]
+        else:
+            grads_now = grads
+        nbad = reader.check(terms, weights, grads_now)
         w, g, du = reader.norms_after(params, terms, weights, grads, self._grad_norms, kernel_ok=self._plain)
         reader.updates += 1
         if nbad is not None:

@@ -250,6 +250,9 @@ def test_multi_tensor_and_fused_steps_keep_the_gradient_norms_before_the_step():
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True, **kw)
         assert not U.OptimizerUpdate(opt).keeps_grads()
     assert U.OptimizerUpdate(torch.optim.SGD(net.parameters(), lr=0.05)).keeps_grads()
+    # a parameter off the CPU takes torch's multi-tensor step by default there: not kept
+    off = nn.Parameter(torch.empty(3, device="meta"))
+    assert not U.OptimizerUpdate(torch.optim.SGD([*net.parameters(), off], lr=0.05)).keeps_grads()
 
 
 def test_other_optimizers_and_unreadable_settings_take_the_snapshot():
