@@ -188,6 +188,70 @@ def test_covariate_shift_threshold(tmp_path, shift, want):
     assert [s for s, _ in got] == want
 
 
+def _batch_moments(rng, n, channels, shift=0.0, sparse=False):
+    """Per-channel moments of one batch of n samples: N(shift, 1), or ReLU(N(−1.5, 1)) (a sparse
+    unit, mostly zero in a batch) when ``sparse``."""
+    x = rng.standard_normal((n, channels)) + shift
+    if sparse:
+        x = np.maximum(x - 1.5, 0.0) + 1e-3 * rng.standard_normal((n, channels))
+    return x.mean(0), x.var(0)
+
+
+@pytest.mark.parametrize("n,sparse", [(4, False), (8, False), (32, True)])
+def test_covariate_shift_batch_noise_alone_is_not_drift(tmp_path, n, sparse):
+    """Regression: a stationary layer (fixed weights, i.i.d. batches) at batch 4 or 8, or with
+    sparse rectified units at batch 32 (MobileNetV2's dropout output), was noted as "keeps drifting"
+    with a symmetric KL of 2–40: the sampling noise of two batches' moments, not a shift."""
+    from normscope.analyze import covariate_shift
+
+    rng = np.random.default_rng(0)
+    r = SyntheticRun(tmp_path / "r", {"0": LIN})
+    for step in range(40):
+        m, v = _batch_moments(rng, n, 64, sparse=sparse)
+        r.stat(step, "0", channels=64, samples=n, ch_mean=m, ch_var=v)
+    run = r.done()
+    far = covariate_shift(run, lag=10)
+    assert np.median(far[far.step >= 30].sym_kl) > 0.5  # what the check used to note
+    a, got = _findings(run, "covariate-shift")
+    assert got == []
+
+
+@pytest.mark.parametrize("n", [4, 32])
+def test_covariate_shift_real_drift_above_the_batch_noise_is_noted(tmp_path, n):
+    """The noise reference does not hide a real shift: the mean moving 0.3σ per step (KL ≈ 9 over
+    10 steps) is noted at batch 32 and through batch 4's noise, and the evidence names the noise."""
+    rng = np.random.default_rng(1)
+    r = SyntheticRun(tmp_path / "r", {"0": LIN})
+    for step in range(40):
+        m, v = _batch_moments(rng, n, 64, shift=0.3 * step)
+        r.stat(step, "0", channels=64, samples=n, ch_mean=m, ch_var=v)
+    a, got = _findings(r.done(), "covariate-shift")
+    assert got == [("info", "0")]
+    (ly,) = a.findings[0].evidence["layers"]
+    assert ly["late_sym_kl"] > 2 * ly["noise_sym_kl"] and ly["late_sym_kl"] - ly["noise_sym_kl"] > 0.5
+    assert "closest sampled steps" in a.findings[0].message
+
+
+def test_covariate_shift_sparse_rows_compare_three_gaps_apart(tmp_path):
+    """Rows every 20 steps: no pair is 10 steps apart with a closer pair to measure the noise, so
+    the drift is taken 60 steps (three gaps) apart against the 20-step pairs; a run spanning fewer
+    than 60 sampled steps is skipped with the reason, not judged on noise."""
+    r = SyntheticRun(tmp_path / "r", {"0": LIN})
+    for step in range(0, 400, 20):
+        r.stat(step, "0", ch_mean=np.full(4, 0.02 * step), ch_var=np.ones(4))
+    a, got = _findings(r.done(), "covariate-shift")
+    assert got == [("info", "0")]
+    ev = a.findings[0].evidence
+    assert ev["lag"] == 60 and ev["noise_gap"] == 20
+    assert ev["layers"][0]["late_sym_kl"] == pytest.approx((0.02 * 60) ** 2, rel=1e-4)
+    assert "60 apart (three gaps" in a.findings[0].message
+    r = SyntheticRun(tmp_path / "s", {"0": LIN})
+    for step in (0, 20, 39):
+        r.stat(step, "0", ch_mean=np.full(4, 0.02 * step), ch_var=np.ones(4))
+    a, got = _findings(r.done(), "covariate-shift")
+    assert got == [] and "span 39 step(s), fewer than the 57" in _skip(a, "covariate-shift")
+
+
 # --- overfitting: eval loss rose ≥ 10 % above its minimum while train fell ≥ 5 % ---------------------------
 @pytest.mark.parametrize("rise,want", [(0.09, []), (0.11, ["warning"])])
 def test_overfitting_threshold(tmp_path, rise, want):

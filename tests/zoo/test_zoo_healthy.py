@@ -27,6 +27,9 @@ def test_healthy_zoo_training_raises_no_warning(tmp_path, name):
     loud = [str(f) for f in a.findings if f.severity != "info"]
     assert not loud, "\n".join(loud)
     assert not [s for s in a.skipped if s.reason.startswith("check failed")], a.skipped
+    if name == "mobilenet_v2":  # regression: its dropout output's batch noise (KL ~40 at any lag) read as drift
+        drifting = {ly["layer"] for f in a.findings if f.check == "covariate-shift" for ly in f.evidence["layers"]}
+        assert "hf.dropout" not in drifting
     ran = set(a.checks_run)
     assert {"vanishing-gradients", "exploding-gradients", "update-ratio", "non-finite"} <= ran
     if any(m.get("family") == "relu" for m in run.meta["modules"]):
