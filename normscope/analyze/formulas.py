@@ -28,15 +28,28 @@ def w2_sq_normalised(mu1, var1, mu2, var2):
     return w2 / ((var1 + var2) / 2.0)
 
 
+CONST_REL = 1e-5  # a channel whose std is below this fraction of its |mean| holds one value (float32 rounding)
+
+
+def _drift_channels(mu1, var1, mu2, var2, scale, rel_floor):
+    """The channels a drift is measured on: finite means, a variance above ``rel_floor`` × the
+    ``scale`` (the median channel variance; below it: dead units) and above (CONST_REL·μ)² in
+    both moment sets (below it a channel holds one value in every sample — an embedding of a
+    single token type, a bias alone — whose Gaussian KL is a float32 rounding artefact)."""
+    with np.errstate(all="ignore"):
+        return (np.isfinite(mu1) & np.isfinite(mu2) & (var1 > rel_floor * scale) & (var2 > rel_floor * scale)
+                & (var1 > (CONST_REL * mu1) ** 2) & (var2 > (CONST_REL * mu2) ** 2))  # fmt: skip
+
+
 def channel_drift(mu1, var1, mu2, var2, rel_floor: float = 1e-4) -> tuple[float, float, int]:
     """Mean over channels of the symmetric KL and of the normalised W₂², and how many channels
     were used (channels whose variance is below ``rel_floor`` × the median channel variance in
-    either moment set — dead or constant units — are left out)."""
+    either moment set — dead units — or that are constant over the samples are left out)."""
     mu1, var1, mu2, var2 = (np.asarray(a, dtype=np.float64) for a in (mu1, var1, mu2, var2))
     both = np.concatenate([var1, var2])
     both = both[np.isfinite(both)]
     scale = max(float(np.median(both)) if both.size else 0.0, 1e-30)
-    ok = np.isfinite(mu1) & np.isfinite(mu2) & (var1 > rel_floor * scale) & (var2 > rel_floor * scale)
+    ok = _drift_channels(mu1, var1, mu2, var2, scale, rel_floor)
     if not ok.any():
         return float("nan"), float("nan"), 0
     a = (mu1[ok], var1[ok], mu2[ok], var2[ok])
@@ -56,7 +69,7 @@ def channel_drift_rows(mu1, var1, mu2, var2, rel_floor: float = 1e-4) -> tuple:
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no scale, no channel
         med = np.nanmedian(both, axis=1)
     scale = np.maximum(np.where(np.isfinite(med), med, 0.0), 1e-30)[:, None]
-    ok = np.isfinite(mu1) & np.isfinite(mu2) & (var1 > rel_floor * scale) & (var2 > rel_floor * scale)
+    ok = _drift_channels(mu1, var1, mu2, var2, scale, rel_floor)
     n = ok.sum(axis=1)
     with np.errstate(all="ignore"):
         kl = np.where(ok, sym_kl_gauss(mu1, var1, mu2, var2), 0.0).sum(axis=1)

@@ -39,6 +39,24 @@ def test_channel_drift_means_over_channels_and_skips_dead():
     assert w2 == pytest.approx((1.0 + 0.0) / 2)
 
 
+def test_channel_drift_leaves_out_channels_constant_over_the_samples():
+    """Regression: BERT's token-type embedding (one token type: every sample the same vector) has
+    channel variances of ~1e-17 from float32 rounding, all alike, so none fell below the median
+    floor, and the learnt value's move read as a symmetric KL of 2e11. A channel whose std is
+    below 1e-5 of its |mean| holds one value; a real one beside it is still measured."""
+    x = np.full((128, 3), [0.0138, 0.0038, -0.0076], dtype=np.float32)
+    x2 = x + np.float32(0.001)
+    mu1, var1 = x.mean(0, dtype=np.float64), x.astype(np.float64).var(0) + 4e-17
+    mu2, var2 = x2.mean(0, dtype=np.float64), x2.astype(np.float64).var(0) + 5e-17
+    kl, w2, n = F.channel_drift(mu1, var1, mu2, var2)
+    assert n == 0 and np.isnan(kl) and np.isnan(w2)
+    kl_r, _, n_r = F.channel_drift_rows(mu1[None], var1[None], mu2[None], var2[None])
+    assert n_r[0] == 0 and np.isnan(kl_r[0])
+    kl, _, n = F.channel_drift(np.r_[mu1, 0.0], np.r_[var1, 1.0], np.r_[mu2, 1.0], np.r_[var2, 1.0])
+    assert n == 1 and kl == pytest.approx(1.0)  # the real channel: d²/σ² = 1
+    assert F.channel_drift(np.array([1.0]), np.array([1e-9]), np.array([1.0]), np.array([1e-9]))[2] == 1  # std 3e-5·|μ|
+
+
 @pytest.mark.parametrize("q,c,v,want", [
     (0.5, 0.0, 1.0, 0.5),              # Δ = q for zero-mean input
     (0.5, 1.0, 1.0, 1 / (2 / 0.5 - 1)),  # v/((c²+v)/q − c²) = 1/(4−1) = 1/3

@@ -252,6 +252,20 @@ def test_covariate_shift_sparse_rows_compare_three_gaps_apart(tmp_path):
     assert got == [] and "span 39 step(s), fewer than the 57" in _skip(a, "covariate-shift")
 
 
+def test_covariate_shift_constant_layer_is_quietly_not_measured(tmp_path):
+    """A layer whose output is one value in every sample (its channel std ~1e-7 of the mean) and
+    whose value moves as it learns: no drift measured, no note, no numpy warning."""
+    import warnings
+
+    r = SyntheticRun(tmp_path / "r", {"0": LIN})
+    for step in range(40):
+        r.stat(step, "0", channels=8, ch_mean=np.full(8, 0.01 + 1e-3 * step), ch_var=np.full(8, 5e-17))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a, got = _findings(r.done(), "covariate-shift")
+    assert got == []
+
+
 # --- overfitting: eval loss rose ≥ 10 % above its minimum while train fell ≥ 5 % ---------------------------
 @pytest.mark.parametrize("rise,want", [(0.09, []), (0.11, ["warning"])])
 def test_overfitting_threshold(tmp_path, rise, want):

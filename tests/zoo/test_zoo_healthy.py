@@ -16,6 +16,10 @@ import zoo_models as Z
 import normscope
 
 NAMES = [z.name for z in Z.ZOO]
+# Regressions of covariate-shift: MobileNetV2's dropout output (batch noise of sparse units, KL ~40
+# at any lag) and BERT's token-type embedding (one vector for every sample: float32 rounding as
+# variance, KL ~1e11) were noted as drifting.
+NOT_DRIFTING = {"mobilenet_v2": "hf.dropout", "bert": "hf.bert.embeddings.token_type_embeddings"}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -27,9 +31,9 @@ def test_healthy_zoo_training_raises_no_warning(tmp_path, name):
     loud = [str(f) for f in a.findings if f.severity != "info"]
     assert not loud, "\n".join(loud)
     assert not [s for s in a.skipped if s.reason.startswith("check failed")], a.skipped
-    if name == "mobilenet_v2":  # regression: its dropout output's batch noise (KL ~40 at any lag) read as drift
+    if name in NOT_DRIFTING:
         drifting = {ly["layer"] for f in a.findings if f.check == "covariate-shift" for ly in f.evidence["layers"]}
-        assert "hf.dropout" not in drifting
+        assert NOT_DRIFTING[name] not in drifting
     ran = set(a.checks_run)
     assert {"vanishing-gradients", "exploding-gradients", "update-ratio", "non-finite"} <= ran
     if any(m.get("family") == "relu" for m in run.meta["modules"]):

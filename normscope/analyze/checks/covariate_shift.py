@@ -27,6 +27,14 @@ ID = "covariate-shift"
 KEY = ["layer", "call", "output"]
 
 
+def _med(x) -> float:
+    """Median of the finite values; NaN, quietly, where there are none (a layer whose channels
+    are all constant or dead has no drift)."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    return float(np.median(x)) if x.size else float("nan")
+
+
 def _gaps(ctx: Context) -> tuple[int, int]:
     """(the smallest gap between consecutive sampled train steps, the steps they span); (0, 0)
     without two sampled steps."""
@@ -63,19 +71,19 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         tail = d[d.step >= cut]
         if not len(tail):
             continue
-        med = float(np.nanmedian(tail.sym_kl))
+        med = _med(tail.sym_kl)
         if not (np.isfinite(med) and med > t["info_kl"]):
             continue
         nd = near_by.get(key)
         nd = nd[nd.step >= cut] if nd is not None else None
-        noise = float(np.nanmedian(nd.sym_kl)) if nd is not None and len(nd) else float("nan")
+        noise = _med(nd.sym_kl) if nd is not None and len(nd) else float("nan")
         if not np.isfinite(noise):
             nd = near_by.get(key)  # no closest pair in the late window: the noise over the whole run
-            noise = float(np.nanmedian(nd.sym_kl)) if nd is not None and len(nd) else float("nan")
+            noise = _med(nd.sym_kl) if nd is not None and len(nd) else float("nan")
         if not np.isfinite(noise):
             continue  # nothing to tell noise from drift with
         if med - noise > t["info_kl"] and med >= 2 * noise:
-            late.append((*key, med, float(np.nanmedian(tail.w2)), noise))
+            late.append((*key, med, _med(tail.w2), noise))
         else:
             masked += 1
     if not late:
