@@ -17,6 +17,7 @@ HEALTHY = [
     "healthy_transformer_digits",
     "healthy_pre_ln_transformer",
     "healthy_weight_norm_data_init",
+    "healthy_scheduled_sgd",
 ]
 
 

@@ -168,6 +168,58 @@ def test_update_ratio_adam_band(tmp_path, lr, ratio, want):
     assert [s for s, _ in got] == want
 
 
+def _scheduled(tmp_path, frac, at_peak, opt="SGD", peak=0.1, numel=256, tail_lrs=None):
+    """8 steps: lr ``peak`` for steps 0-3, then ``peak · frac`` (or ``tail_lrs``) for the window 4-7,
+    each step's ratio ``at_peak`` scaled by its lr, as SGD and Adam scale it."""
+    r = SyntheticRun(tmp_path / "r", {"0": LIN})
+    lrs = [peak] * 4 + (tail_lrs or [peak * frac] * 4)
+    for step, lr in enumerate(lrs):
+        r.param(step, "0.weight", norm=2.0, grad_norm=0.1, update_norm=2.0 * at_peak * lr / peak, numel=numel, lr=lr)
+    meta = {"type": opt, "momentum": 0.0} if opt == "SGD" else {"type": opt}
+    a, got = _findings(r.done(optimizer=meta), "update-ratio")
+    return a, got, [f for f in a.findings if f.check == "update-ratio"]
+
+
+@pytest.mark.parametrize("at_peak,want", [(1e-3, []), (1.1e-5, ["info"]), (0.9e-5, ["warning"])])
+def test_update_ratio_low_side_is_judged_at_the_peak_lr(tmp_path, at_peak, want):
+    """A step decay to ×0.009 (actual ratio 9e-6 at a healthy 1e-3 at the peak, which read as a warning
+    before): the low side scales each step to the run's peak lr; the band is the same."""
+    a, got, fs = _scheduled(tmp_path, 0.009, at_peak)
+    assert [s for s, _ in got] == want
+    if want:
+        ev = fs[0].evidence["params"]["0.weight"]
+        assert ev["ratio_at_peak_lr"] == pytest.approx(at_peak) and ev["median_ratio"] == pytest.approx(at_peak * 0.009)
+        assert ev["lr_peak"] == pytest.approx(0.1) and ev["lr_fraction"] == pytest.approx(0.009)
+        assert "peak learning rate 0.1" in fs[0].message and "×0.009" in fs[0].message
+
+
+def test_update_ratio_adam_potential_uses_the_peak_lr(tmp_path):
+    # RMS(w) = 2/16: lr / RMS(w) is 8e-3 at the peak lr 1e-3, 8e-5 (a warning before) at the annealed 1e-5
+    _, got, _ = _scheduled(tmp_path, 0.01, 1e-3, opt="AdamW", peak=1e-3)
+    assert got == []
+
+
+def test_update_ratio_annealed_to_zero_and_high_side(tmp_path):
+    # cosine's last steps at lr 0 are left out of the scaling (no division by zero); the median over the
+    # rest is still at the peak's healthy size
+    _, got, _ = _scheduled(tmp_path, 0, 1e-3, tail_lrs=[0.05, 0.02, 0.005, 0.0])
+    assert got == []
+    # the high side reads the actual ratio: 0.2 at lr ×0.5 is still two decades above SGD's 1e-3
+    _, got, fs = _scheduled(tmp_path / "hi", 0.5, 0.4)
+    assert [s for s, _ in got] == ["warning"] and "above" in fs[0].message
+
+
+@pytest.mark.parametrize("frac,want", [(1.1e-3, []), (0.9e-3, ["warning"])])
+def test_update_ratio_lr_collapse(tmp_path, frac, want):
+    """A schedule that took the lr down by more than 1,000× over the window (an epoch schedule stepped
+    per batch) is a warning even though the ratio scaled to the peak is healthy."""
+    _, got, fs = _scheduled(tmp_path, frac, 1e-3)
+    assert [s for s, _ in got] == want
+    if want:
+        assert "stopped training" in fs[0].message and "scheduler" in fs[0].recommendation
+        assert fs[0].evidence["params"]["0.weight"]["lr_fraction"] == pytest.approx(frac)
+
+
 def test_update_ratio_near_zero_init_is_judged_by_absolute_updates(tmp_path):
     r = SyntheticRun(tmp_path / "r", {"0": LIN, "1": LIN})
     for step in range(4):

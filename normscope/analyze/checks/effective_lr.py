@@ -35,6 +35,12 @@ def scale_invariant_weights(ctx, g) -> list[str]:
     return out
 
 
+def _median(values) -> float:
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return float(np.median(v)) if len(v) else float("nan")
+
+
 @register(
     id=ID, severity="info",
     summary="Effective learning rate η/‖w‖² of weights followed by a normaliser (scale-invariant): it drifts as ‖w‖ grows or shrinks.",
@@ -56,10 +62,14 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         ok = np.isfinite(e)
         if ok.sum() < 2:
             continue
-        e, st = e[ok], d.step.to_numpy()[ok]
+        e, st, lr = e[ok], d.step.to_numpy()[ok], d.lr.to_numpy(float)[ok]
         k = max(1, len(e) // 20)
         start, end = float(np.mean(e[:k])), float(np.mean(e[-k:]))
-        series[str(name)] = {"start": start, "end": end, "ratio": end / start if start > 0 else float("nan"),
+        ratio = end / start if start > 0 else float("nan")
+        lr0 = float(np.mean(lr[:k]))
+        by_lr = float(np.mean(lr[-k:])) / lr0 if lr0 > 0 else float("nan")  # the schedule's share of the change
+        series[str(name)] = {"start": start, "end": end, "ratio": ratio, "lr_change": by_lr,
+                             "norm_change": ratio / by_lr if by_lr > 0 else float("nan"),
                              "norm_start": float(d.norm.iloc[0]), "norm_end": float(d.norm.iloc[-1]),
                              "steps": st[:: max(1, len(st) // 50)].tolist(),
                              "effective_lr": e[:: max(1, len(e) // 50)].tolist()}  # fmt: skip
@@ -70,10 +80,19 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     med = float(np.nanmedian(ratios))
     moved = [n for n, r in changes if np.isfinite(r) and (r > t["change"] or r < 1 / t["change"])]
     worst = max(changes, key=lambda c: abs(np.log(c[1])) if np.isfinite(c[1]) and c[1] > 0 else 0)
+    by_lr = _median([s["lr_change"] for s in series.values()])
+    by_norm = _median([s["norm_change"] for s in series.values()])
+    split = (
+        f"; the learning-rate schedule accounts for ×{num(by_lr)} of it, the weights' norm for ×{num(by_norm)}"
+        if np.isfinite(by_lr) and abs(np.log(by_lr)) > np.log(1.01) and np.isfinite(by_norm)
+        else ""
+    )
     msg = (
         f"{len(series)} weight(s) feed a normaliser, so only their direction matters and the effective step is "
         f"η/‖w‖²: it changed by a median ×{num(med)} over the run"
-        + (f" ({len(moved)} by more than ×{num(t['change'])}, most {worst[0]}: ×{num(worst[1])})." if moved else ".")
+        + (f" ({len(moved)} by more than ×{num(t['change'])}, most {worst[0]}: ×{num(worst[1])})" if moved else "")
+        + split
+        + "."
     )
     rec = (
         "A measurement: for scale-invariant weights, L(αw) = L(w) and ∇L(αw) = ∇L(w)/α, so as ‖w‖ grows without "
@@ -81,4 +100,6 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         "weights, or a schedule that accounts for it, keeps the effective step steady."
     )
     layer = worst[0].rsplit(".", 1)[0] if "." in worst[0] else "<root>"
-    return [Finding(ID, "info", layer, None, msg, {"weights": series, "median_change": med, "graph": g.source}, rec)]
+    ev = {"weights": series, "median_change": med, "median_lr_change": by_lr, "median_norm_change": by_norm,
+          "graph": g.source}  # fmt: skip
+    return [Finding(ID, "info", layer, None, msg, ev, rec)]

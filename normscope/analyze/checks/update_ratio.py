@@ -30,6 +30,13 @@ def _is_vector(ctx, dims, name: str, layer: str) -> bool:
     return name.rsplit(".", 1)[-1] == "bias" or is_norm(ctx.type_of(layer or "<root>"))
 
 
+def _lr_peaks(par) -> dict[str, float]:
+    """param → the highest learning rate recorded for it over the whole run (after any warmup)."""
+    lr = par.lr.where(np.isfinite(par.lr.astype(float)) & (par.lr > 0))
+    peak = lr.groupby(par.param, sort=False).max()
+    return {str(k): float(v) for k, v in peak.items() if np.isfinite(v)}
+
+
 def optimizer_band(ctx, t) -> tuple[str, float, str]:
     """(optimizer family, healthy centre of ‖Δw‖/‖w‖, why) for the optimizer the run used.
 
@@ -62,7 +69,7 @@ def optimizer_band(ctx, t) -> tuple[str, float, str]:
     summary="Per-step ‖Δw‖/‖w‖ two decades away from the healthy size for the optimizer used (SGD ~1e-3, momentum ~1e-3/(1−μ), Adam ~1e-2): learning rate far off, or weights frozen.",
     needs=("params", "updates", "training"),
     thresholds={"low_warn": 1e-2, "high_warn": 1e2, "low_info": 1e-1, "high_info": 1e1, "sgd_center": 1e-3,
-                "adam_center": 1e-2, "last_frac": 0.5, "include_1d": False},
+                "adam_center": 1e-2, "last_frac": 0.5, "include_1d": False, "lr_collapse": 1e-3},
 )  # fmt: skip
 def check(ctx: Context, t: Thresholds) -> list[Finding]:
     par = ctx.params
@@ -79,12 +86,19 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     tail = par[par.step >= cut]
     med: dict[str, tuple[float, str, float]] = {}
     near_zero: dict[str, dict] = {}
+    sched: dict[str, tuple[float, float]] = {}  # param → (peak lr of the run, median lr / peak over the window)
+    at_peak: dict[str, float] = {}  # param → median ratio scaled to the peak lr (where the schedule lowered it)
+    peaks = _lr_peaks(par)
     for name, d in tail.groupby("param", sort=False):
         layer = str(d.layer.iloc[0])
         if not t["include_1d"] and _is_vector(ctx, dims, name, layer):
             continue
         lrs = d.lr.to_numpy(float)
         lr = float(np.median(lrs[np.isfinite(lrs)])) if np.isfinite(lrs).any() else float("nan")
+        peak = peaks.get(name, float("nan"))
+        frac = lrs / peak if np.isfinite(peak) and peak > 0 else np.full(len(lrs), np.nan)
+        if np.isfinite(frac).any():
+            sched[str(name)] = (peak, float(np.median(frac[np.isfinite(frac)])))
         if name in zero:
             # a weight that starts at (or near) zero: its ratio to its own norm means nothing; judge the
             # absolute size of its updates (zero: frozen)
@@ -94,17 +108,26 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
                 med[str(name)] = (0.0, layer, lr)
             continue
         r = update_ratio(d.update_norm.to_numpy(float), d.norm.to_numpy(float))
-        if np.isfinite(r).any():
-            med[str(name)] = (float(np.nanmedian(r)), layer, lr)
-            if adam and np.isfinite(lr) and med[str(name)][0] > 0:
-                # Adam's step per element is about lr whatever the gradient: the size it can take, lr/RMS(w),
-                # says whether lr is too low; the actual ratio is smaller when gradients are noise
-                rms_w = np.nanmedian(d.norm.to_numpy(float)) / np.sqrt(max(float(d.numel.iloc[0]), 1.0))
-                potential[str(name)] = lr / rms_w if rms_w > 0 else float("nan")
+        if not np.isfinite(r).any():
+            continue
+        med[str(name)] = (float(np.nanmedian(r)), layer, lr)
+        # the low side is judged at the run's peak learning rate: a step's update scales with its lr (SGD,
+        # momentum and Adam alike), so r · peak / lr is what the step would move at the lr the run chose; a
+        # schedule annealing the lr (cosine, step decay) is no reason to raise it
+        use = np.isfinite(r) & np.isfinite(frac) & (frac > 0)
+        if use.any() and (frac[use] < 1.0 - 1e-6).any():
+            at_peak[str(name)] = float(np.median(r[use] / frac[use]))
+        top = peak if np.isfinite(peak) else lr
+        if adam and np.isfinite(top) and med[str(name)][0] > 0:
+            # Adam's step per element is about lr whatever the gradient: the size it can take at the peak lr,
+            # lr/RMS(w), says whether lr is too low; the actual ratio is smaller when gradients are noise
+            rms_w = np.nanmedian(d.norm.to_numpy(float)) / np.sqrt(max(float(d.numel.iloc[0]), 1.0))
+            potential[str(name)] = top / rms_w if rms_w > 0 else float("nan")
     if not med:
         raise SkipCheck("no weight tensor with a non-zero norm and a recorded update")
     lo_w, hi_w, lo_i, hi_i = (center * t[k] for k in ("low_warn", "high_warn", "low_info", "high_info"))
-    low = {k: (potential.get(k, v[0]), v[1], v[2]) for k, v in med.items()}  # low side: what lr allows
+    # low side: what the lr allows (Adam), else the ratio at the run's peak lr; high side: the actual ratio
+    low = {k: (potential.get(k, at_peak.get(k, v[0])), v[1], v[2]) for k, v in med.items()}
     groups = {
         ("warning", "low"): {k: v for k, v in low.items() if v[0] < lo_w},
         ("warning", "high"): {k: v for k, v in med.items() if v[0] > hi_w},
@@ -113,6 +136,9 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     }
     out = []
     span = (int(cut), int(steps[-1]))
+    common = {"window_steps": list(span), "optimizer": family, "healthy_center": center,
+              "band": {"warn": [lo_w, hi_w], "info": [lo_i, hi_i]}, "near_zero_init": near_zero,
+              "thresholds": dict(t)}  # fmt: skip
     for (sev, side), sel in groups.items():
         if not sel:
             continue
@@ -121,10 +147,14 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         frozen = [k for k, v in sel.items() if v[0] == 0.0]
         not_in_opt = [k for k, v in sel.items() if not np.isfinite(v[2])]
         decades = "two decades" if sev == "warning" else "a decade"
-        what = (
-            "can change by (lr / RMS(w))" if side == "low" and worst in potential else "change by a median ‖Δw‖/‖w‖ of"
-        )
-        msg = (f"{len(sel)} weight tensor(s) {what} {num(r)} per step over steps "
+        scaled = side == "low" and worst in sched and sched[worst][1] < 1.0 - 1e-6
+        if side == "low" and worst in potential:
+            what = "can change by (lr / RMS(w))"
+        else:
+            what = "change by a median ‖Δw‖/‖w‖ of"
+        where = (f" at the run's peak learning rate {num(sched[worst][0])} (the schedule kept it at a median "
+                 f"×{num(sched[worst][1])} of that over these steps)" if scaled else "")  # fmt: skip
+        msg = (f"{len(sel)} weight tensor(s) {what} {num(r)} per step{where} over steps "
                f"{span[0]}–{span[1]} (e.g. {worst}), {decades} {'below' if side == 'low' else 'above'} the ~{num(center)} "
                f"that is healthy for {family}.")  # fmt: skip
         if frozen:
@@ -134,16 +164,30 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
                 + (" and are in no optimizer param group." if not_in_opt else ".")
             )
         if side == "low":
-            rec = (f"Raise the learning rate (or check the scheduler), and check that these parameters are in the "
-                   f"optimizer and not frozen by accident (requires_grad, param groups). The healthy size depends on "
-                   f"the optimizer: {why}.")  # fmt: skip
+            rec = (f"Raise the learning rate, and check that these parameters are in the optimizer and not frozen by "
+                   f"accident (requires_grad, param groups). The healthy size depends on the optimizer: {why}.")  # fmt: skip
         else:
             rec = (f"Lower the learning rate or add warmup: each step moves these weights by a large fraction of their "
                    f"size, which destabilises training ({why}).")  # fmt: skip
         ev = {"params": {k: {"median_ratio": med[k][0], "layer": v[1], "lr": v[2],
-                             **({"lr_over_rms_w": potential[k]} if k in potential else {})} for k, v in sel.items()},
-              "frozen": frozen, "not_in_optimizer": not_in_opt, "window_steps": list(span), "optimizer": family,
-              "healthy_center": center, "band": {"warn": [lo_w, hi_w], "info": [lo_i, hi_i]},
-              "near_zero_init": near_zero, "thresholds": dict(t)}  # fmt: skip
+                             **({"lr_over_rms_w": potential[k]} if k in potential else {}),
+                             **({"ratio_at_peak_lr": at_peak[k]} if k in at_peak else {}),
+                             **({"lr_peak": sched[k][0], "lr_fraction": sched[k][1]} if k in sched else {})}
+                         for k, v in sel.items()},
+              "frozen": frozen, "not_in_optimizer": not_in_opt, **common}  # fmt: skip
         out.append(Finding(ID, sev, layer or None, span, msg, ev, rec))
+    collapsed = {k: v for k, v in sched.items() if v[1] < t["lr_collapse"]}
+    if collapsed:
+        worst = min(collapsed, key=lambda k: collapsed[k][1])
+        peak, frac = collapsed[worst]
+        layer = med[worst][1] if worst in med else near_zero.get(worst, {}).get("layer", "")
+        msg = (f"The learning rate of {len(collapsed)} weight tensor(s) (e.g. {worst}) stayed at a median ×{num(frac)} "
+               f"of the run's peak {num(peak)} over steps {span[0]}–{span[1]}: the schedule took it down by more than "
+               f"{num(1 / t['lr_collapse'])}×, so these weights all but stopped training for the second half of the run.")  # fmt: skip
+        rec = ("Check the scheduler. One written for epochs (StepLR, MultiStepLR, ExponentialLR, CosineAnnealingLR "
+               "with periods in epochs) but stepped after every batch decays in a few hundred steps what was meant "
+               "for the whole run: step it once per epoch, or give its periods in steps. A schedule that anneals to "
+               "zero should get there at the end of training, not halfway.")  # fmt: skip
+        ev = {"params": {k: {"lr_peak": v[0], "lr_fraction": v[1]} for k, v in collapsed.items()}, **common}
+        out.append(Finding(ID, "warning", layer or None, span, msg, ev, rec))
     return out
