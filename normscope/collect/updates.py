@@ -249,7 +249,7 @@ class OptimizerUpdate:
         for i, before in gprobe.items():
             g = grads[i] if grads is not None and i < len(grads) else None
             now = g.detach().reshape(-1)[: before.numel()] if g is not None else torch.full_like(before, math.nan)
-            ok = now == before  # NaN compares False: a disagreement
+            ok = (now == before) | (now.isnan() & before.isnan())  # left as NaN is left alone; NaN once: changed
             counts.append((~ok).sum())
             self._evidence.append((i, before, now, ok, "gradient"))
         for i, tm in enumerate(terms):
@@ -265,7 +265,10 @@ class OptimizerUpdate:
                 pred = delta(weights[i], (tm[0], local(tm[1]), local(tm[2]), *tm[3:]), n=PROBE)
             eps = torch.finfo(weights[i].dtype).eps
             tol = 4 * eps * (w.abs() + probe[i].abs()) + 1e-4 * pred.abs() + 1e-30
-            ok = (real - pred).abs() <= tol  # NaN compares False: a disagreement
+            # NaN compares False: a disagreement, unless both are non-finite (a NaN or Inf gradient made the
+            # weights and the state's Δ non-finite alike: no evidence against the algebra, and ‖Δw‖ is NaN
+            # either way)
+            ok = ((real - pred).abs() <= tol) | (~real.isfinite() & ~pred.isfinite())
             counts.append((~ok).sum())
             self._evidence.append((i, real, pred, ok, "weights"))
         return torch.stack(counts).sum() if counts else None

@@ -244,6 +244,28 @@ def test_a_step_that_writes_the_gradients_is_caught_before_they_are_read_after_i
     np.testing.assert_allclose(got[1:, 2], want[1:, 2], rtol=2e-5, atol=1e-20)
 
 
+@pytest.mark.parametrize("cls,kw", [(torch.optim.SGD, dict(lr=0.05, momentum=0.9)), (torch.optim.AdamW, dict(lr=1e-2))],
+                         ids=["sgd-momentum", "adamw"])  # fmt: skip
+def test_a_non_finite_gradient_is_no_disagreement_of_the_algebra(cls, kw):
+    """Regression: a NaN in a gradient at a check step read as "step() changed the gradient from nan
+    to nan" (NaN != NaN) and handed a diverging run to the weight copy, with a warning. A value left
+    NaN is left alone, and a NaN update predicted for NaN weights agrees: no warning, the state keeps
+    serving, the poisoned parameter's ‖Δw‖ is NaN and every other one exact."""
+    torch.manual_seed(0)
+    net = Net()
+    opt = cls([p for n, p in net.named_parameters() if n not in ("frozen", "outside")], **kw)
+    net.b.weight.register_hook(lambda g: g.index_fill(1, torch.tensor([0]), math.nan))  # column 0: probed elements
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got, want, _, tr = _run_rows(opt, net, steps=3)
+    assert tr.update_source == f"{cls.__name__} state"
+    names = [n for n, _ in net.named_parameters()]
+    bad = names.index("b.weight")
+    assert np.isnan(got[:, 2, bad]).all() and np.isnan(want[:, 2, bad]).all()
+    keep = [i for i in range(len(names)) if i != bad and names[i] != "b.bias"]
+    np.testing.assert_allclose(got[:, 2, keep], want[:, 2, keep], rtol=2e-5, atol=1e-20)
+
+
 def test_multi_tensor_and_fused_steps_keep_the_gradient_norms_before_the_step():
     net = Net()
     for kw in (dict(foreach=True), dict(fused=True)):
