@@ -31,7 +31,29 @@ def _init_weight(momentum, steps_run: int) -> float:
     return 0.0 if momentum is None else (1.0 - float(momentum)) ** steps_run
 
 
-def _lag_only(ctx, name: str, b: dict, rm, rv, eps: float, t, steps_run: int) -> dict | None:
+def _merge_error(momentum, k: int, micro: float) -> tuple[float, float]:
+    """How far a rebuild from merged rows is off, for K forwards a step of ``micro`` samples: the
+    sd of its error (of the mean, in σ; of the variance, relative; realised/predicted ≈ 1 on
+    simulated BN, tests/analyze/test_analyze_formulas.py). BN's K updates weigh the micro-batches by
+    c_j = m·(1 − m)^(K−1−j); the rebuild gives each the merged moments, so a step's error is
+    Σ (c_j − c̄)·(μ_j − μ̄), with Var μ_j ≤ σ²/b (b samples; positions within a sample counted as
+    one) and Var v_j ≈ 2σ⁴/b, independent from step to step under the running average's decay
+    (1 − m)^K a step. The merged variance also holds the micro-batch means' spread, which BN's
+    per-micro-batch variances do not: at most (K − 1)/(K·b) of it, added to the variance's bound.
+    A cumulative average (momentum None) weighs every forward alike: only that spread remains."""
+    b = max(float(micro), 1.0)
+    bias = (k - 1) / (k * b)
+    if momentum is None:
+        return 0.0, bias
+    m = float(momentum)
+    c = m * (1.0 - m) ** (k - 1 - np.arange(k))
+    spread = float(np.sqrt(((c - c.mean()) ** 2).sum()))
+    decay = 1.0 - (1.0 - m) ** (2 * k)
+    across = 1.0 / np.sqrt(decay) if decay > 0 else 0.0
+    return spread * across / np.sqrt(b), bias + spread * across * np.sqrt(2.0 / b)
+
+
+def _lag_only(ctx, name: str, b: dict, rm, rv, eps: float, t, steps_run: int, pop_var=None) -> dict | None:
     """Is the running statistics' mismatch EMA lag? Rebuild the running statistics from the batch
     statistics the layer actually saw (the collector's BN-input rows); when the real ones match
     that rebuild, BN did exactly what it should with the data it saw, and the distance to the
@@ -41,7 +63,12 @@ def _lag_only(ctx, name: str, b: dict, rm, rv, eps: float, t, steps_run: int) ->
     are interpolated, and each channel's tolerance widens by three times the rebuild's own error
     bound (formulas.bn_running_ema); ``lag_only`` is None (cannot tell) when that bound is as
     large as the mismatch the check flags. Returns None when the rows cannot be used at all (no
-    rows, a first row after step 0, BN called more than once per step)."""
+    rows, a first row after step 0, a step with another number of BN forwards than the others).
+
+    Gradient accumulation (K forwards of the layer per step, one merged row): BN updated its
+    running statistics K times a step, each with one micro-batch; the rebuild runs K updates per
+    step with the merged moments. What the merge hides widens the tolerance (:func:`_merge_error`),
+    and when that is as large as the mismatch the check flags, ``lag_only`` is None."""
     tr = ctx.train
     d = tr[(tr.layer == name) & (tr.output == "input") & (tr.call == 0)].sort_values("step") if len(tr) else tr
     if len(d) < 1:
@@ -50,24 +77,38 @@ def _lag_only(ctx, name: str, b: dict, rm, rv, eps: float, t, steps_run: int) ->
     if steps[0] != 0 or steps[-1] >= steps_run or (np.diff(steps) <= 0).any():
         return None  # the rows do not start where the running statistics did (or repeat a step)
     means, vars_ = stack(d.ch_mean), stack(d.ch_var)
-    if means.shape[1] != rm.size or (d.forwards.to_numpy() != 1).any():
+    fw = d.forwards.to_numpy()
+    if means.shape[1] != rm.size or fw[0] < 1 or (fw != fw[0]).any():
         return None
-    counts = d["count"].to_numpy(float) / rm.size
+    k = int(fw[0])
+    counts = d["count"].to_numpy(float) / rm.size / k  # elements per channel in one micro-batch
     momentum = b.get("momentum", 0.1)
-    init_weight = _init_weight(momentum, steps_run)
-    ema_m, ema_v, sd_m, sd_v = bn_running_ema(means, vars_, counts, momentum, steps, until=steps_run)
+    init_weight = _init_weight(momentum, steps_run * k)
+    every_step = len(steps) == steps_run
+    if k > 1:  # K updates a step: forward index k·step + j, each with the step's merged moments
+        steps = (steps[:, None] * k + np.arange(k)).reshape(-1)
+        means, vars_, counts = (np.repeat(a, k, axis=0) for a in (means, vars_, counts))
+    ema_m, ema_v, sd_m, sd_v = bn_running_ema(means, vars_, counts, momentum, steps, until=steps_run * k)
     dmu, ratio = stale_stats(rm, rv, ema_m, ema_v, eps)
     live = (ema_v > 10 * eps) | (rv > 10 * eps)
-    every_step = len(steps) == steps_run
-    ev = {"rebuild": "every step recorded" if every_step else f"{len(steps)} of {steps_run} steps recorded, the rest interpolated",
+    if pop_var is not None:  # the channels the check judged against the population are judged here too
+        live |= np.asarray(pop_var, float) > 10 * eps
+    ev = {"rebuild": "every step recorded" if every_step else f"{len(d)} of {steps_run} steps recorded, the rest interpolated",
           "init_weight_in_running": init_weight}  # fmt: skip
+    merge_m = merge_v = 0.0
+    if k > 1:
+        micro = float(np.median(d.samples.to_numpy(float))) / k
+        merge_m, merge_v = _merge_error(momentum, k, micro)
+        ev.update(forwards_per_step=k, micro_batch=micro, merge_error_sigma=merge_m, merge_error_var=merge_v)
     if not live.any():
         return dict(ev, lag_only=None)
     with np.errstate(invalid="ignore", divide="ignore"):
-        err_m = sd_m / np.sqrt(ema_v + eps)  # the rebuild's error bound, in σ units
-        err_v = sd_v / (ema_v + eps)  # and relative to the variance
+        err_m = sd_m / np.sqrt(ema_v + eps) + merge_m  # the rebuild's error bound, in σ units
+        err_v = sd_v / (ema_v + eps) + merge_v  # and relative to the variance
     ev["rebuild_error_sigma_median"] = float(np.median(err_m[live]))
-    if not every_step and not (np.median(err_m[live]) <= t["mean_sigma"] and np.median(err_v[live]) <= 1 - t["var_lo"]):
+    if (not every_step or k > 1) and not (
+        np.median(err_m[live]) <= t["mean_sigma"] and np.median(err_v[live]) <= 1 - t["var_lo"]
+    ):
         return dict(ev, lag_only=None)  # too few rows to rebuild the average to the precision the check judges at
     tol_m, tol_v = 3 * err_m, 3 * err_v
     off = ((dmu > t["mean_sigma"] + tol_m) | (ratio < t["var_lo"] - tol_v) | (ratio > t["var_hi"] + tol_v)) & live
@@ -81,7 +122,7 @@ def _verdict(ctx, name, b, rm, rv, eps, key, data, pop, t, steps_run, cause):
     (for eval data) the eval population is the training population (no distribution shift).
     Returns (the rebuild's evidence, the eval-vs-train shift, lag, cannot tell): "cannot tell" when
     the rows are too sparse for the rebuild and no cause of staleness was seen."""
-    lag = _lag_only(ctx, name, b, rm, rv, eps, t, steps_run)
+    lag = _lag_only(ctx, name, b, rm, rv, eps, t, steps_run, pop_var=pop[1])
     shift = None
     train_pop = _pass(b, key.replace("eval/", "train/", 1)) if data == "eval" else None
     if train_pop is not None:
@@ -210,8 +251,8 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         )
         if untold and name not in kept_frozen:
             msg = (f"{name}'s running statistics differ from {src} recomputed now: {pct(frac)} of channels are off "
-                   f"(median mean shift {num(ev['mean_shift_sigma_median'])} σ). This run recorded {lag['rebuild']}: "
-                   f"too few to tell whether they are the average of the batches the layer saw (lag behind weights "
+                   f"(median mean shift {num(ev['mean_shift_sigma_median'])} σ). The rebuild from this run's rows "
+                   f"({lag['rebuild']}) is too coarse to tell whether they are the average of the batches the layer saw (lag behind weights "
                    f"still moving, as early in training) or stale. No cause of staleness was seen: the mode audit "
                    f"is clean, the momentum is not too small"
                    f"{', the eval data match the training data' if shift is not None else ''}.")  # fmt: skip
