@@ -183,18 +183,23 @@ def test_effective_lr_splits_schedule_and_norm(tmp_path):
     """Under a schedule, effective-lr's change η/‖w‖² (end / start) is split into the schedule's factor
     and the weight norm's; each is checked against the recorded lr and norms, and the two multiply to
     the change."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
-    with watch(model, tmp_path / "s", every=1):
-        for _ in range(40):
-            loss = model(torch.randn(16, 4)).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    a = analyze_full(tmp_path / "s", model=model)
+
+    def trained(path, steps, schedule):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5) if schedule else None
+        with watch(model, path, every=1):
+            for _ in range(steps):
+                loss = model(torch.randn(16, 4)).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+        return analyze_full(path, model=model)
+
+    a = trained(tmp_path / "s", 40, True)
     (f,) = [f for f in a.findings if f.check == "effective-lr"]
     ev = f.evidence["weights"]["0.weight"]
     d = load(tmp_path / "s").params
@@ -206,13 +211,5 @@ def test_effective_lr_splits_schedule_and_norm(tmp_path):
     assert ev["lr_change"] * ev["norm_change"] == pytest.approx(ev["ratio"])
     assert "schedule accounts for ×0.125" in f.message
     # without a schedule the message has no split
-    m2 = nn.Sequential(nn.Linear(4, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
-    opt2 = torch.optim.SGD(m2.parameters(), lr=0.5)
-    with watch(m2, tmp_path / "c", every=1):
-        for _ in range(10):
-            loss = m2(torch.randn(16, 4)).pow(2).mean()
-            opt2.zero_grad()
-            loss.backward()
-            opt2.step()
-    (g,) = [f for f in analyze_full(tmp_path / "c", model=m2).findings if f.check == "effective-lr"]
+    (g,) = [f for f in trained(tmp_path / "c", 10, False).findings if f.check == "effective-lr"]
     assert "schedule" not in g.message and g.evidence["weights"]["0.weight"]["lr_change"] == pytest.approx(1.0)
