@@ -248,8 +248,11 @@ class OptimizerUpdate:
         counts = []
         for i, before in gprobe.items():
             g = grads[i] if grads is not None and i < len(grads) else None
-            now = g.detach().reshape(-1)[: before.numel()] if g is not None else torch.full_like(before, math.nan)
-            ok = (now == before) | (now.isnan() & before.isnan())  # left as NaN is left alone; NaN once: changed
+            if g is None:  # the step removed the gradient: a change
+                now, ok = torch.full_like(before, math.nan), torch.zeros_like(before, dtype=torch.bool)
+            else:  # a value left NaN was left alone; one that became NaN changed
+                now = g.detach().reshape(-1)[: before.numel()]
+                ok = (now == before) | (now.isnan() & before.isnan())
             counts.append((~ok).sum())
             self._evidence.append((i, before, now, ok, "gradient"))
         for i, tm in enumerate(terms):

@@ -223,11 +223,9 @@ def test_stale_lag_rebuild_declines_rows_that_repeat_a_step():
 def test_stale_rebuild_from_merged_micro_batches_is_within_its_bound(k, momentum, micro):
     """Gradient accumulation: a real BatchNorm1d updated K times a step, one micro-batch each; the
     rebuild from the step's merged moments (what the collector records) lands within three of
-    _merge_error's sds of the true running statistics on at least 95 % of 256 channels, and the
+    bn_merge_error's sds of the true running statistics on at least 95 % of 256 channels, and the
     sds are calibrated: the realised RMS error is 0.5-2× the predicted sd."""
     import torch
-
-    from normscope.analyze.checks.stale_running_stats import _merge_error
 
     torch.manual_seed(0)
     ch, steps = 256, 60
@@ -248,7 +246,7 @@ def test_stale_rebuild_from_merged_micro_batches_is_within_its_bound(k, momentum
     rm, rv = bn.running_mean.double().numpy(), bn.running_var.double().numpy()
     sd = np.sqrt(rv)
     err_m, err_v = np.abs(ema_m - rm) / sd, np.abs(ema_v / rv - 1)
-    bm, bv = _merge_error(momentum, k, micro)
+    bm, bv = F.bn_merge_error(momentum, k, micro)
     assert (err_m <= 3 * bm + 1e-5).mean() >= 0.95 and (err_v <= 3 * bv).mean() >= 0.95
     if bm > 0:
         assert 0.5 <= np.sqrt(np.mean(err_m**2)) / bm <= 2

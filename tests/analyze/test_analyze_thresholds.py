@@ -193,17 +193,25 @@ def test_update_ratio_low_side_is_judged_at_the_peak_lr(tmp_path, at_peak, want)
         assert "peak learning rate 0.1" in fs[0].message and "×0.009" in fs[0].message
 
 
-def test_update_ratio_adam_potential_uses_the_peak_lr(tmp_path):
-    # RMS(w) = 2/16: lr / RMS(w) is 8e-3 at the peak lr 1e-3, 8e-5 (a warning before) at the annealed 1e-5
-    _, got, _ = _scheduled(tmp_path, 0.01, 1e-3, opt="AdamW", peak=1e-3)
-    assert got == []
+@pytest.mark.parametrize("peak,want", [(1e-3, []), (0.9e-4 * 2 / 16, ["warning"])])
+def test_update_ratio_adam_potential_uses_the_peak_lr(tmp_path, peak, want):
+    # RMS(w) = 2/16: lr / RMS(w) is 8e-3 at the peak lr 1e-3, 8e-5 (a warning before) at the annealed 1e-5;
+    # a peak lr itself two decades too low still warns, judged at that peak
+    _, got, fs = _scheduled(tmp_path, 0.01, 1e-3, opt="AdamW", peak=peak)
+    assert [s for s, _ in got] == want
+    if want:
+        assert fs[0].evidence["params"]["0.weight"]["lr_over_rms_w"] == pytest.approx(peak * 16 / 2)
 
 
 def test_update_ratio_annealed_to_zero_and_high_side(tmp_path):
-    # cosine's last steps at lr 0 are left out of the scaling (no division by zero); the median over the
-    # rest is still at the peak's healthy size
-    _, got, _ = _scheduled(tmp_path, 0, 1e-3, tail_lrs=[0.05, 0.02, 0.005, 0.0])
+    # cosine's last step at lr 0 is left out of the scaling (no 0/0): the other three steps still judge the
+    # ratio at the peak, healthy at 1e-3 and a warning at 0.9e-5 (a NaN from 0/0 would silence it)
+    tail = [0.05, 0.02, 0.005, 0.0]
+    _, got, _ = _scheduled(tmp_path, 0, 1e-3, tail_lrs=tail)
     assert got == []
+    _, got, fs = _scheduled(tmp_path / "low", 0, 0.9e-5, tail_lrs=tail)
+    assert [s for s, _ in got] == ["warning"]
+    assert fs[0].evidence["params"]["0.weight"]["ratio_at_peak_lr"] == pytest.approx(0.9e-5)
     # the high side reads the actual ratio: 0.2 at lr ×0.5 is still two decades above SGD's 1e-3
     _, got, fs = _scheduled(tmp_path / "hi", 0.5, 0.4)
     assert [s for s, _ in got] == ["warning"] and "above" in fs[0].message

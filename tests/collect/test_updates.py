@@ -266,6 +266,22 @@ def test_a_non_finite_gradient_is_no_disagreement_of_the_algebra(cls, kw):
     np.testing.assert_allclose(got[:, 2, keep], want[:, 2, keep], rtol=2e-5, atol=1e-20)
 
 
+def test_a_nan_gradient_the_step_removes_is_still_a_change():
+    """The NaN-left-NaN rule does not hide a step that drops p.grad: a removed gradient (NaN before)
+    is a change, caught by the check, and the weight copy takes over."""
+    torch.manual_seed(0)
+    net = Net()
+    opt = torch.optim.SGD([p for n, p in net.named_parameters() if n not in ("frozen", "outside")], lr=0.05)
+    net.b.weight.register_hook(lambda g: g.index_fill(1, torch.tensor([0]), math.nan))
+
+    def drop(opt, args, kwargs):
+        net.b.weight.grad = None
+
+    with pytest.warns(RuntimeWarning, match="step\\(\\) changed the gradient from nan"):
+        _, _, _, tr = _run_rows(opt, net, steps=2, hook=drop)
+    assert tr.update_source.startswith("weight snapshot (the SGD state disagreed")
+
+
 def test_multi_tensor_and_fused_steps_keep_the_gradient_norms_before_the_step():
     net = Net()
     for kw in (dict(foreach=True), dict(fused=True)):

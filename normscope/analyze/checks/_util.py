@@ -29,6 +29,13 @@ def pct(x) -> str:
     return f"{100 * x:.0f} %" if x >= 0.01 or x == 0 else f"{100 * x:.2g} %"
 
 
+def finite_median(x) -> float:
+    """Median of the finite values; NaN, quietly (no numpy warning), where there are none."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    return float(np.median(x)) if x.size else float("nan")
+
+
 def stack(col) -> np.ndarray:
     """Stack a column of equal-length arrays into a 2-D float64 array."""
     vals = [np.asarray(v, dtype=np.float64) for v in col]

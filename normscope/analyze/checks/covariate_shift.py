@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from normscope.analyze.checks._util import num
+from normscope.analyze.checks._util import finite_median, num
 from normscope.analyze.context import Context
 from normscope.analyze.finding import Finding
 from normscope.analyze.quantities import covariate_shift
@@ -25,14 +25,6 @@ from normscope.analyze.registry import SkipCheck, Thresholds, register
 
 ID = "covariate-shift"
 KEY = ["layer", "call", "output"]
-
-
-def _med(x) -> float:
-    """Median of the finite values; NaN, quietly, where there are none (a layer whose channels
-    are all constant or dead has no drift)."""
-    x = np.asarray(x, dtype=np.float64)
-    x = x[np.isfinite(x)]
-    return float(np.median(x)) if x.size else float("nan")
 
 
 def _gaps(ctx: Context) -> tuple[int, int]:
@@ -71,19 +63,19 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         tail = d[d.step >= cut]
         if not len(tail):
             continue
-        med = _med(tail.sym_kl)
+        med = finite_median(tail.sym_kl)
         if not (np.isfinite(med) and med > t["info_kl"]):
             continue
         nd = near_by.get(key)
         nd = nd[nd.step >= cut] if nd is not None else None
-        noise = _med(nd.sym_kl) if nd is not None and len(nd) else float("nan")
+        noise = finite_median(nd.sym_kl) if nd is not None and len(nd) else float("nan")
         if not np.isfinite(noise):
             nd = near_by.get(key)  # no closest pair in the late window: the noise over the whole run
-            noise = _med(nd.sym_kl) if nd is not None and len(nd) else float("nan")
+            noise = finite_median(nd.sym_kl) if nd is not None and len(nd) else float("nan")
         if not np.isfinite(noise):
             continue  # nothing to tell noise from drift with
         if med - noise > t["info_kl"] and med >= 2 * noise:
-            late.append((*key, med, _med(tail.w2), noise))
+            late.append((*key, med, finite_median(tail.w2), noise))
         else:
             masked += 1
     if not late:

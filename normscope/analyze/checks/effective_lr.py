@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from normscope.analyze.checks._util import num
+from normscope.analyze.checks._util import finite_median, num
 from normscope.analyze.context import Context
 from normscope.analyze.finding import Finding
 from normscope.analyze.formulas import effective_lr
@@ -33,12 +33,6 @@ def scale_invariant_weights(ctx, g) -> list[str]:
             if w not in out:
                 out.append(w)
     return out
-
-
-def _median(values) -> float:
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    return float(np.median(v)) if len(v) else float("nan")
 
 
 @register(
@@ -80,8 +74,8 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     med = float(np.nanmedian(ratios))
     moved = [n for n, r in changes if np.isfinite(r) and (r > t["change"] or r < 1 / t["change"])]
     worst = max(changes, key=lambda c: abs(np.log(c[1])) if np.isfinite(c[1]) and c[1] > 0 else 0)
-    by_lr = _median([s["lr_change"] for s in series.values()])
-    by_norm = _median([s["norm_change"] for s in series.values()])
+    by_lr = finite_median([s["lr_change"] for s in series.values()])
+    by_norm = finite_median([s["norm_change"] for s in series.values()])
     split = (
         f"; the learning-rate schedule accounts for ×{num(by_lr)} of it, the weights' norm for ×{num(by_norm)}"
         if np.isfinite(by_lr) and abs(np.log(by_lr)) > np.log(1.01) and np.isfinite(by_norm)

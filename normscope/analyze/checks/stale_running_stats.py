@@ -11,7 +11,7 @@ from normscope.analyze.checks._bn import _bn_train_batch, _pass, dropouts_upstre
 from normscope.analyze.checks._util import num, pct, stack
 from normscope.analyze.context import Context
 from normscope.analyze.finding import Finding
-from normscope.analyze.formulas import bn_running_ema, stale_stats
+from normscope.analyze.formulas import bn_merge_error, bn_running_ema, stale_stats
 from normscope.analyze.registry import SkipCheck, Thresholds, register
 
 ID = "stale-running-stats"
@@ -31,28 +31,6 @@ def _init_weight(momentum, steps_run: int) -> float:
     return 0.0 if momentum is None else (1.0 - float(momentum)) ** steps_run
 
 
-def _merge_error(momentum, k: int, micro: float) -> tuple[float, float]:
-    """How far a rebuild from merged rows is off, for K forwards a step of ``micro`` samples: the
-    sd of its error (of the mean, in σ; of the variance, relative; realised/predicted ≈ 1 on
-    simulated BN, tests/analyze/test_analyze_formulas.py). BN's K updates weigh the micro-batches by
-    c_j = m·(1 − m)^(K−1−j); the rebuild gives each the merged moments, so a step's error is
-    Σ (c_j − c̄)·(μ_j − μ̄), with Var μ_j ≤ σ²/b (b samples; positions within a sample counted as
-    one) and Var v_j ≈ 2σ⁴/b, independent from step to step under the running average's decay
-    (1 − m)^K a step. The merged variance also holds the micro-batch means' spread, which BN's
-    per-micro-batch variances do not: at most (K − 1)/(K·b) of it, added to the variance's bound.
-    A cumulative average (momentum None) weighs every forward alike: only that spread remains."""
-    b = max(float(micro), 1.0)
-    bias = (k - 1) / (k * b)
-    if momentum is None:
-        return 0.0, bias
-    m = float(momentum)
-    c = m * (1.0 - m) ** (k - 1 - np.arange(k))
-    spread = float(np.sqrt(((c - c.mean()) ** 2).sum()))
-    decay = 1.0 - (1.0 - m) ** (2 * k)
-    across = 1.0 / np.sqrt(decay) if decay > 0 else 0.0
-    return spread * across / np.sqrt(b), bias + spread * across * np.sqrt(2.0 / b)
-
-
 def _lag_only(ctx, name: str, b: dict, rm, rv, eps: float, t, steps_run: int, pop_var=None) -> dict | None:
     """Is the running statistics' mismatch EMA lag? Rebuild the running statistics from the batch
     statistics the layer actually saw (the collector's BN-input rows); when the real ones match
@@ -67,7 +45,7 @@ def _lag_only(ctx, name: str, b: dict, rm, rv, eps: float, t, steps_run: int, po
 
     Gradient accumulation (K forwards of the layer per step, one merged row): BN updated its
     running statistics K times a step, each with one micro-batch; the rebuild runs K updates per
-    step with the merged moments. What the merge hides widens the tolerance (:func:`_merge_error`),
+    step with the merged moments. What the merge hides widens the tolerance (formulas.bn_merge_error),
     and when that is as large as the mismatch the check flags, ``lag_only`` is None."""
     tr = ctx.train
     d = tr[(tr.layer == name) & (tr.output == "input") & (tr.call == 0)].sort_values("step") if len(tr) else tr
@@ -98,7 +76,7 @@ def _lag_only(ctx, name: str, b: dict, rm, rv, eps: float, t, steps_run: int, po
     merge_m = merge_v = 0.0
     if k > 1:
         micro = float(np.median(d.samples.to_numpy(float))) / k
-        merge_m, merge_v = _merge_error(momentum, k, micro)
+        merge_m, merge_v = bn_merge_error(momentum, k, micro)
         ev.update(forwards_per_step=k, micro_batch=micro, merge_error_sigma=merge_m, merge_error_var=merge_v)
     if not live.any():
         return dict(ev, lag_only=None)

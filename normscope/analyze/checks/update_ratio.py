@@ -87,7 +87,7 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     med: dict[str, tuple[float, str, float]] = {}
     near_zero: dict[str, dict] = {}
     sched: dict[str, tuple[float, float]] = {}  # param → (peak lr of the run, median lr / peak over the window)
-    at_peak: dict[str, float] = {}  # param → median ratio scaled to the peak lr (where the schedule lowered it)
+    at_peak: dict[str, float] = {}  # param → median ratio scaled to the peak lr (the ratio itself at a constant lr)
     peaks = _lr_peaks(par)
     for name, d in tail.groupby("param", sort=False):
         layer = str(d.layer.iloc[0])
@@ -114,8 +114,8 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         # the low side is judged at the run's peak learning rate: a step's update scales with its lr (SGD,
         # momentum and Adam alike), so r · peak / lr is what the step would move at the lr the run chose; a
         # schedule annealing the lr (cosine, step decay) is no reason to raise it
-        use = np.isfinite(r) & np.isfinite(frac) & (frac > 0)
-        if use.any() and (frac[use] < 1.0 - 1e-6).any():
+        use = np.isfinite(r) & np.isfinite(frac) & (frac > 0)  # steps at lr 0 (cosine's last) moved nothing
+        if use.any():
             at_peak[str(name)] = float(np.median(r[use] / frac[use]))
         top = peak if np.isfinite(peak) else lr
         if adam and np.isfinite(top) and med[str(name)][0] > 0:
