@@ -15,9 +15,12 @@ Signals (rows of the ``signals`` table, per module call):
   head's maximum; ``attn_logit_bound`` — max‖q‖·max‖k‖·scale over the same positions (the cheap
   bound); ``attn_rotary`` — 1 when the model's rotary embedding was applied to q and k first.
   A QK-norm of the module (``q_norm``/``k_norm``, ...) is applied to the sampled q and k first.
-- the model output (layer :data:`OUTPUT_LAYER`), when its last axis has ≥ 2 entries (classifier or
-  LM logits): ``logz_mean`` / ``logz_std`` — log Σ exp(z) over the last axis, mean and std over a
-  subsample of ≤ :data:`ROWS` rows; ``z_absmax`` — max |z| and ``z_mean`` — the mean logit there.
+- the model output (layer :data:`OUTPUT_LAYER`), when it has ≥ 2 axes and its last has ≥ 2 entries
+  (classifier or LM logits): ``logz_mean`` / ``logz_std`` — log Σ exp(z) over the last axis, mean
+  and std over a subsample of ≤ :data:`ROWS` rows; ``z_absmax`` — max |z| and ``z_mean`` — the
+  mean logit there; in training, from the loss's gradient w.r.t. it, ``z_grad_shift`` —
+  :func:`shift_sensitivity`: ~0 for a softmax cross-entropy, whose logits' log Z nothing holds in
+  place, of order 1 for a regression or a sigmoid output (no logits to drift).
 - transformer blocks (:func:`normscope.roles.transformer_blocks`): ``massive_absmax`` — max |x|
   over the whole output; ``massive_median`` — the exact median of |x| over ≤ :data:`MEDIAN_MAX`
   elements (whole token rows, evenly spaced); ``massive_ch_i`` / ``massive_val_i`` /
@@ -98,14 +101,28 @@ def attention_values(per_head_and_bound: torch.Tensor, rotary: bool) -> torch.Te
 
 
 def logit_values(z: torch.Tensor) -> torch.Tensor | None:
-    """(mean log Z, std log Z, max |z|, mean z) over ≤ ROWS evenly spaced rows of the last axis."""
-    if z.dim() < 1 or z.shape[-1] < 2:
+    """(mean log Z, std log Z, max |z|, mean z) over ≤ ROWS evenly spaced rows of the last axis;
+    None for an output with one axis (a batch of scalars, not rows of logits)."""
+    if z.dim() < 2 or z.shape[-1] < 2:
         return None
     rows = z.reshape(-1, z.shape[-1])
     sub = rows.index_select(0, spaced(rows.shape[0], ROWS, rows.device)).float()
     lz = torch.logsumexp(sub, dim=-1)
     std = lz.std(unbiased=False) if lz.numel() > 1 else torch.zeros((), device=lz.device)
     return torch.stack([lz.mean(), std, sub.abs().amax(), sub.mean()]).double()
+
+
+def shift_sensitivity(g: torch.Tensor) -> torch.Tensor | None:
+    """Σ_rows |Σ_j g_ij| / Σ_rows Σ_j |g_ij| over the rows :func:`logit_values` samples: 0 (up to
+    rounding) when the loss does not change if a constant is added to every logit of a row, as
+    softmax cross-entropy (label smoothing and distillation's KL included) does not; of order 1
+    (1/√k for k independent outputs) for a regression's squared error or a multi-label sigmoid."""
+    if g.dim() < 2 or g.shape[-1] < 2:
+        return None
+    rows = g.reshape(-1, g.shape[-1])
+    sub = rows.index_select(0, spaced(rows.shape[0], ROWS, rows.device)).double()
+    total = sub.abs().sum()
+    return (sub.sum(dim=-1).abs().sum() / total.clamp_min(1e-300)).reshape(1)
 
 
 def massive_values(x: torch.Tensor, seq_axis: int) -> tuple[tuple[str, ...], torch.Tensor]:
@@ -244,8 +261,26 @@ class TransformerProbes:
                 return
             with torch.no_grad():
                 v = logit_values(z.detach())
+            if v is None:
+                return
+            phase = self._root_phase or self._phase(scope)
+            scope.emit(phase, OUTPUT_LAYER, 0, LOGIT_NAMES, v)
+            if phase == "train" and z.requires_grad and scope.record_grads:
+                ref = weakref.ref(scope)
+                z.register_hook(lambda g: self._logit_grad(ref, g))
+        except Exception as e:  # never break the user's training
+            self._fail(scope, OUTPUT_LAYER, e)
+
+    def _logit_grad(self, ref, g: torch.Tensor) -> None:
+        """The loss's gradient w.r.t. the output: is the loss blind to a constant added to every logit?"""
+        scope = ref()
+        if scope is None or OUTPUT_LAYER in self.disabled:
+            return
+        try:
+            with torch.no_grad():
+                v = shift_sensitivity(g.detach())
             if v is not None:
-                scope.emit(self._root_phase or self._phase(scope), OUTPUT_LAYER, 0, LOGIT_NAMES, v)
+                scope.emit("train", OUTPUT_LAYER, 0, ("z_grad_shift",), v)
         except Exception as e:  # never break the user's training
             self._fail(scope, OUTPUT_LAYER, e)
 

@@ -72,6 +72,22 @@ def test_output_logit_divergence_ladder(tmp_path, end, first, want):
         assert fs[0].evidence["drift"] == pytest.approx(end - first)
 
 
+@pytest.mark.parametrize("shift,want", [(None, ["warning"]), (0.009, ["warning"]), (0.011, [])])
+def test_output_logit_divergence_judges_softmax_logits_only(tmp_path, shift, want):
+    """A loss blind to a constant added to every logit (cross-entropy: Σ_j ∂L/∂z_j = 0) leaves log Z free
+    to drift; a regression's squared error is not (its outputs growing are no runaway log Z)."""
+    sig = _logz(60.0, 2.3)
+    if shift is not None:
+        sig["output"]["z_grad_shift"] = shift
+    a, fs = _got(_run(tmp_path / "r", sig), "output-logit-divergence")
+    assert [f.severity for f in fs] == want
+    if fs and shift is not None:
+        assert fs[0].evidence["grad_shift_sensitivity"] == pytest.approx(shift)
+    if not want:
+        reason = {s.check: s.reason for s in a.skipped}["output-logit-divergence"]
+        assert "not blind to a constant" in reason and "0.011 > 0.01" in reason
+
+
 def _massive(ratio0, ratio1, median=0.5, first=10.0):
     """Two blocks whose max/median ratio is ``first`` at step 0 (None: the same as later) and then
     ``ratio0`` / ``ratio1``: by default the outliers emerge during the run."""

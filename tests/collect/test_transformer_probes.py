@@ -14,6 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -254,6 +255,47 @@ def test_output_log_partition_and_massive_stats_match_brute_force(tmp_path, name
         ch = x.abs().amax(dim=(0, 1))
         assert int(rows["massive_ch_0"]) == int(ch.argmax())
         assert int(rows["massive_pos_0"]) == int(x[..., int(ch.argmax())].abs().amax(0).argmax())
+
+
+def _shift_reference(g: torch.Tensor) -> float:
+    rows = g.double().reshape(-1, g.shape[-1]).numpy()
+    return float(np.abs(rows.sum(-1)).sum() / np.abs(rows).sum())
+
+
+@pytest.mark.parametrize("head", ["softmax", "regression", "scalar"])
+def test_output_gradient_tells_softmax_logits_from_a_regression(tmp_path, head):
+    """z_grad_shift against the gradient the loss sent to the output, read by a hook of our own:
+    ~0 under cross-entropy, the squared error's own value for a 4-output regression; a 1-D output
+    (a batch of scalars) is not read as rows of logits at all."""
+    torch.manual_seed(0)
+    k = 1 if head == "scalar" else 4
+    m = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, k), *([nn.Flatten(0)] if k == 1 else []))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    grads = []
+    with normscope.watch(m, tmp_path / "r", every=1):
+        for _ in range(2):
+            x = torch.randn(32, 6)
+            z = m(x)
+            z.register_hook(lambda g: grads.append(g.detach().clone()))
+            if head == "softmax":
+                loss = nn.functional.cross_entropy(z, torch.randint(0, 4, (32,)), label_smoothing=0.1)
+            else:
+                loss = nn.functional.mse_loss(z, 3.0 * torch.randn_like(z))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    run = normscope.load(tmp_path / "r")
+    got = run.signal("z_grad_shift")
+    if head == "scalar":
+        assert not len(got) and not len(run.signal("logz_mean"))
+        return
+    assert got.step.tolist() == [0, 1]
+    ref = [_shift_reference(g) for g in grads]
+    assert got.value.tolist() == pytest.approx(ref, rel=1e-9, abs=1e-12)
+    if head == "softmax":
+        assert max(ref) < 1e-6
+    else:
+        assert min(ref) > 0.1
 
 
 def test_massive_median_on_a_large_output_is_exact_on_its_row_subsample():

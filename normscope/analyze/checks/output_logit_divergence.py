@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from normscope.analyze.checks._transformer import end_window, signal_phase, thin, unrecorded, wide
-from normscope.analyze.checks._util import num
+from normscope.analyze.checks._util import finite_median, num
 from normscope.analyze.context import Context
 from normscope.analyze.finding import Finding
 from normscope.analyze.registry import SkipCheck, Thresholds, register
@@ -31,7 +31,8 @@ REC = (
     id=ID, severity="error",
     summary="The final logits' mean log-partition log Σ exp(z) drifts far from 0 (runaway logit scale; fix: z-loss).",
     needs=("training",),
-    thresholds={"drift": 10.0, "abs_warn": 50.0, "error": 100.0, "window_frac": 0.1, "min_window_steps": 3},
+    thresholds={"drift": 10.0, "abs_warn": 50.0, "error": 100.0, "window_frac": 0.1, "min_window_steps": 3,
+                "shift_max": 0.01},
 )  # fmt: skip
 def check(ctx: Context, t: Thresholds) -> list[Finding]:
     phase = signal_phase(ctx, "logz_mean")
@@ -44,8 +45,19 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
             )
         )
     w = wide(ctx, NAMES, phase, agg="first")
+    shift = ctx.signal("z_grad_shift", "train")
+    shift = {str(k): finite_median(v.value) for k, v in shift.groupby("layer", sort=False)} if len(shift) else {}
+    not_logits = {k: v for k, v in shift.items() if v > t["shift_max"]}
+    if not_logits and set(w.layer.astype(str)) <= set(not_logits):
+        raise SkipCheck(
+            f"the loss is not blind to a constant added to the output (|Σ_j ∂L/∂z_j| / Σ_j |∂L/∂z_j| = "
+            f"{num(max(not_logits.values()))} > {num(t['shift_max'])}): a regression or sigmoid output, not softmax "
+            f"logits whose log Z could drift"
+        )
     out = []
     for layer, d in w.groupby("layer", sort=False):
+        if str(layer) in not_logits:
+            continue
         steps = d.step.to_numpy()
         lz = d.logz_mean.to_numpy(dtype=np.float64)
         if not np.isfinite(lz).any():
@@ -67,6 +79,7 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
             "z_absmax_first": float(zmax[0]), "z_absmax_end": float(np.nanmean(zmax[w0:])),
             "z_mean_first": float(zmean[0]), "z_mean_end": float(np.nanmean(zmean[w0:])),
             "window_steps": [int(steps[w0]), int(steps[-1])], "phase": phase, "series": thin(steps, lz),
+            "grad_shift_sensitivity": shift.get(str(layer)),
             "thresholds": {k: t[k] for k in ("drift", "abs_warn", "error")},
         }  # fmt: skip
         msg = (
