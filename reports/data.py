@@ -137,10 +137,18 @@ def _log_drift(d: pd.DataFrame) -> pd.DataFrame:
         return d.assign(log_drift=np.log10(d["drift"].clip(lower=1e-6)))
 
 
+def train_grads(run, phase: str = "train") -> pd.DataFrame:
+    """The phase's gradient rows, less those of steps a loss scaler skipped (overflowed, discarded)."""
+    g = run.grads
+    g = g[g.phase == phase] if len(g) else g
+    skipped = run.skipped_steps
+    return g[~g.step.isin(skipped)] if skipped and len(g) else g
+
+
 def heatmaps(run, phase: str = "train", max_cols: int = 200, max_rows: int = 120) -> list[Heatmap]:
     rows = layer_rows(run)
     s = run.stats[(run.stats.phase == phase) & (run.stats.output != "input")].copy()
-    g = run.grads[run.grads.phase == phase]
+    g = train_grads(run, phase)
     labels = rows["label"].tolist()
     relu = relu_layers(run.modules)
     s["dead"] = dead_fraction(s, relu) if len(s) else []
@@ -184,7 +192,7 @@ def heatmaps(run, phase: str = "train", max_cols: int = 200, max_rows: int = 120
 def gradient_flow(run, n_steps: int = 4, phase: str = "train") -> tuple[list[str], dict[int, np.ndarray]]:
     """Per-layer gradient RMS along depth for a few sampled steps (first ... last)."""
     rows = layer_rows(run)
-    vals, steps = _pivot(run.grads[run.grads.phase == phase], rows, "rms")
+    vals, steps = _pivot(train_grads(run, phase), rows, "rms")
     if not len(steps):
         return rows["label"].tolist(), {}
     pick = np.unique(np.linspace(0, len(steps) - 1, min(n_steps, len(steps))).round().astype(int))
@@ -198,7 +206,7 @@ def layer_table(run, flagged: set[str] | None = None, phase: str = "train") -> p
     if not len(s):
         s = run.stats[run.stats.output != "input"]
     last = s.sort_values("step").groupby(["layer", "call", "output"]).tail(1).set_index(["layer", "call", "output"])
-    g = run.grads[run.grads.phase == phase].sort_values("step").groupby(["layer", "call", "output"]).tail(1)
+    g = train_grads(run, phase).sort_values("step").groupby(["layer", "call", "output"]).tail(1)
     g = g.set_index(["layer", "call", "output"])
     p = run.params.sort_values("step")
     ratio = {}

@@ -77,7 +77,11 @@ class Context:
 
     @cached_property
     def grads_all(self) -> pd.DataFrame:
-        return self.run.grads
+        """Every phase's gradient rows but those of steps a loss scaler skipped (an overflowed
+        backward it discarded: expected, harmless; the loss-scaling check speaks of them)."""
+        g = self.run.grads
+        skipped = self.run.skipped_steps
+        return g[~g.step.isin(skipped)] if skipped and len(g) else g
 
     @cached_property
     def params_all(self) -> pd.DataFrame:

@@ -101,7 +101,7 @@ class StepAccumulator:
         self._columns = (pending, cols)
         return int(offs[-1])
 
-    def _write_columns(self, writer, step: int) -> None:
+    def _write_columns(self, writer, step: int, grad_scale: float | None = None) -> None:
         pending, cols = self._columns
         for kind, table in (("act", "stats"), ("grad", "grads")):
             if kind not in cols:
@@ -113,11 +113,15 @@ class StepAccumulator:
             if kind == "act":
                 c.update(module_type=[e.module_type for e in es], channel_axis=[e.layout.axis for e in es],
                          forwards=[1] * len(es))  # fmt: skip
+            elif grad_scale is not None:
+                c.update({k: (np.asarray(c[k], dtype=float) / grad_scale).tolist() for k in GRAD_SCALED})
             writer.extend(table, c)
 
-    def write(self, writer, step: int) -> None:
+    def write(self, writer, step: int, grad_scale: float | None = None) -> None:
+        """Append the step's rows; ``grad_scale``: the loss scale the backward ran under (the
+        output gradients' rows are divided by it)."""
         if self._columns is not None:
-            self._write_columns(writer, step)
+            self._write_columns(writer, step, grad_scale)
         for key, ent in self.acts.items():
             row = finish_act(ent.raw, ent.per_channel)
             phase, layer, call, path = key
@@ -126,6 +130,8 @@ class StepAccumulator:
             writer.append("stats", row)
         for key, raw in self.grads.items():
             row = finish_grad(raw)
+            if grad_scale is not None:
+                row.update({k: row[k] / grad_scale for k in GRAD_SCALED})
             phase, layer, call, path = key
             row.update(step=step, phase=phase, layer=layer, call=call, output=path)
             writer.append("grads", row)
@@ -197,6 +203,10 @@ def split_grad(pack: np.ndarray, layout: GradLayout, fast: bool = False) -> dict
 
 def combine_grad(a: dict, b: dict) -> dict:
     return P.combine(a, b, P.GRAD_FIELDS)
+
+
+# the grads table's columns that scale with the loss (the counts do not)
+GRAD_SCALED = ("norm", "rms", "max_abs")
 
 
 def finish_grad(r: dict) -> dict:

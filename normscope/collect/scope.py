@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from normscope.collect import amp as A
 from normscope.collect import compiled as C
 from normscope.collect import distributed as D
 from normscope.collect import native
@@ -46,7 +47,7 @@ from normscope.store.writer import RunWriter, write_json
 DEFAULT_EVERY = 20
 
 
-class Scope(ForwardHooks, CompiledRuntime, StepEnd):
+class Scope(ForwardHooks, CompiledRuntime, StepEnd, A.LossScaling):
     """Collects statistics while ``model`` trains. Use as a context manager (see :func:`watch`)."""
 
     def __init__(
@@ -198,6 +199,7 @@ class Scope(ForwardHooks, CompiledRuntime, StepEnd):
         if self._sentinels is not None:
             self._sentinels.register(self, self._step_hooks)
         self._handles += transformer_probes(self)  # attention logits, output log Z, massive activations
+        self._handles.append(A.install(self))  # GradScaler: the loss scale, the skipped steps (amp.py)
         self._ensure_hook_guards()
         if self._explicit_opt is not None:
             self._handles.append(self._explicit_opt.register_step_pre_hook(self._on_opt_pre))
@@ -236,6 +238,8 @@ class Scope(ForwardHooks, CompiledRuntime, StepEnd):
             self._flush()
         finally:
             if self._writer is not None:
+                if isinstance(self._meta.get("amp"), dict):
+                    self._meta["amp"]["skipped_steps"] = self._amp_skipped
                 self._meta.update(
                     status=status,
                     ended=_now(),

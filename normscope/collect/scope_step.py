@@ -25,9 +25,9 @@ from normscope.store.writer import write_json
 
 class StepEnd:
     # --- step end: one transfer, decode, buffer, flush -------------------------------------------
-    def _finish_step(self, updated: bool, params: bool) -> None:
+    def _finish_step(self, updated: bool, params: bool, skipped: bool = False) -> None:
         try:
-            self._finish_step_inner(params)
+            self._finish_step_inner(params, skipped)
         except Exception as e:
             self._note_error("step", e)
         finally:
@@ -35,20 +35,23 @@ class StepEnd:
             self._scalars = []
             self._signals = []
 
-    def _finish_step_inner(self, params: bool) -> None:
+    def _finish_step_inner(self, params: bool, skipped: bool = False) -> None:
         pending = self._pending
         sq = self._params.take() if params else None  # 3 × P squared norms (of the local shards)
         scal_t = [v for _, _, v in self._scalars if isinstance(v, torch.Tensor)]
         flags = self._sentinels.take() if self._sentinels is not None else []
-        # after the packs and norms, in this order: logged scalars, finiteness flags, signals (the
-        # writer's own values under torch.distributed: per-rank measurements, not merged)
+        # after the packs and norms, in this order: the loss scale, logged scalars, finiteness flags,
+        # signals (the writer's own values under torch.distributed: per-rank measurements, not merged)
         chk = self._params.take_check() if params else None  # the optimizer-state algebra's check
-        tail = scal_t + [f[4] for f in flags] + [v for *_, v in self._signals] + ([chk] if chk is not None else [])
+        amp = self._amp_tail()
+        tail = (
+            amp + scal_t + [f[4] for f in flags] + [v for *_, v in self._signals] + ([chk] if chk is not None else [])
+        )
         acc = StepAccumulator()
         norms = None
         if self._world > 1:
             write, norms = self._reduce(pending, sq, acc)
-            if not write or (not pending and sq is None and not self._scalars and not tail):
+            if not write or (not pending and sq is None and not self._scalars and not tail and not skipped):
                 if chk is not None:  # a rank that writes nothing reads its own check (check steps only)
                     self._params.checked(float(chk))
                 return
@@ -56,7 +59,7 @@ class StepEnd:
             off = 0
         else:
             tensors = [e.pack for e in pending] + ([sq] if sq is not None else []) + tail
-            if not tensors and not self._scalars:
+            if not tensors and not self._scalars and not skipped:
                 return
             host = _to_host(tensors) if tensors else np.zeros(0)
             off = acc.decode(pending, host, columns=True)
@@ -66,7 +69,12 @@ class StepEnd:
                 off += 3 * n
         step = self.step_index
         w = self._writer
-        acc.write(w, step)
+        scale = float(host[off]) if amp else None
+        off += len(amp)
+        # the backward ran on the loss times the scale: the output gradients' norm, rms and max |g|
+        # divided by it are the true ones (a scale of 0 or NaN: kept as recorded)
+        acc.write(w, step, grad_scale=scale if scale is not None and math.isfinite(scale) and scale > 0 else None)
+        self._amp_rows(w, step, skipped, scale)
         if norms is not None:
             hp = group_hparams(self._opt)
             if self._opt is not None and "optimizer" not in self._meta:

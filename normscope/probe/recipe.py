@@ -20,6 +20,7 @@ from typing import Any
 from normscope.errors import NormscopeError
 
 DEFAULT_LR = 0.01
+AMP_DTYPES = ("float16", "bfloat16")  # Recipe.amp: autocast to this dtype (float16 with a GradScaler)
 
 
 @dataclass
@@ -36,6 +37,10 @@ class Recipe:
       BN statistics on the data you evaluate on).
     - ``scheduler``: optional learning-rate scheduler, or a factory ``optimizer → scheduler``;
       stepped once after every training step (warmup, cosine, ...).
+    - ``amp``: mixed precision for the default training step: ``"float16"`` (autocast to fp16,
+      the loss scaled by a ``torch.amp.GradScaler``) or ``"bfloat16"`` (autocast to bf16, no
+      scaler); None (the default) trains in the model's own precision. A ``train_step`` of your
+      own does its own mixed precision.
 
     Your own loop, when the default one is not how you train:
 
@@ -61,6 +66,7 @@ class Recipe:
     scheduler: Any = None
     train_step: Callable | None = None
     eval_step: Callable | None = None
+    amp: str | None = None
 
     def __post_init__(self) -> None:
         from torch import nn
@@ -85,6 +91,11 @@ class Recipe:
                                ("eval_step", self.eval_step, "eval_step(model, batch) -> loss or {metric: value}")):  # fmt: skip
             if fn is not None and not callable(fn):
                 raise NormscopeError(f"Recipe.{label} must be callable as {sig}, got {type(fn).__name__}.")
+        if self.amp is not None and self.amp not in AMP_DTYPES:
+            raise NormscopeError(f"Recipe.amp must be None, 'float16' or 'bfloat16', got {self.amp!r}.")
+        if self.amp is not None and self.train_step is not None:
+            raise NormscopeError("Recipe.amp applies to the default training step: with your own train_step, "
+                                 "autocast (and scale the loss) inside it, and leave amp=None.")  # fmt: skip
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise NormscopeError(f"Recipe.steps must be a whole number ≥ 1, got {self.steps!r}.")
         import torch

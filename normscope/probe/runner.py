@@ -109,16 +109,27 @@ def _eval_metrics(model: nn.Module, recipe: Recipe, dev) -> dict[str, float]:
     return {name: v / n for name, v in sums.items()} if n else {"loss": math.nan}
 
 
-def _train_step(model: nn.Module, recipe: Recipe, opt, x, y) -> float:
+def _train_step(model: nn.Module, recipe: Recipe, opt, x, y, scaler=None) -> float:
     if recipe.train_step is not None:
         loss = recipe.train_step(model, (x, y), opt)
         if isinstance(loss, torch.Tensor):
             loss = _loss_value(loss)
         return float(_as_metrics(loss, "Recipe.train_step")["loss"])
     opt.zero_grad(set_to_none=True)
-    loss = _loss_value(recipe.loss_fn(M.forward(model, x), y))
-    loss.backward()
-    opt.step()
+    if recipe.amp is None:
+        loss = _loss_value(recipe.loss_fn(M.forward(model, x), y))
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+    with torch.autocast(M.device_of(model).type, dtype=getattr(torch, recipe.amp)):
+        loss = _loss_value(recipe.loss_fn(M.forward(model, x), y))
+    if scaler is None:  # bfloat16: fp32's range, nothing to scale
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
     return float(loss.detach())
 
 
@@ -172,6 +183,7 @@ def probe(recipe: Recipe | str | os.PathLike, steps: int | None = None, run_dir:
     run_dir = Path(run_dir) if run_dir is not None else _default_run_dir(name)
     dev = M.device_of(model)
     notes: dict[str, str] = {}
+    scaler = torch.amp.GradScaler(dev.type) if recipe.amp == "float16" and recipe.train_step is None else None
 
     with M.fork_rng(seed):  # data order, dropout masks and passes are seeded; the caller's RNG is restored
         probe_x = M.take_samples(recipe.train_data, max_probe_samples)
@@ -201,7 +213,7 @@ def probe(recipe: Recipe | str | os.PathLike, steps: int | None = None, run_dir:
                     x, y = M.split_batch(next(it))
                     x, y = M.to_device(x, dev), M.to_device(y, dev)
                     batches_seen.append(M.batch_size(x))
-                    value = _train_step(model, recipe, opt, x, y)
+                    value = _train_step(model, recipe, opt, x, y, scaler)
                     if sched is not None:
                         sched.step()
                     scope.log(loss=value)

@@ -26,7 +26,9 @@ class Run:
     - ``stats``: activation statistics, one row per step × phase × layer call × output.
     - ``grads``: gradient statistics w.r.t. hooked outputs (same keys as ``stats``).
     - ``params``: per parameter tensor norms (‖w‖, ‖∇w‖, ‖Δw‖), lr and weight decay.
-    - ``scalars``: values logged with ``Scope.log`` (loss, ...).
+    - ``scalars``: values logged with ``Scope.log`` (loss, ...), and, phase ``"amp"``, the loss
+      scale of a ``GradScaler`` run (``loss_scale``, ``skipped``, ``skipped_total``).
+    - ``skipped_steps``: the sampled steps whose optimizer step the loss scaler skipped.
     - ``signals``: named per-layer measurements beyond the activation pack (long format: step,
       phase, layer, call, name, value), e.g. the attention-logit maximum or BN running-stat drift.
     - ``layers``: hooked layers in execution order of the first forward (DataFrame).
@@ -63,6 +65,16 @@ class Run:
     @cached_property
     def signals(self) -> pd.DataFrame:
         return self._table("signals")
+
+    @cached_property
+    def skipped_steps(self) -> frozenset[int]:
+        """Sampled steps a ``GradScaler`` skipped (Inf/NaN gradients: the optimizer did not step;
+        the gradients recorded there are the overflowed ones the scaler discarded)."""
+        sc = self.scalars
+        if not len(sc):
+            return frozenset()
+        d = sc[(sc.phase == "amp") & (sc.name == "skipped") & (sc.value > 0)]
+        return frozenset(int(s) for s in d.step)
 
     def signal(self, name: str, phase: str | None = "train") -> pd.DataFrame:
         """The rows of one signal (all phases when ``phase`` is None), sorted by layer and step."""

@@ -18,6 +18,7 @@ HEALTHY = [
     "healthy_pre_ln_transformer",
     "healthy_weight_norm_data_init",
     "healthy_scheduled_sgd",
+    "healthy_amp_cnn_digits",
 ]
 
 

@@ -391,3 +391,40 @@ def test_unnormalized_inputs_skip_without_probe(tmp_path):
     r.stat(0, "0")
     a, _ = _findings(r.done(), "unnormalized-inputs")
     assert "only normscope.probe measures" in _skip(a, "unnormalized-inputs")
+
+
+# --- loss-scaling: skipped fraction over the second half warns at 5 %, errors at 50 %; scale below 1 warns ---
+def _amp_run(tmp_path, skipped: set, scale_last: float = 1024.0, steps: int = 100):
+    r = SyntheticRun(tmp_path / "r", {"0": LIN})
+    total = 0
+    for step in range(steps):
+        total += step in skipped
+        r.scalar(step, 2.0**20 if step == 0 else scale_last if step == steps - 1 else 1024.0, "amp", "loss_scale")
+        r.scalar(step, float(step in skipped), "amp", "skipped")
+        r.scalar(step, float(total), "amp", "skipped_total")
+    return r.done(steps_seen=steps, amp={"type": "GradScaler", "skipped_steps": total})
+
+
+@pytest.mark.parametrize("k,want", [(0, ["info"]), (2, ["info"]), (3, ["warning"]), (24, ["warning"]), (26, ["error"])])
+def test_loss_scaling_skip_ladder(tmp_path, k, want):
+    # 4 skips while the scaler calibrates (steps 0-3, outside the window), then k in the window's 50 steps
+    a, got = _findings(_amp_run(tmp_path, {0, 1, 2, 3} | set(range(50, 50 + k))), "loss-scaling")
+    assert [s for s, _ in got] == want
+    f = [f for f in a.findings if f.check == "loss-scaling"][0]
+    assert f.evidence["window_skip_fraction"] == pytest.approx(k / 50) and f.evidence["skipped_steps"] == 4 + k
+    assert f.evidence["window_steps"] == [50, 99]
+
+
+@pytest.mark.parametrize("last,want", [(1.0, []), (0.5, ["warning"])])
+def test_loss_scaling_scale_below_one_warns(tmp_path, last, want):
+    a, got = _findings(_amp_run(tmp_path, set(), scale_last=last), "loss-scaling")
+    assert [s for s, _ in got] == want
+    if want:
+        assert "fell to 0.5" in a.findings[0].message and a.findings[0].evidence["loss_scale_last"] == 0.5
+
+
+def test_loss_scaling_skips_without_a_scaler(tmp_path):
+    r = SyntheticRun(tmp_path / "r", {"0": LIN})
+    r.scalar(0, 1.0)
+    a, got = _findings(r.done(), "loss-scaling")
+    assert got == [] and "no GradScaler" in _skip(a, "loss-scaling")

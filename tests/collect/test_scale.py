@@ -317,11 +317,11 @@ def test_llama_entries_and_step_bytes_match_a_real_llama(tmp_path, monkeypatch, 
     seen = []
     inner = S.Scope._finish_step_inner
 
-    def capture(self, params):
+    def capture(self, params, skipped=False):
         if self._pending:
             red = D.StepReduction.build(self._pending, None, {}, torch.device("cpu"))
             seen.append((red.size, [(g.kind, g.layout) for g in red.groups]))
-        return inner(self, params)
+        return inner(self, params, skipped)
 
     monkeypatch.setattr(S.Scope, "_finish_step_inner", capture)
     ids = torch.randint(0, 96, (2, 10))

@@ -203,3 +203,33 @@ def test_gradient_accumulation_lag_is_not_stale_and_staleness_still_warns(tmp_pa
     normscope.store.write_probe(run.run_dir, probe)
     (f,) = [f for f in _stale(normscope.analyze_full(normscope.load(run.run_dir))) if f.layer == fs[0].layer]
     assert f.severity == "warning" and f.evidence["lag_only"] is False
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "gpt2"])
+def test_fp16_mixed_precision_with_a_grad_scaler_raises_no_warning(tmp_path, name):
+    """Regression: under fp16 autocast and a GradScaler, the steps the scaler skipped while finding its
+    level (MobileNetV2: 65536 → 128) were a non-finite *error*, and every later step was cut from the
+    analysis. Now they are skipped steps (loss-scaling: info), the rest is judged, and the recorded
+    gradients are the true ones: the same size as in an fp32 run of the same recipe."""
+    import dataclasses
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = normscope.probe(dataclasses.replace(H.recipe(name), amp="float16"), run_dir=tmp_path / "fp16")
+        ref = normscope.probe(H.recipe(name), run_dir=tmp_path / "fp32")
+    a = normscope.analyze_full(run)
+    assert not [str(f) for f in a.findings if f.severity != "info"]
+    assert {"non-finite", "vanishing-gradients", "exploding-gradients", "update-ratio"} <= set(a.checks_run)
+    assert "loss-scaling" in set(a.checks_run)
+    if name == "mobilenet_v2":
+        assert run.meta["amp"]["skipped_steps"] > 0
+        assert [f for f in a.findings if f.check == "loss-scaling" and f.severity == "info"]
+    # skipped steps move nothing: the first step the scaler let through still has the initial weights,
+    # as the fp32 run's step 0 does (another batch of the same data)
+    first = min(set(run.grads.step) - run.skipped_steps)
+    g, r = run.grads[run.grads.step == first], ref.grads[ref.grads.step == 0]
+    both = g.merge(r, on=["layer", "call", "output"], suffixes=("", "_ref"))
+    both = both[(both.rms_ref > 0) & np.isfinite(both.rms)]
+    assert len(both) > 20
+    ratio = float(np.median(both.rms / both.rms_ref))
+    assert 0.8 < ratio < 1.25, ratio  # the descaled gradients: fp32's size (scaled: ×65536 … ×128)
