@@ -62,8 +62,9 @@ def export_tensorboard(run_dir: str | Path, logdir: str | Path) -> dict[str, int
                                     sum_squares=float((r.std**2 + r.mean**2) * hist.sum()),
                                     bucket_limits=upper.tolist(), bucket_counts=hist.tolist(), global_step=int(r.step))  # fmt: skip
                 counts["histograms"] += 1
+        skipped = run.skipped_steps  # a loss scaler's skipped steps: overflowed gradients it discarded
         for r in run.grads.itertuples(index=False):
-            if math.isfinite(r.rms):
+            if math.isfinite(r.rms) and int(r.step) not in skipped:
                 w.add_scalar(f"grad/{_tag(r.layer, r.call, r.output)}/rms", r.rms, int(r.step))
                 counts["scalars"] += 1
         for r in run.params.itertuples(index=False):

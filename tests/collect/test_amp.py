@@ -177,3 +177,20 @@ def test_recipe_amp(tmp_path):
         Recipe(_net(), data, F.cross_entropy, amp="fp8")
     with pytest.raises(NormscopeError, match="your own train_step"):
         Recipe(_net(), data, F.cross_entropy, amp="float16", train_step=lambda m, b, o: 0.0)
+
+
+def test_skipped_steps_stay_out_of_the_report_and_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from normscope.integrations.tensorboard import export_tensorboard
+    from reports.data import gradient_flow, train_grads
+
+    run, _ = _train(tmp_path / "r", _scaler(), boost=(2, 5))
+    assert set(train_grads(run).step) == set(range(STEPS)) - {2, 5}
+    assert not set(gradient_flow(run, n_steps=STEPS)[1]) & {2, 5}
+    export_tensorboard(tmp_path / "r", tmp_path / "tb")
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("grad/2/rms")] == [0, 1, 3, 4, 6, 7]
+    assert [e.value for e in acc.Scalars("amp/loss_scale")] == [1024, 1024, 1024, 512, 512, 512, 256, 256]
