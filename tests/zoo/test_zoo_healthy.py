@@ -233,3 +233,20 @@ def test_fp16_mixed_precision_with_a_grad_scaler_raises_no_warning(tmp_path, nam
     assert len(both) > 20
     ratio = float(np.median(both.rms / both.rms_ref))
     assert 0.8 < ratio < 1.25, ratio  # the descaled gradients: fp32's size (scaled: ×65536 … ×128)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "swin"])
+def test_lora_fine_tuning_raises_no_warning(tmp_path, name):
+    """Regression: LoRA fine-tuning (frozen model, adapters on query/value, head trained) warned
+    'gradients vanish along depth' on BERT (2.5e-4) and Swin (1.1e-4): ρ of an adapter's A grows with
+    its zero-init B, which is not depth. GPT-2 adapts its fused Conv1D c_attn."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = normscope.probe(H.lora_recipe(name), run_dir=tmp_path / name)
+    a = normscope.analyze_full(run)
+    assert not [str(f) for f in a.findings if f.severity != "info"]
+    assert not [s for s in a.skipped if s.reason.startswith("check failed")], a.skipped
+    trained = run.params.dropna(subset=["grad_norm"]).param
+    assert trained.str.contains("lora_A").any() and trained.str.contains("lora_B").any()
+    (skip,) = [s for s in a.skipped if s.check == "vanishing-gradients"]
+    assert "gated by a weight that started near zero" in skip.reason  # said, not silently blind

@@ -4,6 +4,8 @@ pixel rows as a token task for the text models). A warning or error here is a fa
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import zoo_models as Z
@@ -88,3 +90,40 @@ def param_groups(model: nn.Module, weight_decay: float = 0.01) -> list[dict]:
     decay = [p for n, p in model.named_parameters() if n not in no_decay]
     rest = [p for n, p in model.named_parameters() if n in no_decay]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+class LoRA(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update B·A with B at zero (Hu et al. 2021),
+    as PEFT builds it (for nn.Linear and GPT-2's Conv1D alike)."""
+
+    def __init__(self, base: nn.Module, r: int = 4, alpha: float = 8.0):
+        super().__init__()
+        self.base = base
+        fin, fout = (base.in_features, base.out_features) if isinstance(base, nn.Linear) else base.weight.shape
+        self.lora_A = nn.Linear(fin, r, bias=False)
+        self.lora_B = nn.Linear(r, fout, bias=False)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.scale = alpha / r
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(x)) * self.scale
+
+
+LORA_TARGETS = ("query", "value", "q_proj", "v_proj", "c_attn", "q", "v")  # PEFT's defaults per family
+
+
+def lora_recipe(name: str, lr: float = 1e-3) -> normscope.Recipe:
+    """Parameter-efficient fine-tuning: the model frozen, LoRA on the attention's query and value
+    projections, the classification head trained (PEFT's ``modules_to_save``)."""
+    r = recipe(name)
+    model = r.model.requires_grad_(False)
+    for m in list(model.modules()):
+        for cname, c in list(m.named_children()):
+            if cname in LORA_TARGETS and (isinstance(c, nn.Linear) or type(c).__name__ == "Conv1D"):
+                setattr(m, cname, LoRA(c))
+    for mname, m in model.named_modules():
+        if mname.endswith(("classifier", "score")):
+            m.requires_grad_(True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    return normscope.Recipe(model, r.train_data, r.loss_fn, optimizer=opt, steps=STEPS, name=f"zoo-lora-{name}")

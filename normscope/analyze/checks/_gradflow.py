@@ -15,11 +15,16 @@ construction, and a class-token head touches one position of many):
 Both compare the two ends of the network: the median over the first ``L/8`` layers (at least
 one) against the median over the last ``L/8``. Weights initialised at or near zero (a zero-init
 head or layer scale, RMS below 1e-4 at the first recorded step) are left out of ρ: their ratio to
-a norm that starts at zero says nothing about gradient flow. The per-layer factor of a Theil–Sen
+a norm that starts at zero says nothing about gradient flow. So are the layers such a weight gates: a
+layer whose output reaches the loss only through a layer whose weight started near zero (a LoRA
+adapter's A before its zero-init B, a conv before a zero-init BatchNorm γ) gets ∇W proportional to
+that weight, so its ρ follows the gate's growth, not depth. The per-layer factor of a Theil–Sen
 fit (median pairwise slope of log(value) along depth) is reported beside it.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 import numpy as np
 
@@ -62,6 +67,55 @@ def near_zero_init(ctx) -> set[str]:
     return set(first.param[near])
 
 
+def _next_layers(g, node_id: str, parametrised) -> tuple[set[str], bool]:
+    """The parametrised layers first met on the paths out of ``node_id`` (through parameter-free
+    modules and functional ops), and whether a path reaches the output without meeting one."""
+    found: set[str] = set()
+    bare = False
+    seen: set[str] = set()
+    todo = deque(g.succs.get(node_id, []))
+    while todo:
+        n = g.nodes[todo.popleft()]
+        if n.id in seen:
+            continue
+        seen.add(n.id)
+        if parametrised(n):
+            found.add(n.module)
+        elif n.op == "output":
+            bare = True
+        else:
+            todo.extend(g.succs.get(n.id, []))
+    return found, bare
+
+
+def gated_by_near_zero_init(ctx, zero: set[str]) -> dict[str, str]:
+    """{layer: gate} for layers whose output enters, on every path, a layer whose weight started near
+    zero (``zero``) with more layers after it: ∂L/∂h of such a layer is multiplied by that weight,
+    so its ρ measures the gate's growth, not depth — a LoRA adapter's A before its zero-init B, a
+    conv before a zero-init BatchNorm γ. A zero-init head gates every layer alike and is no gate."""
+    near = {p.rsplit(".", 1)[0] for p in zero if p.endswith(".weight") and "." in p}
+    g = ctx.graph if near else None
+    if g is None:
+        return {}
+
+    def parametrised(n) -> bool:
+        return n.op == "module" and ctx.modules.get(n.module, {}).get("own_params", 0) > 0
+
+    gates = {n.module for n in g.module_nodes() if n.module in near and _next_layers(g, n.id, parametrised)[0]}
+    out: dict[str, str] = {}
+    open_layers: set[str] = set()
+    for node in g.module_nodes():
+        if not parametrised(node) or node.module in gates or node.module in open_layers:
+            continue
+        found, bare = _next_layers(g, node.id, parametrised)
+        if found and not bare and found <= gates:
+            out.setdefault(node.module, min(found))
+        else:
+            open_layers.add(node.module)  # every call of a layer must be gated
+            out.pop(node.module, None)
+    return out
+
+
 def trend_ratio(values) -> tuple[float, float]:
     """(first/last along the fitted trend, factor per layer towards the output) by Theil–Sen on log values."""
     v = np.asarray(values, dtype=np.float64)
@@ -81,10 +135,14 @@ def weight_profile(ctx, window_frac: float) -> dict:
         raise SkipCheck("no parameter statistics in the run")
     keep = []
     zero = near_zero_init(ctx)
+    gated = gated_by_near_zero_init(ctx, zero)
+    left = (
+        f"; left out: {len(gated)} layers gated by a weight that started near zero ({min(gated)}, …)" if gated else ""
+    )
     for name in p.param.unique():
-        if name in zero:
-            continue
         layer = name.rsplit(".", 1)[0] if "." in name else ""
+        if name in zero or layer in gated:
+            continue
         info = ctx.modules.get(layer or "<root>", {})
         # a weight-normalised layer's direction v stands for its weight (w = g·v/‖v‖: ρ_v = ρ of w's direction)
         wn_v = {f"{layer}.{w['v']}" if layer else w["v"] for w in info.get("weight_norm") or ()}
@@ -93,7 +151,7 @@ def weight_profile(ctx, window_frac: float) -> dict:
         keep.append((ctx.order(layer or "<root>"), name, layer))
     keep.sort()
     if len(keep) < 2:
-        raise SkipCheck("fewer than two conv/linear weights with recorded statistics")
+        raise SkipCheck(f"fewer than two conv/linear weights with recorded statistics{left}")
     win, span = _window(p[p.param.isin([k[1] for k in keep])], window_frac)
     rho, names, layers = [], [], []
     for _, name, layer in keep:
@@ -106,7 +164,7 @@ def weight_profile(ctx, window_frac: float) -> dict:
         names.append(name)
         layers.append(layer)
     if len(rho) < 2:
-        raise SkipCheck("fewer than two conv/linear weights with a recorded gradient and non-zero norm")
+        raise SkipCheck(f"fewer than two conv/linear weights with a recorded gradient and non-zero norm{left}")
     # depth is counted in blocks: the weights of one repeated block (a transformer layer's q/k/v/o and
     # MLP, a ResNet stage) are one position, judged by their median — attention's q/k projections learn
     # slowly at initialisation in every healthy transformer, which is not depth
@@ -119,7 +177,8 @@ def weight_profile(ctx, window_frac: float) -> dict:
     return {"measure": "relative weight gradient ‖∇W‖/‖W‖", "params": names, "layers": layers,
             "values": rho, "ratio": ratio, "group": k, "window_steps": span, "rate_per_layer": rate,
             "blocks": [{"block": b, "median": g} for b, g in zip(groups, gvals)],
-            "left_out_near_zero_init": sorted(zero)}  # fmt: skip
+            "left_out_near_zero_init": sorted(zero),
+            "left_out_gated": [{"layer": k, "gate": v} for k, v in sorted(gated.items())]}  # fmt: skip
 
 
 def output_profile(ctx, window_frac: float) -> dict:
@@ -160,6 +219,8 @@ def evidence(prof: dict, t) -> dict:
         ev["blocks"] = prof["blocks"]
     if prof.get("left_out_near_zero_init"):
         ev["left_out_near_zero_init"] = prof["left_out_near_zero_init"]
+    if prof.get("left_out_gated"):
+        ev["left_out_gated"] = prof["left_out_gated"]
     if "backward_gain" in prof:
         ev["backward_gain"] = prof["backward_gain"]
     return ev
