@@ -62,7 +62,7 @@ class Context:
             return model_modules(self.model)
         if self.probe.get("modules"):
             return dict(self.probe["modules"])
-        keep = ("family", "role", "weight_norm")
+        keep = ("family", "role", "weight_norm", "bn", "momentum", "track_running_stats")
         return {name: {"type": m["type"], "own_params": m.get("params", 0)} | {k: m[k] for k in keep if k in m}
                 for name, m in self.run.modules.items()}  # fmt: skip
 

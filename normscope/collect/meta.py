@@ -44,6 +44,8 @@ def initial_meta(model, name: str, plans, options: dict) -> dict:
         wn = weight_norm(m)
         if wn:
             entry["weight_norm"] = wn
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):  # what bn-momentum reads without the model
+            entry.update(bn=True, momentum=m.momentum, track_running_stats=bool(m.track_running_stats))
         by_name.pop(cname, None)
         by_name[cname] = entry
     modules = list(by_name.values())

@@ -30,7 +30,7 @@ class SyntheticRun:
         self.meta = {
             "format": FORMAT, "name": name, "status": "complete", "execution_order": self.order,
             "modules": [{"name": n, "type": m["type"], "params": m.get("params", 0), "hooked": m.get("hooked", True),
-                         **{k: m[k] for k in ("family", "role", "weight_norm") if k in m}} for n, m in modules.items()],
+                         **{k: m[k] for k in ("family", "role", "weight_norm", "bn", "momentum", "track_running_stats") if k in m}} for n, m in modules.items()],
             "options": {}, "histograms": {}, "saturation": {n: m["sat"] for n, m in modules.items() if "sat" in m},
         }  # fmt: skip
 

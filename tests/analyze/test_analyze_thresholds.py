@@ -428,3 +428,31 @@ def test_loss_scaling_skips_without_a_scaler(tmp_path):
     r.scalar(0, 1.0)
     a, got = _findings(r.done(), "loss-scaling")
     assert got == [] and "no GradScaler" in _skip(a, "loss-scaling")
+
+
+# --- bn-momentum: warn at a BatchNorm momentum ≥ 0.5 (PyTorch's convention: the newest batch's weight) ---
+@pytest.mark.parametrize("momentum,want", [(0.1, []), (0.49, []), (0.5, ["warning"]), (0.997, ["warning"]),
+                                           (1.0, ["warning"]), (None, [])])  # fmt: skip
+def test_bn_momentum_threshold(tmp_path, momentum, want):
+    bn = {"type": "BatchNorm2d", "role": "norm", "bn": True, "momentum": momentum, "track_running_stats": True}
+    r = SyntheticRun(tmp_path / "r", {"1": bn, "2": dict(bn, track_running_stats=False, momentum=0.9)})
+    r.stat(0, "1")
+    a, got = _findings(r.done(), "bn-momentum")
+    assert [s for s, _ in got] == want  # a BN without running statistics has no momentum to get wrong
+    if want:
+        (f,) = [f for f in a.findings if f.check == "bn-momentum"]
+        assert f.evidence["layers"] == ["1"] and f.evidence["pytorch_equivalent_of_tf_decay"] == pytest.approx(
+            1 - momentum
+        )
+        assert f.evidence["effective_batches"] == pytest.approx((2 - momentum) / momentum)
+
+
+def test_bn_momentum_skips(tmp_path):
+    r = SyntheticRun(tmp_path / "r", {"0": LIN})
+    r.stat(0, "0")
+    a, _ = _findings(r.done(), "bn-momentum")
+    assert _skip(a, "bn-momentum").startswith("no BatchNorm layer")
+    r = SyntheticRun(tmp_path / "o", {"1": {"type": "BatchNorm2d", "role": "norm"}})  # a run from before the record
+    r.stat(0, "1")
+    a, _ = _findings(r.done(), "bn-momentum")
+    assert _skip(a, "bn-momentum").startswith("BatchNorm momentum not recorded")

@@ -9,6 +9,7 @@ import numpy as np
 
 from normscope.analyze.checks._bn import _bn_train_batch, _pass, dropouts_upstream, frozen_kept_in_eval
 from normscope.analyze.checks._util import num, pct, stack
+from normscope.analyze.checks.bn_momentum import MAX_MOMENTUM, inverted
 from normscope.analyze.context import Context
 from normscope.analyze.finding import Finding
 from normscope.analyze.formulas import bn_merge_error, bn_running_ema, stale_stats
@@ -239,6 +240,11 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         if cause and not is_lag:
             msg += f" Cause seen by the mode audit: {cause} (eval-in-train-mode)."
             ev["mode_cause"] = cause
+        momentum = b.get("momentum", 0.1)
+        if inverted(momentum, MAX_MOMENTUM) and not is_lag:
+            msg += (f" Its momentum {momentum:g} makes them the last batch's statistics alone (bn-momentum: "
+                    f"TensorFlow's decay convention, {num(1 - momentum)} in PyTorch's).")  # fmt: skip
+            ev["momentum_inverted"] = momentum
         if name in kept_frozen and not is_lag:
             severity = "info"
             msg = (f"{name} is frozen on purpose (its affine parameters do not train and it stayed in eval mode), "
