@@ -28,7 +28,7 @@ CATALOG = {
     "exploding-gradients", "update-ratio", "effective-lr", "norm-weight-decay", "unnormalized-inputs",
     "overfitting", "underfitting", "legacy-lrn", "weight-sparsity", "eval-in-train-mode", "frozen-bn-drift",
     "attention-logit-growth", "output-logit-divergence", "massive-activations", "weight-norm-init", "post-ln-gradient",
-    "loss-scaling", "bn-momentum",
+    "loss-scaling", "bn-momentum", "norm-scale-init",
 }  # fmt: skip
 
 

@@ -456,3 +456,37 @@ def test_bn_momentum_skips(tmp_path):
     r.stat(0, "1")
     a, _ = _findings(r.done(), "bn-momentum")
     assert _skip(a, "bn-momentum").startswith("BatchNorm momentum not recorded")
+
+
+# --- norm-scale-init: γ RMS at the start below 0.1 (not near zero) on ≥ half the norms; error at collapse 1e-3 --
+def _norm_init_run(tmp_path, gammas, out_rms=None):
+    norm = {"type": "BatchNorm2d", "role": "norm"}
+    r = SyntheticRun(tmp_path / "r", {str(i): norm for i in range(len(gammas))})
+    for i, rms in enumerate(out_rms or [1.0] * len(gammas)):
+        r.stat(0, str(i), mean=0.0, std=rms)
+    return r.done(param_init_rms={f"{i}.weight": g for i, g in enumerate(gammas)} | {"0.bias": 0.0})
+
+
+@pytest.mark.parametrize("gammas,want", [
+    ([0.099] * 4, ["warning"]), ([0.1] * 4, []), ([1.0] * 4, []),
+    ([5e-5] * 4, []),  # a zero-init γ (the last norm of a residual branch, Gemma's 1 + w): meant
+    ([0.02, 0.02, 1.0, 1.0], ["warning"]), ([0.02, 1.0, 1.0], []),  # at least half of the norm layers
+])  # fmt: skip
+def test_norm_scale_init_threshold(tmp_path, gammas, want):
+    a, got = _findings(_norm_init_run(tmp_path, gammas), "norm-scale-init")
+    assert [s for s, _ in got] == want
+
+
+@pytest.mark.parametrize("last,want", [(1.1e-3, "warning"), (0.9e-3, "error")])
+def test_norm_scale_init_collapse(tmp_path, last, want):
+    a, got = _findings(_norm_init_run(tmp_path, [0.02] * 3, out_rms=[1.0, 0.1, last]), "norm-scale-init")
+    (f,) = [f for f in a.findings if f.check == "norm-scale-init"]
+    assert f.severity == want and f.evidence["output_rms_last_over_first"] == pytest.approx(last, rel=1e-6)
+    assert f.evidence["layers"] == ["0", "1", "2"] and f.evidence["init_rms_median"] == pytest.approx(0.02)
+
+
+def test_norm_scale_init_skips(tmp_path):
+    r = SyntheticRun(tmp_path / "r", {"0": LIN})
+    r.stat(0, "0")
+    a, _ = _findings(r.done(param_init_rms={"0.weight": 0.02}), "norm-scale-init")
+    assert _skip(a, "norm-scale-init").startswith("no normalisation layer")

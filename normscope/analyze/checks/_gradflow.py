@@ -49,13 +49,26 @@ def ends_ratio(values) -> tuple[float, int]:
         return float(np.nanmedian(v[:k]) / np.nanmedian(v[-k:])), k
 
 
+def initial_rms(ctx) -> dict[str, float]:
+    """RMS of each parameter when the run started (meta.json ``param_init_rms``), or, for runs
+    without that record (sharded parameters), at the first recorded step."""
+    init = ctx.meta.get("param_init_rms")
+    if init:
+        return {k: float(v) for k, v in init.items() if v is not None}
+    p = ctx.params_all
+    if not len(p):
+        return {}
+    first = p[p.step == p.step.min()]
+    rms = first.norm.to_numpy(float) / np.sqrt(np.maximum(first.numel.to_numpy(float), 1))
+    return dict(zip(first.param, rms.tolist()))
+
+
 def near_zero_init(ctx) -> set[str]:
     """Parameters initialised at (or near) zero: RMS below 1e-4 when the run started (meta.json), or,
     for runs without that record, a first recorded norm equal to the first update's within 1e-3
     (a weight that started at 0 ends its first step with w = −Δw, so ‖w‖ = ‖Δw‖)."""
-    init = ctx.meta.get("param_init_rms")
-    if init:
-        return {k for k, v in init.items() if v is not None and v < NEAR_ZERO_RMS}
+    if ctx.meta.get("param_init_rms"):
+        return {k for k, v in initial_rms(ctx).items() if v < NEAR_ZERO_RMS}
     p = ctx.params_all
     if not len(p):
         return set()
