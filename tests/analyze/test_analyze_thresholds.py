@@ -490,3 +490,29 @@ def test_norm_scale_init_skips(tmp_path):
     r.stat(0, "0")
     a, _ = _findings(r.done(param_init_rms={"0.weight": 0.02}), "norm-scale-init")
     assert _skip(a, "norm-scale-init").startswith("no normalisation layer")
+
+
+# --- update-ratio: parameters without any gradient — info below 10 % of the trainable elements, warning from it --
+@pytest.mark.parametrize("unused,want", [(32, "info"), (110, "info"), (112, "warning")])
+def test_update_ratio_parameters_without_gradient(tmp_path, unused, want):
+    """Regression: DINOv2's mask_token (no gradient without bool_masked_pos) warned 'two decades below
+    … frozen by accident'. 1000 + unused trainable elements; 112/1112 ≥ 10 %."""
+    r = SyntheticRun(tmp_path / "r", {"0": LIN, "1": LIN})
+    for step in range(4):
+        r.param(step, "0.weight", norm=2.0, grad_norm=0.1, update_norm=2.0 * 1e-2, numel=1000, lr=1e-3)
+        r.param(step, "1.weight", norm=2.0, grad_norm=float("nan"), update_norm=0.0, numel=unused, lr=1e-3)
+    a, got = _findings(r.done(optimizer={"type": "AdamW"}), "update-ratio")
+    (f,) = [f for f in a.findings if f.check == "update-ratio"]
+    assert f.severity == want and f.layer == "1" and f.evidence["no_gradient"] == ["1.weight"]
+    assert f.evidence["share_of_trainable"] == pytest.approx(unused / (1000 + unused))
+    assert "received no gradient at any recorded step" in f.message
+
+
+def test_update_ratio_without_any_recorded_gradient_still_judges_the_ratio(tmp_path):
+    """A run whose gradient norms were not recorded at all: no 'unused' verdict, the ratio is judged."""
+    r = SyntheticRun(tmp_path / "r", {"0": LIN})
+    for step in range(4):
+        r.param(step, "0.weight", norm=2.0, grad_norm=float("nan"), update_norm=0.0)
+    a, got = _findings(r.done(optimizer={"type": "SGD", "momentum": 0.0}), "update-ratio")
+    (f,) = [f for f in a.findings if f.check == "update-ratio"]
+    assert f.severity == "warning" and f.evidence["frozen"] == ["0.weight"]

@@ -293,3 +293,25 @@ def test_stock_models_that_initialise_norm_scales_like_weights_are_caught(tmp_pa
     )
     if build is _efficientnet:
         assert {g.check for g in a.findings if g.severity != "info"} >= {"norm-scale-init", "bn-momentum"}
+
+
+def test_dinov2_unused_mask_token_is_no_learning_rate_warning(tmp_path):
+    """Regression: transformers' DINOv2 holds a mask_token that only a masked forward
+    (bool_masked_pos) uses; trained as a classifier it never gets a gradient, and update-ratio warned
+    'two decades below … frozen by accident'. It is now info, naming the parameter."""
+    import dataclasses
+
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+
+    torch.manual_seed(0)
+    hf = Dinov2ForImageClassification(Dinov2Config(num_labels=3, image_size=Z.IMG, patch_size=8, hidden_size=32,
+                                                   num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2))  # fmt: skip
+    model = H.Logits(hf, "pixel_values")
+    r = dataclasses.replace(H.recipe("vit"), model=model, optimizer=torch.optim.AdamW(H.param_groups(model), lr=1e-3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = normscope.probe(r, run_dir=tmp_path / "r")
+    a = normscope.analyze_full(run)
+    assert not H.loud(a, "dinov2")
+    (f,) = [f for f in a.findings if f.check == "update-ratio" and "no_gradient" in f.evidence]
+    assert f.severity == "info" and f.evidence["no_gradient"] == ["hf.dinov2.embeddings.mask_token"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from normscope.analyze.checks._gradflow import near_zero_init
-from normscope.analyze.checks._util import num
+from normscope.analyze.checks._util import num, pct
 from normscope.analyze.context import Context
 from normscope.analyze.finding import Finding
 from normscope.analyze.formulas import update_ratio
@@ -69,7 +69,7 @@ def optimizer_band(ctx, t) -> tuple[str, float, str]:
     summary="Per-step ‖Δw‖/‖w‖ two decades away from the healthy size for the optimizer used (SGD ~1e-3, momentum ~1e-3/(1−μ), Adam ~1e-2): learning rate far off, or weights frozen.",
     needs=("params", "updates", "training"),
     thresholds={"low_warn": 1e-2, "high_warn": 1e2, "low_info": 1e-1, "high_info": 1e1, "sgd_center": 1e-3,
-                "adam_center": 1e-2, "last_frac": 0.5, "include_1d": False, "lr_collapse": 1e-3},
+                "adam_center": 1e-2, "last_frac": 0.5, "include_1d": False, "lr_collapse": 1e-3, "no_grad_warn": 0.1},
 )  # fmt: skip
 def check(ctx: Context, t: Thresholds) -> list[Finding]:
     par = ctx.params
@@ -123,7 +123,17 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
             # lr/RMS(w), says whether lr is too low; the actual ratio is smaller when gradients are noise
             rms_w = np.nanmedian(d.norm.to_numpy(float)) / np.sqrt(max(float(d.numel.iloc[0]), 1.0))
             potential[str(name)] = top / rms_w if rms_w > 0 else float("nan")
+    # a parameter that never got a gradient while others did: the loss does not depend on it in this run
+    # (a branch not taken, a cut-off path); the learning rate says nothing about it
+    grads = par.groupby("param", sort=False).grad_norm.apply(lambda g: bool(np.isfinite(g.to_numpy(float)).any()))
+    never = [str(k) for k, got in grads.items() if not got] if grads.any() else []
+    for k in never:
+        med.pop(k, None)
+        near_zero.pop(k, None)
+    out = _no_gradient(par, never, t) if never else []
     if not med:
+        if out:
+            return out
         raise SkipCheck("no weight tensor with a non-zero norm and a recorded update")
     lo_w, hi_w, lo_i, hi_i = (center * t[k] for k in ("low_warn", "high_warn", "low_info", "high_info"))
     # low side: what the lr allows (Adam), else the ratio at the run's peak lr; high side: the actual ratio
@@ -134,7 +144,6 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         ("info", "low"): {k: v for k, v in low.items() if lo_w <= v[0] < lo_i},
         ("info", "high"): {k: v for k, v in med.items() if hi_i < v[0] <= hi_w},
     }
-    out = []
     span = (int(cut), int(steps[-1]))
     common = {"window_steps": list(span), "optimizer": family, "healthy_center": center,
               "band": {"warn": [lo_w, hi_w], "info": [lo_i, hi_i]}, "near_zero_init": near_zero,
@@ -191,3 +200,27 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         ev = {"params": {k: {"lr_peak": v[0], "lr_fraction": v[1]} for k, v in collapsed.items()}, **common}
         out.append(Finding(ID, "warning", layer or None, span, msg, ev, rec))
     return out
+
+
+def _no_gradient(par, never: list[str], t) -> list[Finding]:
+    """One finding for the trainable parameters that received no gradient at any recorded step: info
+    while they are a small part of the model (an unused token or head), warning from ``no_grad_warn``
+    of the trainable elements on (a backbone cut off by .detach() or torch.no_grad())."""
+    numel = par.groupby("param", sort=False).numel.first().astype(float)
+    elements = float(numel[never].sum())
+    share = elements / float(numel.sum()) if numel.sum() > 0 else float("nan")
+    worst = max(never, key=lambda k: numel[k])
+    layer = str(par[par.param == worst].layer.iloc[0])
+    sev = "warning" if share >= t["no_grad_warn"] else "info"
+    msg = (f"{len(never)} trainable parameter tensor(s) ({int(elements)} elements, {pct(share)} of the trainable "
+           f"ones; e.g. {worst}) received no gradient at any recorded step: the loss does not depend on them in this "
+           f"run, so their learning rate is not judged.")  # fmt: skip
+    if sev == "warning":
+        rec = ("Check that the forward reaches them: a .detach(), a torch.no_grad() block, or an output left out of "
+               "the loss cuts them off, and they train as if frozen.")  # fmt: skip
+    else:
+        rec = ("Nothing to do if the branch is unused on purpose (DINOv2's mask_token without bool_masked_pos, a "
+               "head this task does not call); leaving such parameters out of the optimizer saves their state, and "
+               "DistributedDataParallel needs find_unused_parameters=True for them.")  # fmt: skip
+    ev = {"no_gradient": never, "elements": int(elements), "share_of_trainable": share, "thresholds": dict(t)}
+    return [Finding(ID, sev, layer or None, None, msg, ev, rec)]
