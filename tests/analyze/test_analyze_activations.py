@@ -113,3 +113,84 @@ def test_saturation_entered_and_left(tmp_path):
     store, a = sat_run(tmp_path, nn.Sigmoid(), {6: 40.0, 14: 1 / 40.0})
     (f,) = [f for f in a.findings if f.check == "saturation"]
     assert f.severity == "info" and f.evidence["episodes"] == [[6, 14]] and f.step == (6, 14)
+
+
+class _SE(nn.Module):
+    """Squeeze-and-excitation (Hu et al. 2018) as torchvision writes it: pool, fc1, ReLU, fc2, gate."""
+
+    def __init__(self, c: int, r: int, gate: type = nn.Sigmoid):
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(c, r, 1)
+        self.activation = nn.ReLU()
+        self.fc2 = nn.Conv2d(r, c, 1)
+        self.scale_activation = gate()
+
+    def forward(self, x):
+        return x * self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
+
+
+def _se_net(gate=nn.Sigmoid, before: float = 0.0):
+    torch.manual_seed(3)
+    blocks = []
+    for c_in in (3, 32, 32):
+        conv = nn.Conv2d(c_in, 32, 3, padding=1, bias=False)
+        blocks += [conv, nn.BatchNorm2d(32), nn.ReLU(), _SE(32, 8, gate)]
+    net = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4))
+    with torch.no_grad():
+        for se in (m for m in net.modules() if isinstance(m, _SE)):
+            se.fc1.bias[:4] = -10.0  # four of eight units start off for every input, as SE units do at init
+    return net
+
+
+@pytest.mark.parametrize("gate", [nn.Sigmoid, nn.Hardsigmoid])
+def test_born_dead_units_of_a_squeeze_excitation_bottleneck_are_info(tmp_path, gate):
+    """Regression: transformers' RegNetY warned (error) 'dead-units 75 % … born dead' on the ReLU of its SE
+    blocks: one pooled value per sample and channel, 2–6 σ from zero at init, so some units start off for
+    every input. They are info, named as the SE bottleneck's; the ReLUs on the feature maps are judged as
+    before, and a unit of the bottleneck that dies in training still counts."""
+    from normscope.analyze.checks.dead_units import excitation_bottlenecks
+
+    net = _se_net(gate)
+    g = torch.Generator().manual_seed(0)
+    train_watched(net, tmp_path / "r", 6, lambda i: (torch.randn(64, 3, 8, 8, generator=g), torch.randint(0, 4, (64,), generator=g)),
+                  lr=0.01)  # fmt: skip
+    run = load(tmp_path / "r")
+    ctx = Context(run)
+    assert excitation_bottlenecks(ctx) == {f"{i}.activation": f"{i}.scale_activation" for i in (3, 7, 11)}
+    fs = [f for f in analyze_full(run).findings if f.check == "dead-units" and "born_dead" in f.evidence]
+    se = [f for f in fs if f.layer.endswith(".activation")]
+    assert se and all(f.severity == "info" and f.evidence["born_dead"] >= 4 and f.evidence["died"] == 0 for f in se)
+    assert all(f.evidence["excitation_gate"].endswith("scale_activation") for f in se)
+    assert "squeeze-and-excitation bottleneck" in se[0].message
+    # counted as a plain layer the same units would be an error (≥ 4/8 = 50 % ≥ 40 %)
+    assert se[0].evidence["dead_fraction"] >= 0.5
+
+
+def test_relu_before_a_sigmoid_without_pooling_is_no_excitation_bottleneck(tmp_path):
+    """A ReLU → conv → sigmoid chain on full feature maps (a per-pixel attention map) is judged as usual."""
+    from normscope.analyze.checks.dead_units import excitation_bottlenecks
+
+    torch.manual_seed(0)
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.act = nn.ReLU()
+            self.proj = nn.Conv2d(8, 3, 1)
+            self.gate = nn.Sigmoid()
+
+        def forward(self, x):
+            return x * self.gate(self.proj(self.act(self.conv(x))))
+
+    net = nn.Sequential(Attn(), nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+    with torch.no_grad():
+        net[0].conv.bias[:4] = -50.0
+    g = torch.Generator().manual_seed(0)
+    train_watched(net, tmp_path / "r", 6, lambda i: (torch.randn(64, 3, 8, 8, generator=g), torch.randint(0, 4, (64,), generator=g)),
+                  lr=0.01)  # fmt: skip
+    run = load(tmp_path / "r")
+    assert "0.act" in excitation_bottlenecks(Context(run))  # the structure alone matches …
+    (f,) = [f for f in analyze_full(run).findings if f.check == "dead-units" and f.layer == "0.act"]
+    assert f.severity == "error" and "excitation_gate" not in f.evidence  # … but it is not pooled

@@ -315,3 +315,27 @@ def test_dinov2_unused_mask_token_is_no_learning_rate_warning(tmp_path):
     assert not H.loud(a, "dinov2")
     (f,) = [f for f in a.findings if f.check == "update-ratio" and "no_gradient" in f.evidence]
     assert f.severity == "info" and f.evidence["no_gradient"] == ["hf.dinov2.embeddings.mask_token"]
+
+
+def test_regnet_squeeze_excitation_born_dead_units_are_no_warning(tmp_path):
+    """Regression: transformers' RegNetY (SE blocks with a ReLU bottleneck) warned dead-units (error,
+    75 % born dead) on every SE block of a healthy run (loss 1.1 → 0.2). Born-dead SE units are now
+    info; the run raises no warning."""
+    import dataclasses
+
+    from transformers import RegNetConfig, RegNetForImageClassification
+
+    torch.manual_seed(0)
+    hf = RegNetForImageClassification(RegNetConfig(num_labels=3, embedding_size=16, hidden_sizes=[48, 96],
+                                                   depths=[2, 2], groups_width=16))  # fmt: skip
+    model = H.Logits(hf, "pixel_values")
+    r = dataclasses.replace(
+        H.recipe("resnet"), model=model, optimizer=torch.optim.AdamW(H.param_groups(model), lr=1e-3)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = normscope.probe(r, run_dir=tmp_path / "r")
+    a = normscope.analyze_full(run)
+    assert not H.loud(a, "regnet")
+    se = [f for f in a.findings if f.check == "dead-units" and "excitation_gate" in f.evidence]
+    assert se and all(f.severity == "info" and f.layer.endswith("attention.1") for f in se)

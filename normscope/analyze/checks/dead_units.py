@@ -15,7 +15,7 @@ from normscope.analyze.context import Context
 from normscope.analyze.finding import Finding
 from normscope.analyze.formulas import dormant_scores
 from normscope.analyze.registry import SkipCheck, Thresholds, register
-from normscope.roles import relu_layers
+from normscope.roles import LINEAR_LIKE, RELU, SIGMOID, family_of, relu_layers
 
 ID = "dead-units"
 
@@ -53,6 +53,32 @@ def dead_profile(ctx, layer: str, call: int, p: dict) -> dict | None:
     }  # fmt: skip
 
 
+def excitation_bottlenecks(ctx) -> dict[str, str]:
+    """{ReLU layer: its gate} for the ReLUs of squeeze-and-excitation blocks (Hu et al. 2018): in the
+    recorded execution order the ReLU is followed by a conv/linear and a sigmoid-like gate of the
+    same parent module (timm's conv_reduce → act1 → conv_expand → gate, torchvision's fc1 →
+    activation → fc2 → scale_activation, transformers' RegNet attention.0–3)."""
+    order = [r["layer"] for r in ctx.meta.get("execution_order") or []]
+    mods = ctx.modules
+    out: dict[str, str] = {}
+    for i, name in enumerate(order[:-2]):
+        nxt, gate = order[i + 1], order[i + 2]
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        same = all((n.rsplit(".", 1)[0] if "." in n else "") == parent for n in (nxt, gate))
+        linear = mods.get(nxt, {}).get("type") in LINEAR_LIKE
+        g = mods.get(gate, {})
+        gating = family_of(g) == SIGMOID or g.get("type") == "Hardsigmoid"
+        if same and linear and gating and family_of(mods.get(name, {})) == RELU:
+            out[name] = gate
+    return out
+
+
+def _pooled(ctx, layer: str, call: int, units: int) -> bool:
+    """One value per sample and channel: the ReLU sees a globally pooled descriptor."""
+    d = ctx.layer_series(layer, call)
+    return bool(len(d)) and bool(np.all(d["count"].to_numpy(float) == d.samples.to_numpy(float) * units))
+
+
 @register(
     id=ID, severity="error",
     summary="ReLU units that output ≤ 0 for every sample over a window of steps (born dead or died); dormant units as info.",
@@ -67,6 +93,7 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         raise SkipCheck("no ReLU-family layer (ReLU, ReLU6) was recorded")
     out = []
     too_few = []
+    excitation = excitation_bottlenecks(ctx)
     for layer, call in pairs:
         prof = dead_profile(ctx, layer, call, t)
         if prof is None or prof["window_samples"] < t["min_judge_samples"]:
@@ -84,7 +111,27 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
             "window_samples": prof["window_samples"], "dead_unit_indices": np.flatnonzero(dead)[:64].tolist(),
             "call": call, "phase": ctx.acts_phase, "thresholds": {"warn": t["warn"], "error": t["error"]},
         }  # fmt: skip
-        if dead.any():
+        gate = excitation.get(layer) if dead.any() and _pooled(ctx, layer, call, n) else None
+        if gate is not None:
+            # born-dead units of an SE bottleneck are its init, not a fault: only units that died count
+            ev["excitation_gate"] = gate
+            sev = "error" if nd / n >= t["error"] else "warning" if nd / n >= t["warn"] else "info"
+            born = (f"{nb} born dead in a squeeze-and-excitation bottleneck (the ReLU between the pooled "
+                    f"descriptor and the gate {gate}): it sees one pooled value per sample and channel, whose mean "
+                    f"lies several standard deviations from zero (RegNetY at init: 2–6, a conv's pre-activations "
+                    f"0.3–0.5), so each unit's sign is nearly fixed and some start off for every input; the gate "
+                    f"works through the live units") if nb else ""  # fmt: skip
+            died = f"{nd} died during training (median step {num(ev['died_at_median'])})" if nd else ""
+            msg = (f"{pct(frac)} of the units of {where} ({int(dead.sum())}/{n}) output ≤ 0 for every one of "
+                   f"{prof['window_samples']} samples in {steps_span(prof['window'])}: "
+                   f"{'; '.join(x for x in (born, died) if x)}.")  # fmt: skip
+            rec = (
+                "Nothing to do for the born-dead units of an SE bottleneck. Units that died during training point "
+                "to a learning rate too high for it: lower it or add warmup; a SiLU in the bottleneck (as "
+                "EfficientNet uses) cannot die."
+            )
+            out.append(Finding(ID, sev, layer, prof["window"], msg, ev, rec))
+        elif dead.any():
             sev = "error" if frac >= t["error"] else "warning" if frac >= t["warn"] else "info"
             how = []
             if nb:
