@@ -18,7 +18,7 @@ from normscope.store.writer import FORMAT
 def initial_meta(model, name: str, plans, options: dict) -> dict:
     """meta.json at the start of a run: model summary, options, histogram edges, versions."""
     from normscope._version import __version__
-    from normscope.collect.select import canonical_names
+    from normscope.collect.select import canonical_names, canonical_param_name
     from normscope.roles import family, own_parameters, role, type_name, weight_norm
 
     hooked = {p.name for p in plans}
@@ -51,8 +51,6 @@ def initial_meta(model, name: str, plans, options: dict) -> dict:
     modules = list(by_name.values())
     init_rms = {}  # what a weight started at: a ratio to a norm that starts at zero means nothing
     try:
-        from normscope.collect.select import canonical_param_name
-
         # sharded (DTensor) parameters: their full RMS needs a collective, and only rank 0 gets here;
         # the checks fall back to the first recorded step for them
         plain = [(raw, p.detach()) for raw, p in model.named_parameters() if p.numel() and not hasattr(p, "to_local")]
@@ -64,6 +62,9 @@ def initial_meta(model, name: str, plans, options: dict) -> dict:
     except Exception:  # noqa: BLE001 - sharded or lazy parameters: the checks fall back to the first step
         init_rms = {}
     total = sum(p.numel() for p in model.parameters())
+    # the storage precision of every parameter not in float32 (what rounds an update away)
+    dtypes = {canonical_param_name(raw, names): str(p.dtype).removeprefix("torch.")
+              for raw, p in model.named_parameters() if p.dtype != torch.float32}  # fmt: skip
     return {
         "format": FORMAT,
         "name": name,
@@ -84,6 +85,7 @@ def initial_meta(model, name: str, plans, options: dict) -> dict:
         },
         "modules": modules,
         "param_init_rms": init_rms,
+        "param_dtypes": dtypes,
         "execution_order": [],
         "options": options,
         "histograms": {p.name: p.hist.to_json() for p in plans},

@@ -13,7 +13,7 @@ from normscope.analyze.context import Context
 from normscope.analyze.finding import Finding
 from normscope.analyze.formulas import update_ratio
 from normscope.analyze.registry import SkipCheck, Thresholds, register
-from normscope.roles import is_norm
+from normscope.roles import is_norm_info
 
 ID = "update-ratio"
 
@@ -27,7 +27,7 @@ def _param_dims(ctx) -> dict[str, int]:
 def _is_vector(ctx, dims, name: str, layer: str) -> bool:
     if name in dims:
         return dims[name] <= 1
-    return name.rsplit(".", 1)[-1] == "bias" or is_norm(ctx.type_of(layer or "<root>"))
+    return name.rsplit(".", 1)[-1] == "bias" or is_norm_info(ctx.modules.get(layer or "<root>", {}))
 
 
 def _lr_peaks(par) -> dict[str, float]:
@@ -89,8 +89,15 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     sched: dict[str, tuple[float, float]] = {}  # param → (peak lr of the run, median lr / peak over the window)
     at_peak: dict[str, float] = {}  # param → median ratio scaled to the peak lr (the ratio itself at a constant lr)
     peaks = _lr_peaks(par)
+    dtypes = ctx.meta.get("param_dtypes") or {}
+    rounded: dict[str, dict] = {}  # low-precision weights whose every update rounded away
     for name, d in tail.groupby("param", sort=False):
         layer = str(d.layer.iloc[0])
+        if name in dtypes and name not in zero:
+            r0 = _rounded_away(d, dtypes[name], adam, ctx)
+            if r0 is not None:
+                rounded[str(name)] = r0 | {"layer": layer}
+                continue
         if not t["include_1d"] and _is_vector(ctx, dims, name, layer):
             continue
         lrs = d.lr.to_numpy(float)
@@ -131,6 +138,8 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         med.pop(k, None)
         near_zero.pop(k, None)
     out = _no_gradient(par, never, t) if never else []
+    if rounded:
+        out.append(_rounding_finding(rounded, (int(cut), int(steps[-1])), family, t))
     if not med:
         if out:
             return out
@@ -224,3 +233,56 @@ def _no_gradient(par, never: list[str], t) -> list[Finding]:
                "DistributedDataParallel needs find_unused_parameters=True for them.")  # fmt: skip
     ev = {"no_gradient": never, "elements": int(elements), "share_of_trainable": share, "thresholds": dict(t)}
     return [Finding(ID, sev, layer or None, None, msg, ev, rec)]
+
+
+MANTISSA_BITS = {"bfloat16": 7, "float16": 10}  # stored fraction bits
+
+
+def half_spacing(x: float, dtype: str) -> float:
+    """Half the distance from ``x`` to the next smaller number of ``dtype`` (2^(⌈log₂ x⌉ − p − 1) for p
+    stored fraction bits): a step below it rounds back to ``x`` (round to nearest)."""
+    p = MANTISSA_BITS.get(dtype)
+    if p is None or not x > 0:
+        return float("nan")
+    return float(2.0 ** (np.ceil(np.log2(x)) - p - 2))  # the gap below x (at a power of two the smaller one)
+
+
+def _rounded_away(d, dtype: str, adam: bool, ctx) -> dict | None:
+    """A low-precision weight that never moved over the window although its optimizer stepped it by
+    less than half the number spacing at its size: the step was rounded away. None otherwise."""
+    if dtype not in MANTISSA_BITS or float(np.nanmax(d.update_norm.to_numpy(float))) != 0.0:
+        return None
+    lr = d.lr.to_numpy(float)
+    if not np.isfinite(lr).any() or np.nanmax(lr) <= 0:
+        return None  # in no param group, or lr 0: not a rounding question
+    numel = max(float(d.numel.iloc[0]), 1.0)
+    rms_w = float(np.nanmedian(d.norm.to_numpy(float))) / np.sqrt(numel)
+    grad_rms = float(np.nanmedian(d.grad_norm.to_numpy(float))) / np.sqrt(numel)
+    if adam:
+        step = float(np.nanmax(lr))  # Adam moves each element by about lr
+    else:
+        opt = ctx.meta.get("optimizer") or (ctx.probe.get("optimizer") or {})
+        try:
+            mom = float(opt.get("momentum") or 0.0)
+        except (TypeError, ValueError):
+            mom = 0.0
+        step = float(np.nanmax(lr)) * grad_rms / max(1.0 - mom, 1e-3)
+    h = half_spacing(rms_w, dtype)
+    if not (np.isfinite(step) and np.isfinite(h) and 0 < step < h):
+        return None
+    return {"dtype": dtype, "rms_w": rms_w, "step_per_element": step, "half_spacing": h, "lr": float(np.nanmax(lr))}
+
+
+def _rounding_finding(rounded: dict[str, dict], span: tuple[int, int], family: str, t) -> Finding:
+    worst = max(rounded, key=lambda k: rounded[k]["half_spacing"] / rounded[k]["step_per_element"])
+    w = rounded[worst]
+    dts = sorted({v["dtype"] for v in rounded.values()})
+    msg = (f"{len(rounded)} {'/'.join(dts)} weight tensor(s) (e.g. {worst}) did not move at all over steps "
+           f"{span[0]}–{span[1]}: {family} steps each element by about {num(w['step_per_element'])}, below half the "
+           f"spacing of {w['dtype']} numbers at their size ({num(w['half_spacing'])} at RMS {num(w['rms_w'])}), so "
+           f"every update rounds back to the old value.")  # fmt: skip
+    rec = ("Keep float32 master weights: train the model in float32 under torch.autocast(dtype=torch.bfloat16) "
+           "(mixed precision, Micikevicius et al. 2018), or use an optimizer that compensates the rounding "
+           "(Kahan summation or stochastic rounding; Zamirai et al. 2020, Revisiting BFloat16 Training).")  # fmt: skip
+    ev = {"rounded_away": rounded, "window_steps": list(span), "optimizer": family, "thresholds": dict(t)}
+    return Finding(ID, "warning", w["layer"] or None, span, msg, ev, rec)
