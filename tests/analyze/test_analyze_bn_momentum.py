@@ -32,7 +32,7 @@ def test_watch_records_each_batchnorm_momentum_and_the_check_reads_it_back(tmp_p
     mods = run.modules
     assert (mods["1"]["momentum"], mods["4"]["momentum"], mods["7"]["track_running_stats"]) == (0.99, None, False)
     (f,) = [f for f in analyze_full(run).findings if f.check == "bn-momentum"]  # from meta.json alone
-    assert f.severity == "warning" and f.layer == "1" and f.evidence["layers"] == ["1"]
+    assert f.severity == "warning" and f.layer == "1" and [x["layer"] for x in f.evidence["layers"]] == ["1"]
     assert "momentum=0.01 in PyTorch" in f.message and f.evidence["bn_layers"] == 2
     (g,) = [f for f in analyze_full(run, model=model).findings if f.check == "bn-momentum"]  # the live model agrees
     assert g.evidence == f.evidence

@@ -50,6 +50,10 @@ def test_fixture_triggers_exactly_its_findings(fixture_runs, name):
     assert mod.EXPECTED_INFO <= info, f"{name}:\n{details}"
     assert not [s for s in analysis.skipped if s.reason.startswith("check failed")], analysis.skipped
     json.dumps(analysis.to_dict())  # every finding serialises
+    for f in analysis.findings:  # a grouped finding lists {"layer", "severity", …} (the report and table read them)
+        grouped = f.evidence.get("layers")
+        if grouped is not None:
+            assert isinstance(grouped, list) and all(isinstance(r, dict) and r.get("layer") for r in grouped), f
 
 
 @pytest.mark.parametrize("name", HEALTHY)

@@ -44,7 +44,7 @@ def test_evidence_equals_brute_force(tmp_path):
     for h in handles:
         h.remove()
     (f,) = [f for f in analyze_full(load(tmp_path / "r")).findings if f.check == "norm-scale-init"]
-    assert f.evidence["layers"] == list(bns) and f.evidence["norm_layers"] == 8
+    assert [x["layer"] for x in f.evidence["layers"]] == list(bns) and f.evidence["norm_layers"] == 8
     assert f.evidence["init_rms"] == pytest.approx(want_init, rel=1e-6)
     assert f.evidence["output_rms_first_step"] == pytest.approx(seen, rel=1e-4)
     ratio = seen[list(bns)[-1]] / seen[list(bns)[0]]

@@ -441,9 +441,9 @@ def test_bn_momentum_threshold(tmp_path, momentum, want):
     assert [s for s, _ in got] == want  # a BN without running statistics has no momentum to get wrong
     if want:
         (f,) = [f for f in a.findings if f.check == "bn-momentum"]
-        assert f.evidence["layers"] == ["1"] and f.evidence["pytorch_equivalent_of_tf_decay"] == pytest.approx(
-            1 - momentum
-        )
+        assert [x["layer"] for x in f.evidence["layers"]] == ["1"] and f.evidence[
+            "pytorch_equivalent_of_tf_decay"
+        ] == pytest.approx(1 - momentum)
         assert f.evidence["effective_batches"] == pytest.approx((2 - momentum) / momentum)
 
 
@@ -482,7 +482,9 @@ def test_norm_scale_init_collapse(tmp_path, last, want):
     a, got = _findings(_norm_init_run(tmp_path, [0.02] * 3, out_rms=[1.0, 0.1, last]), "norm-scale-init")
     (f,) = [f for f in a.findings if f.check == "norm-scale-init"]
     assert f.severity == want and f.evidence["output_rms_last_over_first"] == pytest.approx(last, rel=1e-6)
-    assert f.evidence["layers"] == ["0", "1", "2"] and f.evidence["init_rms_median"] == pytest.approx(0.02)
+    assert [x["layer"] for x in f.evidence["layers"]] == ["0", "1", "2"] and f.evidence[
+        "init_rms_median"
+    ] == pytest.approx(0.02)
 
 
 def test_norm_scale_init_skips(tmp_path):

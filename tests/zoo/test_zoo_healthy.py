@@ -35,7 +35,9 @@ def test_healthy_zoo_training_raises_no_warning(tmp_path, name):
     # normalisation gains are not judged by update-ratio (include_1d false), also where the class is the
     # model's own (LlamaRMSNorm, T5LayerNorm, ConvNextLayerNorm: recognised by role; regression: they were)
     norms = {n for n, m in run.modules.items() if m.get("role") == "norm"}
-    judged = {p.rsplit(".", 1)[0] for f in a.findings if f.check == "update-ratio" for p in f.evidence.get("params", {})}
+    judged = {
+        p.rsplit(".", 1)[0] for f in a.findings if f.check == "update-ratio" for p in f.evidence.get("params", {})
+    }
     assert not judged & norms, judged & norms
     assert not [s for s in a.skipped if s.reason.startswith("check failed")], a.skipped
     if name in NOT_DRIFTING:

@@ -60,7 +60,8 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
             "the running statistics on training data (normscope.recalibrate_bn) before evaluating or folding it."
         )
         ev = {"momentum": m, "pytorch_equivalent_of_tf_decay": kept, "last_batch_weight": m,
-              "effective_batches": effective_batches(m), "layers": layers, "bn_layers": len(bns),
+              "effective_batches": effective_batches(m),
+              "layers": [{"layer": n, "severity": "warning", "momentum": m} for n in layers], "bn_layers": len(bns),
               "thresholds": dict(t)}  # fmt: skip
         out.append(Finding(ID, "warning", layers[0], None, msg, ev, rec))
     return out

@@ -54,7 +54,8 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     ratio = out_rms[seen[-1]] / out_rms[seen[0]] if len(seen) >= 2 else float("nan")
     collapsed = bool(np.isfinite(ratio) and ratio < t["collapse"])
     sev = "error" if collapsed else "warning"
-    ev = {"layers": small, "norm_layers": len(norms), "init_rms_median": float(np.median(init)),
+    ev = {"layers": [{"layer": n, "severity": sev, "init_rms": rms[_scale_param(n)]} for n in small],
+          "norm_layers": len(norms), "init_rms_median": float(np.median(init)),
           "init_rms": {n: rms[_scale_param(n)] for n in small}, "output_rms_first_step": out_rms,
           "output_rms_last_over_first": ratio, "signal_collapsed": collapsed, "thresholds": dict(t)}  # fmt: skip
     msg = (
