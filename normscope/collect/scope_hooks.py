@@ -43,6 +43,19 @@ class CachedReduction:
         return self.ref() is t and (specs is None or (self.version == t._version and self.specs == specs))
 
 
+def axis_through_view(view: torch.Tensor, base: torch.Tensor, axis: int) -> int | None:
+    """The axis of ``view`` that holds ``base``'s channel axis: the one with its stride and size
+    (a slice along another axis keeps it in place, a transpose moves it). None when not unique."""
+    if base.dim() == 0 or view.dim() == 0:
+        return None
+    a = axis % base.dim()
+    stride, size = base.stride(a), base.shape[a]
+    hits = [i for i in range(view.dim()) if view.stride(i) == stride and view.shape[i] == size]
+    if len(hits) != 1:
+        return None
+    return -1 if hits[0] == view.dim() - 1 else hits[0]
+
+
 def _cacheable(t: torch.Tensor) -> bool:
     """Inference-mode tensors have no version counter (reading ``_version`` raises), so a
     reduction of one cannot be proven still valid: never cached."""
@@ -167,6 +180,10 @@ class ForwardHooks:
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
         src = self._axes.get(id(x)) if x is not None else None
         src_axis = src[1] if src is not None and src[0]() is x else None
+        if src_axis is None and x is not None and x._base is not None:
+            base = self._axes.get(id(x._base))  # a view of a recorded output (a slice, a transpose)
+            if base is not None and base[0]() is x._base:
+                src_axis = axis_through_view(x, x._base, base[1])
         if plan.record_input and x is not None and x.is_floating_point():
             self._reduce_output(plan, phase, call, "input", x, src_axis, grad=False)
         for path, t in iter_float_tensors(output):

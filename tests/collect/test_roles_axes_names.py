@@ -95,9 +95,53 @@ def test_channel_axis_from_the_data(tmp_path):
     assert len(row("1", "input").ch_mean) == 6  # and it records its input as a norm
     assert row("2").channel_axis == 1 and len(row("2").ch_mean) == 6  # the block inherits its input's axis
     assert row("3").channel_axis == 1 and len(row("3").ch_mean) == 6  # user role: activation, layout kept
-    assert len(row("5").ch_mean) == 35  # (N, C, H·W) from Flatten: the rank rule, last axis
+    # (N, C, H·W) from Flatten, a view of the gate's output: its channel axis carries over (before, the rank
+    # rule took the 35 positions as channels)
+    assert row("5").channel_axis == 1 and len(row("5").ch_mean) == 6
     meta = {m["name"]: m for m in load(tmp_path / "r").meta["modules"]}
     assert meta["3"]["role"] == "activation" and meta["1"]["role"] == "norm"
+
+
+class _SamePad(nn.Module):
+    """wav2vec2's SamePadLayer: drops the last time step of the positional conv's output (a slice)."""
+
+    def forward(self, x):
+        return x[:, :, :-1]
+
+
+class _Swap(nn.Module):
+    def forward(self, x):
+        return x.transpose(1, 2)
+
+
+@pytest.mark.parametrize("view,axis", [(_SamePad, 1), (_Swap, -1)])
+def test_channel_axis_carries_through_a_view_of_a_recorded_output(tmp_path, view, axis):
+    """Regression: transformers' wav2vec2 positional conv (B, 32, T) → SamePad (a slice) → GELU recorded the
+    GELU's channels on the time axis: the slice is a new tensor, so nothing was inherited and the rank rule
+    (3-D: last) chose T. A view now inherits its base's channel axis where its stride and size went: in
+    place through a slice, to the end through a transpose. Per-channel moments against brute force."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 6, 3), view(), nn.GELU())
+    x = torch.randn(5, 4, 12)
+    with watch(model, tmp_path / "r", every=1) as scope:
+        model(x).sum().backward()
+        scope.step()
+    s = load(tmp_path / "r").stats
+    r = s[(s.layer == "2") & (s.output == "")].iloc[0]
+    with torch.no_grad():
+        h = model(x).double()
+    want = h.mean(dim=(0, 2)) if axis == 1 else h.mean(dim=(0, 1))
+    assert r.channel_axis == axis and len(r.ch_mean) == 6
+    np.testing.assert_allclose(r.ch_mean, want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_axis_through_view_is_none_where_the_channel_axis_is_not_unique():
+    from normscope.collect.scope_hooks import axis_through_view
+
+    base = torch.randn(2, 6, 6)
+    assert axis_through_view(base[:, :, 1:], base, 1) == 1
+    assert axis_through_view(base.transpose(1, 2), base, 1) == -1
+    assert axis_through_view(base.reshape(2, 36), base, 1) is None  # channels merged away
 
 
 def test_norm_weight_decides_axis_when_only_one_axis_matches(tmp_path):

@@ -346,3 +346,47 @@ def test_regnet_squeeze_excitation_born_dead_units_are_no_warning(tmp_path):
     assert not H.loud(a, "regnet")
     se = [f for f in a.findings if f.check == "dead-units" and "excitation_gate" in f.evidence]
     assert se and all(f.severity == "info" and f.layer.endswith("attention.1") for f in se)
+
+
+def test_wav2vec2_on_tones_is_silent_with_the_right_channel_axes(tmp_path):
+    """transformers' wav2vec2 (conv feature encoder with GroupNorm, weight-normalised positional conv,
+    transformer) classifying generated tones: no warning, and every recorded output's channels where a
+    reader puts them. Regression: the positional conv's GELU (B, 32, T after SamePad's slice) had its
+    channels on the time axis."""
+    import math
+
+    from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         conv_dim=(16, 16, 16), conv_stride=(5, 2, 2), conv_kernel=(10, 3, 3), num_conv_pos_embeddings=16,
+                         num_conv_pos_embedding_groups=4, num_labels=3, feat_extract_norm="group", mask_time_prob=0.0)  # fmt: skip
+    hf = Wav2Vec2ForSequenceClassification(cfg)
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (256,), generator=g)
+    t = torch.arange(1600) / 1600
+    x = torch.sin(2 * math.pi * (50 + 40 * y[:, None]) * t[None] + 6 * torch.rand(256, 1, generator=g))
+    x = x + 0.3 * torch.randn(256, 1600, generator=g)  # a tone per class, random phase, noise
+    model = H.Logits(hf, "input_values")
+    data = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 256, 32)]
+    r = normscope.Recipe(model, data, torch.nn.functional.cross_entropy, steps=24,
+                         optimizer=torch.optim.AdamW(H.param_groups(model), lr=1e-3))  # fmt: skip
+    seen = {}
+    act = hf.wav2vec2.encoder.pos_conv_embed.activation
+
+    def first_call(module, args, out):  # the first training batch's per-channel means, brute force
+        seen.setdefault("pos", out.detach().double().mean(dim=(0, 2)))
+
+    h = act.register_forward_hook(first_call)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = normscope.probe(r, run_dir=tmp_path / "r")
+    h.remove()
+    a = normscope.analyze_full(run)
+    assert not H.loud(a, "wav2vec2")
+    s = run.stats
+    row = s[(s.layer == "hf.wav2vec2.encoder.pos_conv_embed.activation") & (s.step == 0) & (s.output == "")].iloc[0]
+    assert row.channel_axis == 1 and len(row.ch_mean) == 32
+    np.testing.assert_allclose(row.ch_mean, seen["pos"].numpy(), rtol=1e-4, atol=1e-6)
+    gn = s[(s.layer == "hf.wav2vec2.feature_extractor.conv_layers.0.layer_norm") & (s.output == "")].iloc[0]
+    assert gn.channel_axis == 1 and len(gn.ch_mean) == 16
