@@ -194,3 +194,29 @@ def test_relu_before_a_sigmoid_without_pooling_is_no_excitation_bottleneck(tmp_p
     assert "0.act" in excitation_bottlenecks(Context(run))  # the structure alone matches …
     (f,) = [f for f in analyze_full(run).findings if f.check == "dead-units" and f.layer == "0.act"]
     assert f.severity == "error" and "excitation_gate" not in f.evidence  # … but it is not pooled
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_an_mlp_ending_in_a_sigmoid_is_no_excitation_bottleneck(tmp_path, nested):
+    """Review regression: ReLU → Linear → Sigmoid (a binary classifier's head, one value per sample and
+    unit) read as an SE bottleneck and its born-dead units as info. An SE block reduces with a
+    convolution inside a module, and its gate scales features that later layers read."""
+    from normscope.analyze.checks.dead_units import excitation_bottlenecks
+
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1), nn.Sigmoid())
+    with torch.no_grad():
+        head[0].bias[:20] = -50.0  # 20 of 32 units born dead
+    net = nn.Sequential(nn.Identity(), head) if nested else head
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with watch(net, tmp_path / "r", every=1):
+        for _ in range(8):
+            x, y = torch.randn(64, 8), torch.randint(0, 2, (64, 1)).float()
+            loss = nn.functional.binary_cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    run = load(tmp_path / "r")
+    assert excitation_bottlenecks(Context(run)) == {}
+    (f,) = [f for f in analyze_full(run).findings if f.check == "dead-units" and "born_dead" in f.evidence]
+    assert f.severity == "error" and f.evidence["born_dead"] == 20

@@ -188,3 +188,55 @@ def test_lora_adapters_gated_by_their_zero_init_b_are_not_vanishing(tmp_path, gr
     from normscope.analyze.checks._gradflow import gated_by_near_zero_init, near_zero_init
 
     assert gated_by_near_zero_init(ctx, near_zero_init(ctx)) == gated
+
+
+class _Conditioned(nn.Module):
+    """An encoder plus a zero-init conditioning branch, summed before the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16))
+        self.cond = nn.Linear(4, 16)
+        nn.init.zeros_(self.cond.weight)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(self.enc(x[:, :8]) + self.cond(x[:, 8:]))
+
+
+class _OnePlusNorm(nn.Module):
+    """Gemma's RMSNorm: x / rms(x) · (1 + w), w initialised at 0 — it passes the signal."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+
+@pytest.mark.parametrize("case", ["branch", "one-plus-norm"])
+def test_zero_init_weights_that_gate_nothing_gate_no_layer(tmp_path, case):
+    """Review regressions: on the execution-order chain a layer run just before an unrelated zero-init
+    branch read as gated by it; and a (1 + w) norm with w = 0 (Gemma: its o_proj/down_proj and the
+    embedding were left out) read as a gate. Both are open paths: nothing is left out."""
+    from normscope.analyze.checks._gradflow import gated_by_near_zero_init, near_zero_init
+    from normscope.analyze.context import Context
+
+    torch.manual_seed(0)
+    if case == "branch":
+        model, width = _Conditioned(), 12
+    else:
+        model, width = nn.Sequential(nn.Linear(8, 16), _OnePlusNorm(16), nn.Linear(16, 16), _OnePlusNorm(16),
+                                     nn.Linear(16, 2)), 8  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with watch(model, tmp_path / "r", every=1):
+        for _ in range(3):
+            loss = model(torch.randn(8, width)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    run = load(tmp_path / "r")
+    for m in (None, model):
+        ctx = Context(run, model=m)
+        assert near_zero_init(ctx) and gated_by_near_zero_init(ctx, near_zero_init(ctx)) == {}, ctx.graph.source

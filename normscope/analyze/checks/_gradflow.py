@@ -29,7 +29,7 @@ from collections import deque
 import numpy as np
 
 from normscope.analyze.registry import SkipCheck
-from normscope.roles import EMBEDDING, block_of, is_norm_info
+from normscope.roles import BATCHNORM, EMBEDDING, block_of, is_norm_info
 
 
 def _window(df, window_frac: float):
@@ -101,6 +101,38 @@ def _next_layers(g, node_id: str, parametrised) -> tuple[set[str], bool]:
     return found, bare
 
 
+def _kin(layer: str, gate: str) -> bool:
+    """``gate`` sits in ``layer``'s parent or grandparent module (not the root): a LoRA pair
+    (``q.lora_A`` / ``q.lora_B``; PEFT's ``q.lora_A.default`` / ``q.lora_B.default``), a conv and its BN."""
+    a, b = layer.split("."), gate.split(".")
+    common = 0
+    while common < min(len(a), len(b)) and a[common] == b[common]:
+        common += 1
+    return common >= 1 and common >= len(a) - 2
+
+
+def _silent_at_start(ctx):
+    """layer → whether its output was ~0 at the first recorded step (RMS ≤ 1e-3 × the median output RMS
+    of the layers recorded then): a gate multiplies by ~0 (LoRA's B = 0, a BatchNorm with γ = 0), a
+    norm written as x·(1 + w) with w = 0 (Gemma) passes the signal. A layer without rows: a
+    conv/linear or BatchNorm is taken as silent, any other kind not."""
+    tr = ctx.train
+    rms: dict[str, float] = {}
+    if len(tr):
+        d = tr[(tr.output == "") & (tr.call == 0)]
+        d = d[d.step == d.step.min()]
+        rms = {str(r.layer): float(np.hypot(r.mean, r.std)) for r in d.itertuples() if np.isfinite(r.mean)}
+    ref = float(np.median(list(rms.values()))) if rms else float("nan")
+
+    def silent(layer: str) -> bool:
+        if layer in rms and np.isfinite(ref) and ref > 0:
+            return rms[layer] <= 1e-3 * ref
+        t = str(ctx.type_of(layer) or "")
+        return "Conv" in t or "Linear" in t or t in BATCHNORM
+
+    return silent
+
+
 def gated_by_near_zero_init(ctx, zero: set[str]) -> dict[str, str]:
     """{layer: gate} for layers whose output enters, on every path, a layer whose weight started near
     zero (``zero``) with more layers after it: ∂L/∂h of such a layer is multiplied by that weight,
@@ -114,14 +146,17 @@ def gated_by_near_zero_init(ctx, zero: set[str]) -> dict[str, str]:
     def parametrised(n) -> bool:
         return n.op == "module" and ctx.modules.get(n.module, {}).get("own_params", 0) > 0
 
-    gates = {n.module for n in g.module_nodes() if n.module in near and _next_layers(g, n.id, parametrised)[0]}
+    silent = _silent_at_start(ctx)
+    gates = {n.module for n in g.module_nodes()
+             if n.module in near and silent(n.module) and _next_layers(g, n.id, parametrised)[0]}  # fmt: skip
+    chain = g.source == "execution-order"  # consecutive layers, not data flow: a gate must be the layer's own
     out: dict[str, str] = {}
     open_layers: set[str] = set()
     for node in g.module_nodes():
         if not parametrised(node) or node.module in gates or node.module in open_layers:
             continue
         found, bare = _next_layers(g, node.id, parametrised)
-        if found and not bare and found <= gates:
+        if found and not bare and found <= gates and not (chain and not all(_kin(node.module, f) for f in found)):
             out.setdefault(node.module, min(found))
         else:
             open_layers.add(node.module)  # every call of a layer must be gated

@@ -15,7 +15,7 @@ from normscope.analyze.context import Context
 from normscope.analyze.finding import Finding
 from normscope.analyze.formulas import dormant_scores
 from normscope.analyze.registry import SkipCheck, Thresholds, register
-from normscope.roles import LINEAR_LIKE, RELU, SIGMOID, family_of, relu_layers
+from normscope.roles import RELU, SIGMOID, family_of, relu_layers
 
 ID = "dead-units"
 
@@ -55,20 +55,28 @@ def dead_profile(ctx, layer: str, call: int, p: dict) -> dict | None:
 
 def excitation_bottlenecks(ctx) -> dict[str, str]:
     """{ReLU layer: its gate} for the ReLUs of squeeze-and-excitation blocks (Hu et al. 2018): in the
-    recorded execution order the ReLU is followed by a conv/linear and a sigmoid-like gate of the
-    same parent module (timm's conv_reduce → act1 → conv_expand → gate, torchvision's fc1 →
-    activation → fc2 → scale_activation, transformers' RegNet attention.0–3)."""
+    recorded execution order, within one parent module, a convolution (the reduction of the pooled
+    descriptor) → the ReLU → a convolution → a sigmoid-like gate, with layers after the gate (it
+    scales features; it is not the network's output) — timm's conv_reduce → act1 → conv_expand →
+    gate, torchvision's fc1 → activation → fc2 → scale_activation (1×1 convolutions),
+    transformers' RegNet attention.0–3. An MLP head ending in a sigmoid is not one."""
     order = [r["layer"] for r in ctx.meta.get("execution_order") or []]
     mods = ctx.modules
+
+    def parent(n: str) -> str:
+        return n.rsplit(".", 1)[0] if "." in n else ""
+
+    def conv(n: str) -> bool:
+        return "Conv" in str(mods.get(n, {}).get("type") or "")
+
     out: dict[str, str] = {}
-    for i, name in enumerate(order[:-2]):
-        nxt, gate = order[i + 1], order[i + 2]
-        parent = name.rsplit(".", 1)[0] if "." in name else ""
-        same = all((n.rsplit(".", 1)[0] if "." in n else "") == parent for n in (nxt, gate))
-        linear = mods.get(nxt, {}).get("type") in LINEAR_LIKE
+    for i in range(1, len(order) - 3):
+        prev, name, nxt, gate = order[i - 1], order[i], order[i + 1], order[i + 2]
+        if parent(name) == "" or any(parent(n) != parent(name) for n in (prev, nxt, gate)):
+            continue
         g = mods.get(gate, {})
         gating = family_of(g) == SIGMOID or g.get("type") == "Hardsigmoid"
-        if same and linear and gating and family_of(mods.get(name, {})) == RELU:
+        if conv(prev) and conv(nxt) and gating and family_of(mods.get(name, {})) == RELU:
             out[name] = gate
     return out
 
