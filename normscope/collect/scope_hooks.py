@@ -193,6 +193,10 @@ class ForwardHooks:
             if src_axis is not None and x is not None:
                 same = t.dim() == x.dim() if plan.preserves_layout else t.shape == x.shape
                 inherited = src_axis if same else None
+            if inherited is not None:
+                self._inherited_axes[(plan.name, call, path)] = inherited
+            elif x is not None and x.is_inference():
+                inherited = self._inherited_axes.get((plan.name, call, path))
             self._reduce_output(plan, phase, call, path, t, inherited, grad=True)
 
     def _reduce_output(self, plan, phase, call, path, t, inherited, grad: bool, reuse: bool = True) -> None:

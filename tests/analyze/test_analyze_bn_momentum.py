@@ -53,3 +53,20 @@ def test_stale_statistics_name_the_inverted_momentum_as_their_cause(tmp_path):
     assert stale and all(f.evidence["momentum_inverted"] == pytest.approx(0.9) for f in stale)
     assert "last batch's statistics alone (bn-momentum" in stale[0].message
     assert {f.check for f in a.findings if f.severity != "info"} == {"stale-running-stats", "bn-momentum"}
+
+
+def test_inference_only_runs_update_no_running_statistics_and_are_not_reported(tmp_path):
+    """Review regression: an eval-only, no-grad run of a model built with momentum 0.99 warned that
+    evaluation normalises with one batch's noise; its running statistics never change in that run."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, momentum=0.99), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(8 * 6 * 6, 2)).eval()  # fmt: skip
+    with watch(net, tmp_path / "r", every=1) as scope:
+        for _ in range(4):
+            with torch.no_grad():
+                net(torch.randn(16, 3, 8, 8))
+            scope.step()
+    a = analyze_full(load(tmp_path / "r"))
+    assert not [f for f in a.findings if f.check == "bn-momentum"]
+    (skip,) = [s for s in a.skipped if s.check == "bn-momentum"]
+    assert skip.reason.startswith("no BatchNorm updated its running statistics")

@@ -71,3 +71,17 @@ def test_the_same_net_in_float32_has_no_rounding_finding(tmp_path):
         a = _train(_ln_net(torch.float32), tmp_path / "fp32")
     assert not [f for f in a.findings if f.check == "update-ratio" and "rounded_away" in f.evidence]
     assert load(tmp_path / "fp32").meta["param_dtypes"] == {}
+
+
+def test_an_unused_or_gradient_free_bf16_parameter_is_not_rounding(tmp_path):
+    """Review regression: an unused bf16 parameter (no gradient) was reported both as 'every update rounds
+    back' (a warning, false) and as 'received no gradient' (info). Only the second holds; a bf16 weight
+    whose gradient is exactly zero is not rounding either."""
+    net = _ln_net(torch.bfloat16)
+    net.register_parameter("token", nn.Parameter(torch.ones(32, dtype=torch.bfloat16)))  # never used
+    a = _train(net, tmp_path / "r")
+    ur = [f for f in a.findings if f.check == "update-ratio"]
+    rounded = {k for f in ur for k in f.evidence.get("rounded_away", {})}
+    assert "token" not in rounded and "1.weight" in rounded
+    (f,) = [f for f in ur if "no_gradient" in f.evidence]
+    assert f.evidence["no_gradient"] == ["token"] and f.severity == "info"

@@ -142,6 +142,24 @@ def test_axis_through_view_is_none_where_the_channel_axis_is_not_unique():
     assert axis_through_view(base[:, :, 1:], base, 1) == 1
     assert axis_through_view(base.transpose(1, 2), base, 1) == -1
     assert axis_through_view(base.reshape(2, 36), base, 1) is None  # channels merged away
+    assert axis_through_view(base.as_strided((2, 6, 6), (36, 1, 1)), base, 2) is None  # two axes could hold it
+
+
+def test_eval_under_inference_mode_reads_the_axis_training_inherited(tmp_path):
+    """Review regression: a view made under torch.inference_mode() has no _base, so the GELU after
+    SamePad's slice read its channels on the time axis in eval (49 'channels') and on axis 1 in training."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 32, 3), _SamePad(), nn.GELU())
+    with watch(model, tmp_path / "r", every=1) as scope:
+        model(torch.randn(5, 4, 52)).sum().backward()
+        with torch.inference_mode():
+            model.eval()
+            model(torch.randn(5, 4, 52))
+        scope.step()
+    s = load(tmp_path / "r").stats
+    rows = s[(s.layer == "2") & (s.output == "")]
+    assert set(rows.phase) == {"train", "eval"}
+    assert set(rows.channel_axis) == {1} and {len(m) for m in rows.ch_mean} == {32}
 
 
 def test_norm_weight_decides_axis_when_only_one_axis_matches(tmp_path):

@@ -5,6 +5,7 @@ What it measures, why it matters and how to fix it: docs/checks/bn-momentum.md.
 
 from __future__ import annotations
 
+from normscope.analyze.checks._bn import frozen_kept_in_eval
 from normscope.analyze.checks._util import num
 from normscope.analyze.context import Context
 from normscope.analyze.finding import Finding
@@ -38,6 +39,16 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
         raise SkipCheck(
             "BatchNorm momentum not recorded: pass model= to analyze(), or record the run with this version"
         )
+    # the momentum only matters where the running statistics were updated: a BN that ran in training
+    # (its train rows; an unhooked one in a run that trained), not one kept in eval on purpose
+    tr = ctx.train
+    ran = set(tr.layer.unique()) if len(tr) else set()
+    trained = len(ran) > 0
+    hooked = {n: m.get("hooked", True) for n, m in ctx.run.modules.items()}
+    kept = frozen_kept_in_eval(ctx)
+    bns = {n: info for n, info in bns.items() if n not in kept and (n in ran or (trained and not hooked.get(n, True)))}
+    if not bns:
+        raise SkipCheck("no BatchNorm updated its running statistics in this run (inference only, or kept in eval)")
     by_value: dict[float, list[str]] = {}
     for name in sorted(bns, key=ctx.order):
         m = bns[name].get("momentum")

@@ -89,10 +89,16 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     sched: dict[str, tuple[float, float]] = {}  # param → (peak lr of the run, median lr / peak over the window)
     at_peak: dict[str, float] = {}  # param → median ratio scaled to the peak lr (the ratio itself at a constant lr)
     peaks = _lr_peaks(par)
+    # a parameter that never got a gradient while others did: the loss does not depend on it in this run
+    # (a branch not taken, a cut-off path); neither its learning rate nor rounding says anything about it
+    grads = par.groupby("param", sort=False).grad_norm.apply(lambda g: bool(np.isfinite(g.to_numpy(float)).any()))
+    never = [str(k) for k, got in grads.items() if not got] if grads.any() else []
     dtypes = ctx.meta.get("param_dtypes") or {}
     rounded: dict[str, dict] = {}  # low-precision weights whose every update rounded away
     for name, d in tail.groupby("param", sort=False):
         layer = str(d.layer.iloc[0])
+        if name in never:
+            continue
         if name in dtypes and name not in zero:
             r0 = _rounded_away(d, dtypes[name], adam, ctx)
             if r0 is not None:
@@ -130,13 +136,6 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
             # lr/RMS(w), says whether lr is too low; the actual ratio is smaller when gradients are noise
             rms_w = np.nanmedian(d.norm.to_numpy(float)) / np.sqrt(max(float(d.numel.iloc[0]), 1.0))
             potential[str(name)] = top / rms_w if rms_w > 0 else float("nan")
-    # a parameter that never got a gradient while others did: the loss does not depend on it in this run
-    # (a branch not taken, a cut-off path); the learning rate says nothing about it
-    grads = par.groupby("param", sort=False).grad_norm.apply(lambda g: bool(np.isfinite(g.to_numpy(float)).any()))
-    never = [str(k) for k, got in grads.items() if not got] if grads.any() else []
-    for k in never:
-        med.pop(k, None)
-        near_zero.pop(k, None)
     out = _no_gradient(par, never, t) if never else []
     if rounded:
         out.append(_rounding_finding(rounded, (int(cut), int(steps[-1])), family, t))
@@ -239,7 +238,7 @@ MANTISSA_BITS = {"bfloat16": 7, "float16": 10}  # stored fraction bits
 
 
 def half_spacing(x: float, dtype: str) -> float:
-    """Half the distance from ``x`` to the next smaller number of ``dtype`` (2^(⌈log₂ x⌉ − p − 1) for p
+    """Half the distance from ``x`` to the next smaller number of ``dtype`` (2^(⌈log₂ x⌉ − p − 2) for p
     stored fraction bits): a step below it rounds back to ``x`` (round to nearest)."""
     p = MANTISSA_BITS.get(dtype)
     if p is None or not x > 0:
@@ -257,7 +256,11 @@ def _rounded_away(d, dtype: str, adam: bool, ctx) -> dict | None:
         return None  # in no param group, or lr 0: not a rounding question
     numel = max(float(d.numel.iloc[0]), 1.0)
     rms_w = float(np.nanmedian(d.norm.to_numpy(float))) / np.sqrt(numel)
-    grad_rms = float(np.nanmedian(d.grad_norm.to_numpy(float))) / np.sqrt(numel)
+    g = d.grad_norm.to_numpy(float)
+    g = g[np.isfinite(g)]
+    grad_rms = float(np.median(g)) / np.sqrt(numel) if len(g) else float("nan")
+    if not grad_rms > 0:
+        return None  # no gradient (or exactly zero): nothing to round away
     if adam:
         step = float(np.nanmax(lr))  # Adam moves each element by about lr
     else:
