@@ -117,11 +117,11 @@ def build_report(
     for f in fl:  # a grouped finding: one cause in several layers, every one flagged
         grouped = (f.get("evidence") or {}).get("layers") if isinstance(f.get("evidence"), dict) else None
         if isinstance(grouped, list):
-            f["affected"] = [  # entries are {"layer", "severity", …}; a bare name is read as one layer
-                {"layer": r.get("layer"), "severity": r.get("severity")} if isinstance(r, dict) else
-                {"layer": r, "severity": f.get("severity")}
-                for r in grouped if (r.get("layer") if isinstance(r, dict) else isinstance(r, str) and r)
-            ]  # fmt: skip
+            # entries are {"layer", "severity", …}; a bare name is read as one layer of the finding's severity
+            entries = [r if isinstance(r, dict) else {"layer": r, "severity": f.get("severity")} for r in grouped]
+            f["affected"] = [
+                {"layer": r.get("layer"), "severity": r.get("severity")} for r in entries if r.get("layer")
+            ]
             flagged |= {r["layer"] for r in f["affected"]}
     table = D.layer_table(run, flagged)
 

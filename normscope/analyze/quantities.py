@@ -11,7 +11,8 @@ shown in a plot is the number a check judged:
   were never > 0 in any sample of that batch (:func:`normscope.roles.relu_layers` says which
   layers are ReLU-family);
 - :func:`signal_propagation`: average channel squared mean and variance along depth;
-- :func:`weight_sparsity`: per weight tensor, the fraction of |w| below r·max|w| (from a model).
+- :func:`weight_sparsity`: per weight tensor, the fraction of |w| below r·max|w| (from a model);
+- :func:`first_output_rms`: each layer's output RMS √(mean² + std²) at the first recorded step.
 
 They are pure functions of a run's rows or a model's weights (no plotting).
 """
@@ -195,3 +196,13 @@ def weight_sparsity(model, rels=RELS) -> dict[str, dict]:
             out[name] = {"layer": name.rsplit(".", 1)[0] if "." in name else "<root>", "numel": int(w.numel()),
                          "max_abs": mx, "frac_below": fr}  # fmt: skip
     return out
+
+
+def first_output_rms(rows: pd.DataFrame) -> dict[str, float]:
+    """layer → RMS √(mean² + std²) of its output (call 0) at the first step of ``rows`` (activation
+    rows of one phase): the scale the signal starts with, layer by layer."""
+    if not len(rows):
+        return {}
+    d = rows[(rows.output == "") & (rows.call == 0)]
+    d = d[d.step == d.step.min()]
+    return {str(r.layer): float(np.hypot(r.mean, r.std)) for r in d.itertuples() if np.isfinite(r.mean)}

@@ -124,8 +124,8 @@ class Scope(ForwardHooks, CompiledRuntime, StepEnd, A.LossScaling):
         self._calls: dict[str, int] = defaultdict(int)
         self._recent: dict[int, CachedReduction] = {}
         self._axes: dict[int, tuple] = {}  # id(tensor) → (ref, axis, shape) of outputs reduced in this forward
-        # (layer, call, output) → the axis it inherited in a forward with autograd: an inference-mode
-        # view has no _base to inherit through, so eval under torch.inference_mode() reads the same axis
+        # (layer, call, output) → the axis it inherited through a view in a forward with autograd: an
+        # inference-mode view has no _base, so eval under torch.inference_mode() reads the same axis
         self._inherited_axes: dict[tuple, int] = {}
         self._root_phase: str | None = None  # the phase of the root forward running now
         self._await_grad: dict[str, list] = defaultdict(list)  # train calls whose outputs had no grad yet

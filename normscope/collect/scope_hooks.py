@@ -180,10 +180,12 @@ class ForwardHooks:
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
         src = self._axes.get(id(x)) if x is not None else None
         src_axis = src[1] if src is not None and src[0]() is x else None
+        via_view = False
         if src_axis is None and x is not None and x._base is not None:
             base = self._axes.get(id(x._base))  # a view of a recorded output (a slice, a transpose)
             if base is not None and base[0]() is x._base:
                 src_axis = axis_through_view(x, x._base, base[1])
+                via_view = src_axis is not None
         if plan.record_input and x is not None and x.is_floating_point():
             self._reduce_output(plan, phase, call, "input", x, src_axis, grad=False)
         for path, t in iter_float_tensors(output):
@@ -193,9 +195,9 @@ class ForwardHooks:
             if src_axis is not None and x is not None:
                 same = t.dim() == x.dim() if plan.preserves_layout else t.shape == x.shape
                 inherited = src_axis if same else None
-            if inherited is not None:
+            if via_view and inherited is not None:  # remembered for an inference-mode view, which has no _base
                 self._inherited_axes[(plan.name, call, path)] = inherited
-            elif x is not None and x.is_inference():
+            elif inherited is None and x is not None and x.is_inference():
                 inherited = self._inherited_axes.get((plan.name, call, path))
             self._reduce_output(plan, phase, call, path, t, inherited, grad=True)
 

@@ -28,6 +28,7 @@ from collections import deque
 
 import numpy as np
 
+from normscope.analyze.quantities import first_output_rms
 from normscope.analyze.registry import SkipCheck
 from normscope.roles import BATCHNORM, EMBEDDING, block_of, is_norm_info
 
@@ -67,17 +68,17 @@ def near_zero_init(ctx) -> set[str]:
     """Parameters initialised at (or near) zero: RMS below 1e-4 when the run started (meta.json), or,
     for runs without that record, a first recorded norm equal to the first update's within 1e-3
     (a weight that started at 0 ends its first step with w = −Δw, so ‖w‖ = ‖Δw‖)."""
+    rms = initial_rms(ctx)
+    near = {k for k, v in rms.items() if v < NEAR_ZERO_RMS}
     if ctx.meta.get("param_init_rms"):
-        return {k for k, v in initial_rms(ctx).items() if v < NEAR_ZERO_RMS}
+        return near
     p = ctx.params_all
     if not len(p):
-        return set()
+        return near
     first = p[p.step == p.step.min()]
-    rms = first.norm.to_numpy(float) / np.sqrt(np.maximum(first.numel.to_numpy(float), 1))
-    upd = first.update_norm.to_numpy(float)
-    norm = first.norm.to_numpy(float)
-    near = (rms < NEAR_ZERO_RMS) | (np.isfinite(upd) & (upd > 0) & (np.abs(norm - upd) <= 1e-3 * norm))
-    return set(first.param[near])
+    upd, norm = first.update_norm.to_numpy(float), first.norm.to_numpy(float)
+    moved_from_zero = np.isfinite(upd) & (upd > 0) & (np.abs(norm - upd) <= 1e-3 * norm)
+    return near | set(first.param[moved_from_zero])
 
 
 def _next_layers(g, node_id: str, parametrised) -> tuple[set[str], bool]:
@@ -116,12 +117,7 @@ def _silent_at_start(ctx):
     of the layers recorded then): a gate multiplies by ~0 (LoRA's B = 0, a BatchNorm with γ = 0), a
     norm written as x·(1 + w) with w = 0 (Gemma) passes the signal. A layer without rows: a
     conv/linear or BatchNorm is taken as silent, any other kind not."""
-    tr = ctx.train
-    rms: dict[str, float] = {}
-    if len(tr):
-        d = tr[(tr.output == "") & (tr.call == 0)]
-        d = d[d.step == d.step.min()]
-        rms = {str(r.layer): float(np.hypot(r.mean, r.std)) for r in d.itertuples() if np.isfinite(r.mean)}
+    rms = first_output_rms(ctx.train)
     ref = float(np.median(list(rms.values()))) if rms else float("nan")
 
     def silent(layer: str) -> bool:

@@ -50,6 +50,8 @@ def dead_profile(ctx, layer: str, call: int, p: dict) -> dict | None:
         "units": int(dead.size), "dead": dead, "born": born, "died": died, "died_at": died_at,
         "dormant": dormant, "window": (int(steps[start]), int(steps[-1])), "window_rows": int(t - start),
         "window_samples": int(samples[start:].sum()), "steps": steps,
+        # one value per sample and unit: the layer sees a globally pooled descriptor (an SE bottleneck)
+        "pooled": bool(np.all(d["count"].to_numpy(float) == samples * dead.size)),
     }  # fmt: skip
 
 
@@ -79,12 +81,6 @@ def excitation_bottlenecks(ctx) -> dict[str, str]:
         if conv(prev) and conv(nxt) and gating and family_of(mods.get(name, {})) == RELU:
             out[name] = gate
     return out
-
-
-def _pooled(ctx, layer: str, call: int, units: int) -> bool:
-    """One value per sample and channel: the ReLU sees a globally pooled descriptor."""
-    d = ctx.layer_series(layer, call)
-    return bool(len(d)) and bool(np.all(d["count"].to_numpy(float) == d.samples.to_numpy(float) * units))
 
 
 @register(
@@ -119,7 +115,7 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
             "window_samples": prof["window_samples"], "dead_unit_indices": np.flatnonzero(dead)[:64].tolist(),
             "call": call, "phase": ctx.acts_phase, "thresholds": {"warn": t["warn"], "error": t["error"]},
         }  # fmt: skip
-        gate = excitation.get(layer) if dead.any() and _pooled(ctx, layer, call, n) else None
+        gate = excitation.get(layer) if dead.any() and prof["pooled"] else None
         if gate is not None:
             # born-dead units of an SE bottleneck are its init, not a fault: only units that died count
             ev["excitation_gate"] = gate

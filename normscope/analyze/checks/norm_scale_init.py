@@ -11,6 +11,7 @@ from normscope.analyze.checks._gradflow import NEAR_ZERO_RMS, initial_rms
 from normscope.analyze.checks._util import num
 from normscope.analyze.context import Context
 from normscope.analyze.finding import Finding
+from normscope.analyze.quantities import first_output_rms
 from normscope.analyze.registry import SkipCheck, Thresholds, register
 from normscope.roles import is_norm_info
 
@@ -19,16 +20,6 @@ ID = "norm-scale-init"
 
 def _scale_param(layer: str) -> str:
     return f"{layer}.weight" if layer not in ("", "<root>") else "weight"
-
-
-def _output_rms(ctx: Context, layers: list[str]) -> dict[str, float]:
-    """RMS of each layer's output at its first recorded training step: √(mean² + std²)."""
-    tr = ctx.train
-    if not len(tr):
-        return {}
-    d = tr[(tr.output == "") & (tr.call == 0) & tr.layer.isin(layers)]
-    d = d[d.step == d.step.min()] if len(d) else d
-    return {str(r.layer): float(np.hypot(r.mean, r.std)) for r in d.itertuples() if np.isfinite(r.mean)}
 
 
 @register(
@@ -49,7 +40,7 @@ def check(ctx: Context, t: Thresholds) -> list[Finding]:
     if not small or len(small) < t["min_frac"] * len(norms):
         return []
     init = np.array([rms[_scale_param(n)] for n in small])
-    out_rms = _output_rms(ctx, norms)
+    out_rms = {n: v for n, v in first_output_rms(ctx.train).items() if n in norms}
     seen = [n for n in norms if n in out_rms and out_rms[n] > 0]
     ratio = out_rms[seen[-1]] / out_rms[seen[0]] if len(seen) >= 2 else float("nan")
     collapsed = bool(np.isfinite(ratio) and ratio < t["collapse"])

@@ -37,6 +37,18 @@ def _lr_peaks(par) -> dict[str, float]:
     return {str(k): float(v) for k, v in peak.items() if np.isfinite(v)}
 
 
+def _optimizer(ctx) -> dict:
+    return ctx.meta.get("optimizer") or (ctx.probe.get("optimizer") or {})
+
+
+def _momentum(opt: dict) -> float:
+    """The recorded SGD momentum μ (0 when absent or not a number)."""
+    try:
+        return float(opt.get("momentum") or 0.0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
 def optimizer_band(ctx, t) -> tuple[str, float, str]:
     """(optimizer family, healthy centre of ‖Δw‖/‖w‖, why) for the optimizer the run used.
 
@@ -44,16 +56,12 @@ def optimizer_band(ctx, t) -> tuple[str, float, str]:
     up by 1/(1 − μ); Adam-family optimizers step each element by about lr whatever the gradient's
     scale, so ‖Δw‖/‖w‖ ≈ lr / RMS(w), ~1e-2 at lr 1e-3 for weights of RMS 0.02-0.1.
     """
-    opt = ctx.meta.get("optimizer") or (ctx.probe.get("optimizer") or {})
+    opt = _optimizer(ctx)
     name = str(opt.get("type") or "")
     low = name.lower()
     if any(k in low for k in ("adam", "lamb", "lion", "adafactor", "rmsprop", "adagrad", "adadelta", "nadam", "radam")):
         return name, t["adam_center"], f"{name} steps each weight by about its learning rate"
-    mom = opt.get("momentum") or 0.0
-    try:
-        mom = float(mom)
-    except (TypeError, ValueError):
-        mom = 0.0
+    mom = _momentum(opt)
     if name and mom > 0:
         c = t["sgd_center"] / max(1.0 - mom, 1e-3)
         return (
@@ -264,12 +272,7 @@ def _rounded_away(d, dtype: str, adam: bool, ctx) -> dict | None:
     if adam:
         step = float(np.nanmax(lr))  # Adam moves each element by about lr
     else:
-        opt = ctx.meta.get("optimizer") or (ctx.probe.get("optimizer") or {})
-        try:
-            mom = float(opt.get("momentum") or 0.0)
-        except (TypeError, ValueError):
-            mom = 0.0
-        step = float(np.nanmax(lr)) * grad_rms / max(1.0 - mom, 1e-3)
+        step = float(np.nanmax(lr)) * grad_rms / max(1.0 - _momentum(_optimizer(ctx)), 1e-3)
     h = half_spacing(rms_w, dtype)
     if not (np.isfinite(step) and np.isfinite(h) and 0 < step < h):
         return None
