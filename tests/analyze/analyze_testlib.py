@@ -61,3 +61,28 @@ def capture(model, names, store, grads=None):
 
         handles.append(mod.register_forward_hook(hook))
     return handles
+
+
+def train_watched(model, run_dir, steps, make_batch, lr=0.05, every=1, on_step=None, names=(), optimizer=None):
+    """Train ``model`` under ``watch`` on ``make_batch(i) → (x, y)`` with cross-entropy (SGD at ``lr``,
+    or ``optimizer(params)``), keeping each named module's outputs (:func:`capture`); returns them."""
+    import torch
+    from torch import nn
+
+    from normscope import watch
+
+    store: dict = {}
+    handles = capture(model, names, store)
+    opt = optimizer(model.parameters()) if optimizer else torch.optim.SGD(model.parameters(), lr=lr)
+    with watch(model, run_dir, every=every):
+        for i in range(steps):
+            if on_step:
+                on_step(i, model)
+            x, y = make_batch(i)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for h in handles:
+        h.remove()
+    return store

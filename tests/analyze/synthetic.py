@@ -11,8 +11,22 @@ from pathlib import Path
 
 import numpy as np
 
+from normscope.analyze import analyze_full
 from normscope.store import RunWriter, load, write_json, write_probe
 from normscope.store.writer import FORMAT
+
+LIN = {"type": "Linear", "params": 10}  # a plain linear layer's module entry
+
+
+def judge(run, check: str, **config):
+    """Run one check on a synthetic run (``config``: its thresholds); (analysis, [(severity, layer)])."""
+    a = analyze_full(run, checks=[check], config={check: config} if config else None)
+    return a, [(f.severity, f.layer) for f in a.findings if f.check == check]
+
+
+def skip_reason(analysis, check: str) -> str | None:
+    return {s.check: s.reason for s in analysis.skipped}.get(check)
+
 
 STAT_DEFAULTS = {
     "phase": "train", "call": 0, "output": "", "module_type": "Linear", "channel_axis": -1, "forwards": 1,

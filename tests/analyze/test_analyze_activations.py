@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from analyze_testlib import capture
+from analyze_testlib import train_watched
 from torch import nn
 
 from normscope import load, watch
@@ -11,24 +11,6 @@ from normscope.analyze import analyze_full
 from normscope.analyze.checks.dead_units import dead_profile
 from normscope.analyze.context import Context
 from normscope.analyze.registry import get_check
-
-
-def train_watched(model, run_dir, steps, make_batch, lr=0.05, every=1, on_step=None, names=()):
-    store: dict = {}
-    handles = capture(model, names, store)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    with watch(model, run_dir, every=every):
-        for i in range(steps):
-            if on_step:
-                on_step(i, model)
-            x, y = make_batch(i)
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    for h in handles:
-        h.remove()
-    return store
 
 
 def test_dead_fraction_equals_brute_force_mlp(tmp_path):

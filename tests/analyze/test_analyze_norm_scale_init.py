@@ -7,11 +7,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from analyze_testlib import FIXTURES, fixture_module
+from analyze_testlib import FIXTURES, fixture_module, train_watched
 from torch import nn
 
 import normscope
-from normscope import load, watch
+from normscope import load
 from normscope.analyze import analyze_full
 
 
@@ -24,25 +24,10 @@ def test_evidence_equals_brute_force(tmp_path):
     model = _fixture().model()
     bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
     want_init = {n: float(m.weight.detach().double().pow(2).mean().sqrt()) for n, m in bns.items()}
-    seen = {}
-
-    def first_rms(name):
-        def hook(module, args, out):
-            seen.setdefault(name, float(out.detach().double().pow(2).mean().sqrt()))
-
-        return hook
-
-    handles = [m.register_forward_hook(first_rms(n)) for n, m in bns.items()]
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
     x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
-    with watch(model, tmp_path / "r", every=1):
-        for _ in range(3):
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    for h in handles:
-        h.remove()
+    outs = train_watched(model, tmp_path / "r", 3, lambda i: (x, y), names=list(bns),
+                         optimizer=lambda ps: torch.optim.Adam(ps, 1e-3))  # fmt: skip
+    seen = {n: float(o[0].double().pow(2).mean().sqrt()) for n, o in outs.items()}  # the first forward's RMS
     (f,) = [f for f in analyze_full(load(tmp_path / "r")).findings if f.check == "norm-scale-init"]
     assert [x["layer"] for x in f.evidence["layers"]] == list(bns) and f.evidence["norm_layers"] == 8
     assert f.evidence["init_rms"] == pytest.approx(want_init, rel=1e-6)
