@@ -94,7 +94,9 @@ def test_report_of_run_still_being_written(tmp_path):
 def test_grouped_finding_with_bare_layer_names_renders(small_run, tmp_path):
     """Regression: a finding listing its layers as names (evidence layers: ["gate"], as bn-momentum did)
     made `normscope inspect` fail with "'str' object has no attribute 'get'" while writing the report."""
-    grouped = [dict(FINDINGS[0], check="bn-momentum", evidence={"layers": ["gate", ""]}),
-               dict(FINDINGS[0], check="covariate-shift", evidence={"layers": [{"layer": "gate", "severity": "info"}]})]  # fmt: skip
+    grouped = [dict(FINDINGS[0], check="bn-momentum", layer="bn", evidence={"layers": ["bn", "gate", ""]}),
+               dict(FINDINGS[0], check="covariate-shift", evidence={"layers": [{"layer": "gate", "severity": "info"},
+                                                                             {"layer": "fc", "severity": "info"}]})]  # fmt: skip
     html = build_report(small_run, findings=grouped, out=tmp_path / "g.html").read_text()
-    assert "bn-momentum" in html and "covariate-shift" in html
+    assert html.count("2 layers, worst first") == 2  # the names are read as layers (the empty one dropped)
+    assert "(warning)" in html and "(info)" in html  # a bare name takes its finding's severity
